@@ -1,0 +1,5 @@
+"""`python -m scaletrain ...` (and `torchrun ... -m scaletrain ...`)."""
+
+from scaletrain.cli import main
+
+main()

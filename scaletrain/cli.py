@@ -1,0 +1,149 @@
+"""The one entry point: `scaletrain train | generate | export | import | data`.
+
+User mistakes (ScaletrainError) print one message on stderr without a traceback and exit 2;
+anything else is a crash with a traceback and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from scaletrain.errors import ScaletrainError
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scaletrain", description="Plan, train and measure decoder-only LMs.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model from a TOML preset plus --section.key overrides",
+                       epilog="Any other --section.key VALUE overrides the config, e.g. --train.steps 50.")
+    t.add_argument("--config", help="TOML preset (configs/*.toml); defaults when omitted")
+    t.add_argument("--run-dir", help="run folder (default runs/<config name>)")
+    t.add_argument("--resume", default="never",
+                   help="'never' (default: the run folder must be new), 'auto' (newest complete checkpoint "
+                        "of the run folder, or a fresh start), or a checkpoint folder")
+    t.add_argument("--overwrite", action="store_true", help="discard an existing run folder's contents")
+
+    g = sub.add_parser("generate", help="sample text from a run's newest checkpoint")
+    g.add_argument("--run", required=True, help="run folder")
+    g.add_argument("--prompt", default="", help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--checkpoint", help="checkpoint folder (default: the run's newest complete one)")
+
+    e = sub.add_parser("export", help="write a run's newest checkpoint as a Hugging Face model folder")
+    e.add_argument("--run", required=True, help="run folder")
+    e.add_argument("--to", choices=["hf"], default="hf")
+    e.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    e.add_argument("--checkpoint", help="checkpoint folder (default: the run's newest complete one)")
+    e.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+    i = sub.add_parser("import", help="turn a Hugging Face Llama folder into a scaletrain run folder")
+    i.add_argument("--from", dest="src_format", choices=["hf"], default="hf")
+    i.add_argument("--src", required=True, help="HF model folder (config.json + *.safetensors)")
+    i.add_argument("--run-dir", required=True, help="new run folder to create")
+
+    d = sub.add_parser("data", help="data preparation")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    dp = dsub.add_parser("prepare", help="build tokenizer and token shards for a config (cached)")
+    dp.add_argument("--config", help="TOML preset")
+    return p
+
+
+def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from scaletrain.config import load_config
+    from scaletrain.train.trainer import Trainer
+
+    cfg = load_config(args.config, overrides)
+    run_dir = Path(args.run_dir or Path("runs") / (Path(args.config).stem if args.config else "default"))
+    summary = Trainer(cfg, run_dir, resume=args.resume, overwrite=args.overwrite).fit()
+    if int(os.environ.get("RANK", "0")) == 0:
+        if "initial_val_loss" in summary:
+            print(f"val_loss: {summary['initial_val_loss']:.4f} at step 0 -> "
+                  f"{summary['final_val_loss']:.4f} at step {summary['final_step']}")
+        else:
+            print(f"val_loss: {summary['final_val_loss']:.4f} at step {summary['final_step']}")
+        if "sample" in summary:
+            print("sample:\n" + summary["sample"])
+        print(f"run folder: {run_dir}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from scaletrain.export.runio import load_run_model
+    from scaletrain.model.generate import generate
+
+    model, tokenizer, _ = load_run_model(args.run, args.checkpoint)
+    ids = generate(model, tokenizer.encode(args.prompt), args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, seed=args.seed, eos_id=tokenizer.eos_id)
+    print(args.prompt + tokenizer.decode(ids))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from scaletrain.export.runio import export_run
+
+    out = export_run(args.run, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite)
+    print(f"wrote Hugging Face model to {out}")
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from scaletrain.export.runio import import_run
+
+    ckpt = import_run(args.src, args.run_dir)
+    print(f"imported {args.src} into {ckpt}")
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
+    from scaletrain.config import load_config
+    from scaletrain.data import prepare_data
+
+    cfg = load_config(args.config, overrides)
+    data = prepare_data(cfg.data, cfg.tokenizer)
+    print(f"shards in {data.shard_dir}: {data.manifest['total_tokens']:,} tokens "
+          f"(tokenizer vocab {data.tokenizer.vocab_size})")
+    return 0
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Parse `argv` and run the command; returns the exit code (raises on crashes)."""
+    args, rest = _parser().parse_known_args(argv)
+    takes_overrides = args.command == "train" or args.command == "data"
+    if rest and not takes_overrides:
+        _parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "train":
+        return _cmd_train(args, rest)
+    if args.command == "data":
+        return _cmd_data(args, rest)
+    return {"generate": _cmd_generate, "export": _cmd_export, "import": _cmd_import}[args.command](args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = run(argv)
+    except ScaletrainError as e:
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"{prefix}error: {e}", file=sys.stderr)
+        code = EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    finally:
+        from scaletrain.parallel.dims import shutdown_distributed
+
+        shutdown_distributed()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""TOML loading, dotted CLI overrides and type checking for the config tree.
+
+Precedence, lowest first: dataclass defaults < the model flavor's values < the TOML file <
+`--section.key value` overrides. Unknown sections and keys are errors with a "did you mean"
+suggestion; values are checked against the annotated field type and the error names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+from scaletrain.config.schema import Config
+from scaletrain.errors import ConfigError
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _did_you_mean(name: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _field_types(node_cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(node_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(node_cls)}
+
+
+def section_types() -> dict[str, type]:
+    """Section name -> dataclass type of that node of the config tree."""
+    return _field_types(Config)
+
+
+def coerce(key: str, value: Any, typ: type) -> Any:
+    """Convert a TOML value or a CLI string to `typ`, raising ConfigError naming `key`."""
+    from_cli = isinstance(value, str) and typ is not str
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if from_cli and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ConfigError(f"{key} must be true or false, got {value!r}.")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be an integer, got {value!r}.")
+        if isinstance(value, int):
+            return value
+        if from_cli:
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be an integer, got {value!r}.")
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}.")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if from_cli:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {value!r}.")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}; quote it in TOML.")
+    raise ConfigError(f"{key}: unsupported field type {typ!r}")  # a schema bug, not user input
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file into nested dicts; errors name the file and the line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist. Presets live in configs/.")
+    try:
+        with p.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {p} is not valid TOML: {e}.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not UTF-8 text.") from None
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """Turn ['--model.dim', '128', '--train.steps=5'] into {'model.dim': '128', ...}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(
+                f"unexpected argument {arg!r}; config overrides look like --section.key VALUE "
+                "(e.g. --train.steps 50)."
+            )
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg} needs a value, e.g. {arg} 10.")
+            key, value = arg[2:], args[i + 1]
+            i += 2
+        out[key] = value
+    return out
+
+
+def _nest(flat: dict[str, str]) -> dict[str, dict[str, Any]]:
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        section, _, name = key.partition(".")
+        if "." in name:
+            raise ConfigError(f"override --{key}: keys are exactly two levels (--section.key).")
+        nested.setdefault(section, {})[name] = value
+    return nested
+
+
+def _check_keys(raw: dict[str, Any], origin: str) -> None:
+    sections = section_types()
+    for section, table in raw.items():
+        if section not in sections:
+            raise ConfigError(
+                f"unknown config section '{section}' in {origin}.{_did_you_mean(section, sections)}"
+                f" Sections: {', '.join(sections)}."
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"'{section}' in {origin} must be a table ([{section}]).")
+        fields = _field_types(sections[section])
+        for key in table:
+            if key not in fields:
+                raise ConfigError(
+                    f"unknown key '{section}.{key}' in {origin}.{_did_you_mean(key, fields)}"
+                )
+
+
+def build_config(toml: dict[str, Any] | None = None, overrides: dict[str, str] | None = None) -> Config:
+    """Assemble a Config from parsed TOML and flat dotted overrides, then validate it."""
+    from scaletrain.config.validate import validate_config
+    from scaletrain.model.flavors import FLAVORS, model_config_for
+
+    toml = toml or {}
+    cli = _nest(overrides or {})
+    _check_keys(toml, "the config file")
+    _check_keys(cli, "the command line")
+    cfg = Config()
+    sections = section_types()
+    for section, node_cls in sections.items():
+        merged: dict[str, Any] = dict(toml.get(section, {}))
+        merged.update(cli.get(section, {}))
+        types = _field_types(node_cls)
+        values = {k: coerce(f"{section}.{k}", v, types[k]) for k, v in merged.items()}
+        if section == "model":
+            flavor = values.pop("flavor", cfg.model.flavor)
+            if flavor not in FLAVORS:
+                model_config_for(flavor)  # raises ConfigError with a suggestion
+            node = model_config_for(flavor, **values)
+        else:
+            node = node_cls(**values)
+        setattr(cfg, section, node)
+    validate_config(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | dict[str, str] | None = None) -> Config:
+    """Load a TOML preset (or defaults when `path` is None) and apply CLI overrides."""
+    toml = read_toml(path) if path is not None else {}
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    return build_config(toml, overrides)
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """The resolved config as nested plain dicts (what is written to the run folder)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Rebuild a Config from `config_to_dict` output (e.g. a run folder's config.toml)."""
+    return build_config(raw, None)
+
+
+def write_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as TOML, atomically (temp file + rename)."""
+    import tomli_w
+
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(tomli_w.dumps(config_to_dict(cfg)))
+    tmp.replace(p)

@@ -1,0 +1,86 @@
+"""Value checks on a fully assembled Config. Each error names the offending key and a fix.
+
+Checks that need data (tokenizer vocab vs model.vocab_size) or the world size (parallel
+degrees vs ranks) run where that information exists: the trainer and parallel/dims.py.
+"""
+
+from __future__ import annotations
+
+from scaletrain.config.schema import Config
+from scaletrain.errors import ConfigError
+
+CHOICES = {
+    "tokenizer.kind": ("byte", "bpe", "file"),
+    "data.source": ("builtin", "text", "jsonl", "parquet", "hf_disk"),
+    "optim.name": ("adamw",),
+    "optim.fused": ("auto", "true", "false"),
+    "schedule.kind": ("cosine", "wsd", "constant", "linear"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "metrics.progress": ("auto", "rich", "plain", "none"),
+    "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b"),
+    "parallel.ac": ("none", "full", "selective"),
+}
+
+
+def _get(cfg: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate_config(cfg: Config) -> None:
+    """Raise ConfigError for impossible values; returns None when the config is usable."""
+    from scaletrain.model.transformer import validate_model_config
+
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        _require(value in allowed, f"{key} = {value!r} is not one of {', '.join(map(repr, allowed))}.")
+
+    validate_model_config(cfg.model)
+    m, d, o, s, t = cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.train
+    _require(d.seq_len >= 1, f"data.seq_len must be >= 1, got {d.seq_len}.")
+    _require(
+        d.seq_len <= m.max_seq_len,
+        f"data.seq_len = {d.seq_len} exceeds model.max_seq_len = {m.max_seq_len} of flavor "
+        f"'{m.flavor}'. Lower data.seq_len or raise model.max_seq_len.",
+    )
+    _require(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}.")
+    _require(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}.")
+    _require(d.max_documents >= 0, f"data.max_documents must be >= 0 (0 = all), got {d.max_documents}.")
+    _require(d.source == "builtin" or d.path != "", f"data.source = '{d.source}' needs data.path (a file or folder).")
+    _require(cfg.tokenizer.kind != "file" or cfg.tokenizer.path != "", "tokenizer.kind = 'file' needs tokenizer.path (a tokenizer.json).")
+    _require(cfg.tokenizer.vocab_size >= 259, f"tokenizer.vocab_size must be >= 259 (256 bytes + specials), got {cfg.tokenizer.vocab_size}.")
+
+    _require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}.")
+    _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim.beta1/beta2 must be in [0, 1), got {o.beta1}, {o.beta2}.")
+    _require(o.eps > 0, f"optim.eps must be > 0, got {o.eps}.")
+    _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}.")
+    _require(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables), got {o.grad_clip}.")
+
+    _require(s.warmup_steps >= 0, f"schedule.warmup_steps must be >= 0, got {s.warmup_steps}.")
+    _require(0 <= s.min_lr_ratio <= 1, f"schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}.")
+    _require(0 < s.decay_fraction <= 1, f"schedule.decay_fraction must be in (0, 1], got {s.decay_fraction}.")
+
+    _require(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}.")
+    _require(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}.")
+    _require(t.eval_interval >= 0, f"train.eval_interval must be >= 0, got {t.eval_interval}.")
+    _require(t.eval_batches >= 1, f"train.eval_batches must be >= 1, got {t.eval_batches}.")
+    _require(t.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {t.sample_tokens}.")
+    _require(t.threads >= 0, f"train.threads must be >= 0 (0 = default), got {t.threads}.")
+
+    c = cfg.checkpoint
+    _require(c.interval >= 0, f"checkpoint.interval must be >= 0 (0 = only the final), got {c.interval}.")
+    _require(c.keep >= 0, f"checkpoint.keep must be >= 0 (0 = keep all), got {c.keep}.")
+    _require(cfg.metrics.log_interval >= 1, f"metrics.log_interval must be >= 1, got {cfg.metrics.log_interval}.")
+
+    p = cfg.parallel
+    for name in ("dp_replicate", "tp", "pp", "cp"):
+        v = getattr(p, name)
+        _require(v >= 1, f"parallel.{name} must be >= 1, got {v}.")
+    _require(p.dp_shard >= 1 or p.dp_shard == -1, f"parallel.dp_shard must be >= 1 or -1 (the rest), got {p.dp_shard}.")
+    _require(p.pp_microbatches >= 0, f"parallel.pp_microbatches must be >= 0, got {p.pp_microbatches}.")

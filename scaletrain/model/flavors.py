@@ -1,0 +1,99 @@
+"""Named model shapes (flavors): a registry of ModelConfig field values.
+
+A flavor is the set of defaults for the `[model]` table; any key set next to `flavor` in a
+config overrides it. Add shapes with :func:`register_flavor`, never by copying a config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+from scaletrain.config.schema import ModelConfig
+from scaletrain.errors import ConfigError
+
+FLAVORS: dict[str, dict[str, Any]] = {}
+
+_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
+
+
+def register_flavor(name: str, **fields: Any) -> None:
+    """Add (or replace) flavor `name`; `fields` are ModelConfig field values (not `flavor`)."""
+    unknown = sorted(set(fields) - _FIELDS)
+    if unknown or "flavor" in fields:
+        raise ConfigError(f"flavor '{name}': unknown or reserved ModelConfig fields {unknown or ['flavor']}")
+    FLAVORS[name] = dict(fields)
+
+
+def flavor_names() -> list[str]:
+    """Registered flavor names, in registration order (smallest first)."""
+    return list(FLAVORS)
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def model_config_for(name: str, **overrides: Any) -> ModelConfig:
+    """The ModelConfig of flavor `name`, with `overrides` (ModelConfig field values) applied.
+
+    Raises ConfigError for an unknown flavor (with a "did you mean" suggestion) or an unknown
+    override key. Shapes are not validated here; see `transformer.validate_model_config`.
+    """
+    if name not in FLAVORS:
+        raise ConfigError(
+            f"unknown model flavor '{name}'.{_did_you_mean(name, flavor_names())} "
+            f"Known flavors: {', '.join(flavor_names())}."
+        )
+    overrides.pop("flavor", None)
+    unknown = sorted(set(overrides) - _FIELDS)
+    if unknown:
+        bad = unknown[0]
+        raise ConfigError(
+            f"unknown model field '{bad}'.{_did_you_mean(bad, sorted(_FIELDS))} "
+            f"Model fields: {', '.join(sorted(_FIELDS))}."
+        )
+    values = {**FLAVORS[name], **overrides}
+    return ModelConfig(flavor=name, **values)
+
+
+# Tiny: unit tests on CPU in milliseconds (about 0.2M parameters).
+register_flavor(
+    "debug", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, vocab_size=512, max_seq_len=256
+)
+# About 3.4M parameters: ~300 steps of batch 16 x seq 256 on 2 CPU cores in a few minutes.
+register_flavor(
+    "cpu_demo", dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=768, vocab_size=512, max_seq_len=512
+)
+# A GPT-2-small-sized Llama (about 134M parameters with the untied 32k vocab).
+register_flavor(
+    "125M", dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048, vocab_size=32000, max_seq_len=2048
+)
+# A GPT-2-medium-sized Llama (about 370M parameters).
+register_flavor(
+    "350M", dim=1024, n_layers=24, n_heads=16, n_kv_heads=16, ffn_dim=2816, vocab_size=32000, max_seq_len=2048
+)
+# torchtitan's 1B reference shape: exactly 981,534,720 parameters (untied, 2048 vocab).
+register_flavor(
+    "anchor_1b",
+    dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, vocab_size=2048,
+    max_seq_len=2048, rope_theta=500000.0, tie_embeddings=False,
+)  # fmt: skip
+# The real Llama 3 shapes (Meta's released configs; no rope scaling).
+register_flavor(
+    "llama3_8b",
+    dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256,
+    max_seq_len=8192, rope_theta=500000.0, norm_eps=1e-5,
+)  # fmt: skip
+register_flavor(
+    "llama3_70b",
+    dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, vocab_size=128256,
+    max_seq_len=8192, rope_theta=500000.0, norm_eps=1e-5,
+)  # fmt: skip
+register_flavor(
+    "llama3_405b",
+    dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, ffn_dim=53248, vocab_size=128256,
+    max_seq_len=8192, rope_theta=500000.0, norm_eps=1e-5,
+)  # fmt: skip

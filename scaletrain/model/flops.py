@@ -1,0 +1,180 @@
+"""Parameter counts, FLOPs and activation bytes of the model: THE one formula set.
+
+Runtime MFU (train/metrics.py) and the planner (plan/cost.py) both use these functions, so a
+prediction and a measurement can only disagree about the hardware, never about the model.
+Everything here is a pure function of ModelConfig (plain Python ints, no tensors), so it
+works for 405B-parameter shapes without allocating anything.
+
+Conventions:
+  * A matmul of [m, k] x [k, n] costs 2*m*n*k FLOPs (one multiply + one add per term).
+  * Training = forward + backward = 3 x forward FLOPs (backward computes the gradients of
+    both the inputs and the weights, each as expensive as the forward).
+  * Elementwise ops (norms, RoPE, activations, softmax, residual adds) are not counted.
+"""
+
+from __future__ import annotations
+
+from scaletrain.config.schema import ModelConfig
+
+AC_MODES = ("none", "selective", "full")
+
+
+def _dims(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(head_dim, q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim)."""
+    head_dim = cfg.dim // cfg.n_heads
+    return head_dim, cfg.n_heads * head_dim, cfg.n_kv_heads * head_dim
+
+
+def _ffn_matrices(cfg: ModelConfig) -> int:
+    return 3 if cfg.ffn == "swiglu" else 2  # SwiGLU: w1, w3, w2; squared ReLU: w1, w2
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts (number of scalars) of the model described by `cfg`.
+
+    Keys:
+      embedding            vocab * dim (the tok_embeddings table)
+      output               vocab * dim, or 0 when tied (the table is then counted once)
+      attention_per_layer  wq + wk + wv + wo = dim*q_dim + 2*dim*kv_dim + q_dim*dim
+      ffn_per_layer        3 * dim * ffn_dim (SwiGLU) or 2 * dim * ffn_dim (squared ReLU)
+      norm_per_layer       2 * dim (attention_norm + ffn_norm)
+      final_norm           dim
+      total                every unique parameter (what sum(p.numel()) of the model gives)
+      non_embedding        total - embedding: torchtitan's convention, which keeps the output
+                           head (untied) in the count because it is a matmul in every step
+      non_embedding_no_output  total - embedding - output: Kaplan et al.'s "N" (the
+                           transformer blocks and the final norm only)
+    """
+    _, q_dim, kv_dim = _dims(cfg)
+    embedding = cfg.vocab_size * cfg.dim
+    output = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim
+    attention = cfg.dim * q_dim + 2 * cfg.dim * kv_dim + q_dim * cfg.dim
+    ffn = _ffn_matrices(cfg) * cfg.dim * cfg.ffn_dim
+    norm = 2 * cfg.dim
+    final_norm = cfg.dim
+    total = embedding + output + cfg.n_layers * (attention + ffn + norm) + final_norm
+    return {
+        "embedding": embedding,
+        "output": output,
+        "attention_per_layer": attention,
+        "ffn_per_layer": ffn,
+        "norm_per_layer": norm,
+        "final_norm": final_norm,
+        "total": total,
+        "non_embedding": total - embedding,
+        "non_embedding_no_output": total - embedding - output,
+    }
+
+
+def forward_flops_per_layer(cfg: ModelConfig, seq_len: int, causal: bool = False) -> dict[str, int]:
+    """Forward FLOPs of ONE transformer layer on ONE sequence of `seq_len` tokens.
+
+    Keys (each 2*m*n*k over the matmuls named):
+      qkv          2*s*dim*(q_dim + 2*kv_dim)   (GQA: wk, wv project to n_kv_heads*head_dim)
+      attn_scores  Q K^T: 2*n_heads*head_dim * (s*s, or s*(s+1)/2 query-key pairs if causal)
+      attn_values  P V: same count as attn_scores
+      out_proj     2*s*q_dim*dim
+      ffn          2*s*dim*ffn_dim * (3 for SwiGLU, 2 for squared ReLU)
+
+    `causal=True` counts only the unmasked (query, key) pairs, which is what a causal
+    flash-attention kernel actually executes; `False` counts the full s x s square.
+    Multiply by batch for a micro-batch and by n_layers for the stack.
+    """
+    head_dim, q_dim, kv_dim = _dims(cfg)
+    s = seq_len
+    pairs = s * (s + 1) // 2 if causal else s * s
+    attn = 2 * cfg.n_heads * head_dim * pairs
+    return {
+        "qkv": 2 * s * cfg.dim * (q_dim + 2 * kv_dim),
+        "attn_scores": attn,
+        "attn_values": attn,
+        "out_proj": 2 * s * q_dim * cfg.dim,
+        "ffn": 2 * s * cfg.dim * cfg.ffn_dim * _ffn_matrices(cfg),
+    }
+
+
+def output_head_forward_flops(cfg: ModelConfig, seq_len: int) -> int:
+    """Forward FLOPs of the output projection (dim -> vocab) on one sequence: 2*s*dim*vocab."""
+    return 2 * seq_len * cfg.dim * cfg.vocab_size
+
+
+def flops_per_token(
+    cfg: ModelConfig, seq_len: int, convention: str = "torchtitan", causal: bool = False
+) -> float:
+    """Training FLOPs (forward + backward) per token at sequence length `seq_len` (tokens).
+
+    convention="torchtitan" (the MFU number other Llama trainers report):
+        6 * matmul_params + 12 * n_layers * n_heads * head_dim * seq_len
+      where matmul_params = total - embedding (the embedding lookup is not a matmul). For a
+      tied model we add back vocab*dim, because the output head still runs a matmul with the
+      shared table; torchtitan itself drops it there (it de-duplicates the tied parameter),
+      so for tied models this is 6*vocab*dim larger than torchtitan's number. It counts norm
+      weights as if they were matmul weights (negligible) and never discounts the causal
+      mask; `causal` must be False.
+    convention="exact": 3 x the per-matmul count of forward_flops_per_layer(cfg, seq_len,
+      causal) * n_layers + output_head_forward_flops, divided by seq_len. With causal=False
+      it equals the torchtitan number minus 6 * (norm parameters).
+    """
+    head_dim, _, _ = _dims(cfg)
+    if convention == "torchtitan":
+        if causal:
+            raise ValueError("the torchtitan convention does not discount the causal mask")
+        counts = param_counts(cfg)
+        matmul_params = counts["non_embedding"] + (counts["embedding"] if cfg.tie_embeddings else 0)
+        return float(6 * matmul_params + 12 * cfg.n_layers * cfg.n_heads * head_dim * seq_len)
+    if convention == "exact":
+        layer = sum(forward_flops_per_layer(cfg, seq_len, causal).values())
+        forward = cfg.n_layers * layer + output_head_forward_flops(cfg, seq_len)
+        return 3 * forward / seq_len
+    raise ValueError(f"unknown FLOPs convention {convention!r}; use 'torchtitan' or 'exact'")
+
+
+def activation_bytes_per_layer(
+    cfg: ModelConfig, batch: int, seq_len: int, dtype_bytes: int = 2, ac: str = "none"
+) -> int:
+    """Bytes of activations ONE transformer layer keeps for backward (per micro-batch).
+
+    Following Korthikanti et al., "Reducing Activation Recomputation in Large Transformer
+    Models" (2022), adapted to this model (pre-norm RMSNorm, GQA, SDPA/flash attention, no
+    dropout, no biases). With b = batch, s = seq_len, d = dim, q = n_heads*head_dim,
+    f = ffn_dim, h = n_heads, and `dtype_bytes` per element of compute-dtype tensors:
+
+      attention_norm input x              b*s*d      (RMSNorm backward needs its input)
+      attention_norm 1/rms                b*s        fp32 (4 bytes)
+      wq/wk/wv input (norm output)        b*s*d      (one tensor shared by the 3 matmuls)
+      q, k, v after RoPE / repeat         3*b*s*q    (k, v are saved after the kv heads are
+                                                      repeated to n_heads, as SDPA sees them)
+      SDPA output                         b*s*q      (flash backward needs O; the softmax
+      SDPA logsumexp                      b*h*s      fp32; the s x s probabilities are not kept)
+      wo input (output, made contiguous)  b*s*q
+      ffn_norm input + 1/rms              b*s*d + b*s fp32
+      w1/w3 input (norm output)           b*s*d
+      SwiGLU: w1 out, silu(w1 out), w3 out, w2 input      4*b*s*f
+      squared ReLU: relu(w1 out), w2 input = relu^2       2*b*s*f
+
+    Residual adds and RoPE multiplications (which save only the cos/sin buffers) add nothing.
+
+    ac="none": everything above. ac="selective": drops the attention internals that SDPA
+    saves (q, k, v, SDPA output, logsumexp); backward recomputes them from the stored wq/wk/wv
+    input. ac="full": only the layer input b*s*d is kept (backward then transiently needs one
+    layer's "none" activations while it recomputes that layer; the planner adds that peak).
+
+    Returns bytes (int).
+    """
+    if ac not in AC_MODES:
+        raise ValueError(f"unknown activation checkpointing mode {ac!r}; choose one of {AC_MODES}")
+    _, q_dim, _ = _dims(cfg)
+    tokens = batch * seq_len
+    if ac == "full":
+        return tokens * cfg.dim * dtype_bytes
+    fp32 = 4
+    norms = 2 * (tokens * cfg.dim * dtype_bytes + tokens * fp32)  # inputs + 1/rms, both norms
+    linear_inputs = 2 * tokens * cfg.dim * dtype_bytes  # qkv input, ffn input
+    wo_input = tokens * q_dim * dtype_bytes
+    ffn_tensors = (4 if cfg.ffn == "swiglu" else 2) * tokens * cfg.ffn_dim * dtype_bytes
+    total = norms + linear_inputs + wo_input + ffn_tensors
+    if ac == "none":
+        sdpa_inputs_and_output = 4 * tokens * q_dim * dtype_bytes  # q, k, v, O
+        logsumexp = batch * cfg.n_heads * seq_len * fp32
+        total += sdpa_inputs_and_output + logsumexp
+    return total

@@ -1,0 +1,269 @@
+"""A plain single-device Llama-3-style decoder (no distributed code in it).
+
+Parameter names follow torchtitan's Llama (`tok_embeddings`, `layers.{i}.attention.wq`, ...)
+so the `apply_*` functions in scaletrain/parallel can address them by name; export/hf.py maps
+them 1:1 onto Hugging Face `LlamaForCausalLM` names. RoPE uses Hugging Face's "rotate_half"
+layout (first half / second half of head_dim), so HF weights need no permutation.
+
+Build big models with :func:`build_model` (meta device, then one materialisation) or, for
+parallel runs, construct under `torch.device("meta")`, apply parallelism, `to_empty`, and
+call `init_weights()`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scaletrain.config.schema import ModelConfig
+from scaletrain.errors import ConfigError
+
+FFN_KINDS = ("swiglu", "squared_relu")
+SPARSITY_KINDS = ("none", "2:4")
+
+
+def validate_model_config(cfg: ModelConfig) -> None:
+    """Raise ConfigError (saying how to fix it) if `cfg` does not describe a buildable model."""
+    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+    for name in ("rope_theta", "norm_eps", "init_std"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"model.{name} must be > 0, got {getattr(cfg, name)!r}")
+    if cfg.dim % cfg.n_heads:
+        raise ConfigError(
+            f"model.dim={cfg.dim} is not divisible by model.n_heads={cfg.n_heads}; "
+            "choose n_heads dividing dim (head_dim = dim / n_heads)"
+        )
+    if cfg.n_heads % cfg.n_kv_heads:
+        raise ConfigError(
+            f"model.n_heads={cfg.n_heads} is not divisible by model.n_kv_heads={cfg.n_kv_heads}; "
+            "grouped-query attention shares each kv head among n_heads / n_kv_heads query heads"
+        )
+    head_dim = cfg.dim // cfg.n_heads
+    if head_dim % 2:
+        raise ConfigError(
+            f"head_dim = dim / n_heads = {head_dim} is odd; RoPE rotates pairs of channels, "
+            "so choose dim and n_heads giving an even head_dim"
+        )
+    if cfg.ffn not in FFN_KINDS:
+        raise ConfigError(f"model.ffn={cfg.ffn!r} is unknown; choose one of {list(FFN_KINDS)}")
+    if cfg.activation_sparsity not in SPARSITY_KINDS:
+        raise ConfigError(
+            f"model.activation_sparsity={cfg.activation_sparsity!r} is unknown; "
+            f"choose one of {list(SPARSITY_KINDS)}"
+        )
+    if cfg.activation_sparsity == "2:4":
+        if cfg.ffn != "squared_relu":
+            raise ConfigError(
+                "model.activation_sparsity='2:4' needs model.ffn='squared_relu' "
+                "(the sparse activations come from the squared ReLU)"
+            )
+        raise ConfigError(
+            "activation_sparsity='2:4' is not implemented yet; set model.activation_sparsity='none'"
+        )
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 and cast back to x's dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics: bf16 sums of squares over thousands of channels lose precision.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_cos_sin(head_dim: int, seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each [seq_len, head_dim] fp32, in the rotate_half layout.
+
+    Channel j and channel j + head_dim/2 form one rotating pair with frequency
+    theta^(-2j / head_dim); both halves of the table hold the same angles.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim)
+    positions = torch.arange(seq_len, device=device, dtype=torch.int64).float()
+    angles = torch.outer(positions, inv_freq)  # [seq, head_dim / 2]
+    angles = torch.cat((angles, angles), dim=-1)  # [seq, head_dim]
+    return angles.cos(), angles.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [batch, heads, seq, head_dim] by the angles in cos/sin [seq, head_dim]."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention with RoPE, no biases."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        # Kept as a ratio, not as head counts: under tensor parallelism the local head counts
+        # shrink but each query head still shares its kv head with n_rep - 1 others.
+        self.n_rep = cfg.n_heads // cfg.n_kv_heads
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        # -1 heads: local head count, which tensor parallelism divides by its degree.
+        q = self.wq(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # [b, heads, s, hd]
+        k = self.wk(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # [b, kv_heads, s, hd]
+        v = self.wv(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # [b, kv_heads, s, hd]
+        q, k = apply_rope(q, cos[:seq], sin[:seq]), apply_rope(k, cos[:seq], sin[:seq])
+        if self.n_rep > 1:
+            # Query head i uses kv head i // n_rep (the HF repeat_kv order). Explicit repeat
+            # rather than enable_gqa: every SDPA backend and context parallelism accept it.
+            k = k.repeat_interleave(self.n_rep, dim=1)  # [b, heads, s, hd]
+            v = v.repeat_interleave(self.n_rep, dim=1)  # [b, heads, s, hd]
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [b, heads, s, hd]
+        out = out.transpose(1, 2).reshape(bsz, seq, -1)  # [b, s, heads * hd]
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU `w2(silu(w1 x) * w3 x)` or non-gated Squared-ReLU `w2(relu(w1 x)^2)` (no w3)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.ffn
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        if self.kind == "swiglu":
+            self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(F.relu(self.w1(x)).square())
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Llama-3-style decoder: tokens [batch, seq] -> logits [batch, seq, vocab].
+
+    `layers` is an nn.ModuleDict keyed by str(i) so pipeline parallelism can delete layers
+    and keep the others' names (and checkpoint keys). `tok_embeddings`, `norm` and `output`
+    may be set to None by a pipeline split; forward then passes its input through that step.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        validate_model_config(cfg)
+        self.cfg = cfg
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        # Non-persistent: derived from the config, so never in checkpoints; filled by
+        # init_weights so that construction on the meta device allocates nothing.
+        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, self.head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, self.head_dim), persistent=False)
+
+    def tie_weights(self) -> None:
+        """Make output.weight the same Parameter as tok_embeddings.weight when cfg asks for it.
+
+        Call again after `to_empty` (materialising from meta creates separate Parameters).
+        """
+        if self.cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
+            self.output.weight = self.tok_embeddings.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter and the RoPE buffers in place, on their current device.
+
+        Linears and embeddings ~ N(0, init_std); the residual-branch output projections (wo,
+        w2) use init_std / sqrt(2 * n_layers) so the residual stream's variance stays O(1)
+        with depth; RMSNorm weights = 1. Uses the global RNG (build_model seeds it).
+        """
+        cfg = self.cfg
+        cos, sin = rope_cos_sin(self.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        if self.tok_embeddings is not None:
+            nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=cfg.init_std)
+        for layer in self.layers.values():
+            attn, ffn = layer.attention, layer.feed_forward
+            for lin in (attn.wq, attn.wk, attn.wv, ffn.w1) + ((ffn.w3,) if hasattr(ffn, "w3") else ()):
+                nn.init.normal_(lin.weight, mean=0.0, std=cfg.init_std)
+            for lin in (attn.wo, ffn.w2):
+                nn.init.normal_(lin.weight, mean=0.0, std=out_std)
+            layer.attention_norm.reset_parameters()
+            layer.ffn_norm.reset_parameters()
+        if self.norm is not None:
+            self.norm.reset_parameters()
+        if self.output is not None and not cfg.tie_embeddings:
+            nn.init.normal_(self.output.weight, mean=0.0, std=cfg.init_std)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: int64 [batch, seq] with seq <= max_seq_len -> logits [batch, seq, vocab]
+        in the compute dtype. (A pipeline stage without tok_embeddings takes hidden states
+        [batch, seq, dim] instead; one without output returns hidden states.)"""
+        seq = tokens.shape[1]
+        if seq > self.cfg.max_seq_len:
+            raise ConfigError(
+                f"sequence of {seq} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}; "
+                "raise model.max_seq_len or shorten data.seq_len"
+            )
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # [b, s, dim]
+        for layer in self.layers.values():
+            h = layer(h, self.rope_cos, self.rope_sin)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h  # [b, s, vocab]
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0) -> Transformer:
+    """Construct on the meta device, materialise on `device`, and initialise from `seed`.
+
+    The same (cfg, device, seed) gives bit-identical weights every time. The global RNG state
+    (CPU and the target accelerator) is saved and restored, so callers' randomness is untouched.
+    """
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    device = torch.device(device)
+    model.to_empty(device=device)
+    model.tie_weights()
+    # manual_seed seeds CPU and CUDA generators; fork both so the caller's streams survive.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model.init_weights()
+    return model

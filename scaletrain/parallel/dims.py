@@ -1,0 +1,124 @@
+"""Process environment (rank, world size, device) and parallel degrees -> DeviceMesh.
+
+`torchrun` sets RANK / LOCAL_RANK / WORLD_SIZE; a plain `python -m scaletrain` run is rank 0
+of a world of 1 and never creates a process group. Degrees are checked against the world size
+before any process-group work so an impossible layout fails fast with a fix.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from scaletrain.config.schema import ParallelConfig
+from scaletrain.errors import ConfigError, LayoutError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer.") from None
+
+
+def pick_device(preference: str, local_rank: int = 0) -> torch.device:
+    """"auto" -> cuda:<local_rank> when CUDA is present, else cpu."""
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device = 'cuda' but no CUDA device is visible; use --train.device cpu.")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def read_env(device_preference: str = "auto") -> DistEnv:
+    """Rank and world size from torchrun's environment (1 process when absent)."""
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    return DistEnv(rank, local_rank, world, pick_device(device_preference, local_rank))
+
+
+def init_distributed(env: DistEnv) -> None:
+    """Create the default process group (NCCL on CUDA, gloo on CPU) for world size > 1."""
+    if not env.distributed or dist.is_initialized():
+        return
+    if env.device.type == "cuda":
+        torch.cuda.set_device(env.device)
+    dist.init_process_group(backend="nccl" if env.device.type == "cuda" else "gloo")
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Resolved degrees; their product is the world size."""
+
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    pp: int
+    cp: int
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: number of distinct batches per step."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.tp * self.pp * self.cp
+
+
+# Techniques whose apply_* function exists in this version; the others fail before any work.
+SUPPORTED = ("dp_replicate", "dp_shard")
+
+
+def resolve_dims(cfg: ParallelConfig, world_size: int) -> ParallelDims:
+    """Fill dp_shard = -1 with the rest of the world and check the product equals it."""
+    fixed = cfg.dp_replicate * cfg.tp * cfg.pp * cfg.cp
+    dp_shard = cfg.dp_shard
+    if dp_shard == -1:
+        if world_size % fixed:
+            raise LayoutError(
+                f"parallel.dp_replicate*tp*pp*cp = {fixed} does not divide the world size {world_size}; "
+                f"choose degrees whose product divides {world_size}."
+            )
+        dp_shard = world_size // fixed
+    dims = ParallelDims(cfg.dp_replicate, dp_shard, cfg.tp, cfg.pp, cfg.cp)
+    if dims.world_size != world_size:
+        raise LayoutError(
+            f"parallel degrees multiply to {dims.world_size} (dp_replicate={dims.dp_replicate} x "
+            f"dp_shard={dims.dp_shard} x tp={dims.tp} x pp={dims.pp} x cp={dims.cp}) but the world size is "
+            f"{world_size}; set --parallel.dp_shard -1 to use the rest, or launch {dims.world_size} processes."
+        )
+    for name in ("tp", "pp", "cp"):
+        if getattr(dims, name) > 1 and name not in SUPPORTED:
+            raise LayoutError(
+                f"parallel.{name} = {getattr(dims, name)} is not available in this version of scaletrain "
+                f"(supported now: data parallel via {', '.join('parallel.' + s for s in SUPPORTED)}); "
+                f"set --parallel.{name} 1."
+            )
+    return dims

@@ -1,0 +1,22 @@
+"""Data parallelism with FSDP2 (`fully_shard`): sharded (FSDP), replicated (DDP-like) or both
+(HSDP) over a 2-D ("dp_replicate", "dp_shard") DeviceMesh.
+
+Each transformer block is its own FSDP unit so its parameters are all-gathered just before
+use and freed after; the root unit holds the embedding, final norm and output head.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool = True) -> nn.Module:
+    """Shard `model` in place over `dp_mesh` (1-D: FSDP; 2-D replicate x shard: HSDP)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.layers.values():
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+    # The root keeps its parameters gathered after forward: backward needs them at once.
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False)
+    return model

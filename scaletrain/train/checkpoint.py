@@ -1,0 +1,191 @@
+"""DCP checkpoints with atomic commit, a completion marker, retention and resume lookup.
+
+Layout: `RUN/checkpoints/step-<8 digits>/` holds one torch.distributed.checkpoint (DCP) save
+of {"model", "optim", "train"} plus `COMPLETE`, a JSON marker written last with the step, the
+size and sha256 of every file, and metadata (model config, tokenizer fingerprint). A save is
+written into `.tmp-step-<n>` and renamed into place only after every rank finished and the
+marker is on disk, so a folder named `step-*` with a marker is always whole; a crash mid-save
+leaves only a `.tmp-*` folder, removed by the next save.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from scaletrain.config.schema import CheckpointConfig
+from scaletrain.errors import CheckpointError
+
+MARKER = "COMPLETE"
+_PREFIX = "step-"
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def step_dir_name(step: int) -> str:
+    return f"{_PREFIX}{step:08d}"
+
+
+def read_marker(ckpt: Path) -> dict[str, Any]:
+    """The marker JSON of a checkpoint folder; CheckpointError if missing or unreadable."""
+    marker = Path(ckpt) / MARKER
+    if not marker.is_file():
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete (no {MARKER} marker); it was not fully written.")
+    try:
+        return json.loads(marker.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"checkpoint marker {marker} is corrupt.") from None
+
+
+def verify_checkpoint(ckpt: Path, checksums: bool = False) -> dict[str, Any]:
+    """Check every file listed in the marker exists with its recorded size (and sha256 when
+    `checksums`); returns the marker. Raises CheckpointError naming the bad file."""
+    meta = read_marker(ckpt)
+    for name, info in meta.get("files", {}).items():
+        f = Path(ckpt) / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {ckpt}: file {name} is missing.")
+        if f.stat().st_size != info["bytes"]:
+            raise CheckpointError(
+                f"checkpoint {ckpt}: file {name} has {f.stat().st_size} bytes, expected {info['bytes']} (truncated?)."
+            )
+        if checksums and _sha256(f) != info["sha256"]:
+            raise CheckpointError(f"checkpoint {ckpt}: file {name} fails its sha256 checksum (corrupt).")
+    return meta
+
+
+class Checkpointer:
+    """Saves and finds checkpoints of one run. Collective: every rank calls save/load."""
+
+    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, rank: int = 0):
+        self.root = Path(run_dir) / "checkpoints"
+        self.cfg = cfg
+        self.rank = rank
+
+    def complete_steps(self) -> list[tuple[int, Path]]:
+        """(step, folder) of checkpoints holding the completion marker, oldest first."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for p in self.root.iterdir():
+            if p.is_dir() and p.name.startswith(_PREFIX) and (p / MARKER).is_file():
+                try:
+                    out.append((int(p.name[len(_PREFIX):]), p))
+                except ValueError:
+                    continue
+        return sorted(out)
+
+    def latest(self) -> Path | None:
+        """Newest checkpoint that verifies (sizes match the marker); a damaged one is skipped
+        with a warning naming it, and the previous one is used."""
+        for _, path in reversed(self.complete_steps()):
+            try:
+                verify_checkpoint(path)
+                return path
+            except CheckpointError as e:
+                warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
+        return None
+
+    def save(self, step: int, state: dict[str, Any], metadata: dict[str, Any]) -> Path:
+        """Write `state` (model/optim/train state dicts) for optimizer step `step`; returns the
+        committed folder. `metadata` (JSON-able) is stored in the marker."""
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f".tmp-{step_dir_name(step)}"
+        if self.rank == 0:
+            if final.exists():
+                raise CheckpointError(f"checkpoint {final} already exists; refusing to overwrite it.")
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        _barrier()
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
+            dcp.save(state, checkpoint_id=str(tmp))
+        _barrier()  # every rank's shard is on disk before the commit
+        if self.rank == 0:
+            files = {}
+            for f in sorted(tmp.iterdir()):
+                with f.open("rb") as fh:
+                    os.fsync(fh.fileno())
+                files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+            marker = {"step": step, "time": time.time(), "save_seconds": time.perf_counter() - t0,
+                      "files": files, **metadata}
+            mtmp = tmp / (MARKER + ".tmp")
+            with mtmp.open("w") as fh:
+                json.dump(marker, fh, indent=1)
+                fh.flush()
+                os.fsync(fh.fileno())
+            mtmp.replace(tmp / MARKER)
+            _fsync_dir(tmp)
+            tmp.replace(final)  # the atomic commit
+            _fsync_dir(self.root)
+            self._retain()
+        _barrier()
+        return final
+
+    def _retain(self) -> None:
+        if self.cfg.keep <= 0:
+            return
+        complete = self.complete_steps()
+        for _, path in complete[: max(0, len(complete) - self.cfg.keep)]:
+            # rename first so a crash mid-delete never leaves a marker-holding partial folder
+            doomed = path.with_name(f".tmp-delete-{path.name}")
+            path.replace(doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+    @staticmethod
+    def load(path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
+        """Load checkpoint `path` into `state` in place (DCP reshards to the current layout);
+        returns the marker metadata."""
+        meta = verify_checkpoint(Path(path))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+            try:
+                dcp.load(state, checkpoint_id=str(path))
+            except (RuntimeError, KeyError, ValueError) as e:
+                raise CheckpointError(f"checkpoint {path} does not match this model/optimizer: {e}") from None
+        return meta
+
+
+def capture_rng(device: torch.device) -> dict[str, torch.Tensor]:
+    """RNG states of this process (CPU, and the current CUDA device when used)."""
+    out = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def restore_rng(states: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(states["cpu"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)

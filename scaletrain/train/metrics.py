@@ -1,0 +1,313 @@
+"""What a run measured: throughput, MFU, memory, and where it is written.
+
+Record keys shared by the trainer, `metrics.jsonl`, the log line and the progress bar:
+`step`, `loss`, `lr`, `tokens_per_s` (global tokens/s over all ranks), `tflops` (achieved
+TFLOP/s over all ranks), `mfu` (fraction 0..1, or None when the peak is unknown),
+`peak_mem_bytes` (bytes, this rank), `step_time_s` (seconds). Train lines carry
+`"kind": "train"`, eval lines `"kind": "eval"`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scaletrain.config.schema import MetricsConfig
+from scaletrain.errors import CheckpointError
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None,
+        n_devices: int = 1) -> float | None:
+    """Model FLOPs utilisation as a fraction (0.41 = 41 %).
+
+    tokens_per_s: tokens/s summed over all `n_devices`; flops_per_token: model FLOPs per token
+    for forward + backward (from model/flops.py); peak: dense FLOP/s of ONE device, or None
+    when unknown -- then MFU is None ("n/a"), never a guess.
+    """
+    if peak is None or peak <= 0:
+        return None
+    return tokens_per_s * flops_per_token / (peak * n_devices)
+
+
+class Throughput:
+    """Tokens and wall time per optimizer step -> tokens/s, TFLOP/s and MFU.
+
+    `tokens` passed to `end`/`record` are global (all data-parallel ranks) so that MFU is
+    achieved FLOP/s over `peak_flops * n_devices`. Wall time comes from `clock` (seconds);
+    the caller must have synchronised the device before `end` (e.g. `loss.item()`), or the
+    step time measures only the kernel launches.
+    """
+
+    def __init__(self, flops_per_token: float, peak_flops: float | None, n_devices: int = 1,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.flops_per_token = flops_per_token  # FLOPs per token, forward + backward
+        self.peak_flops = peak_flops  # FLOP/s of one device, None when unknown
+        self.n_devices = n_devices
+        self._clock = clock
+        self._t0: float | None = None
+        self.step_tokens: list[int] = []
+        self.step_seconds: list[float] = []
+
+    def begin(self) -> None:
+        """Mark the start of a step."""
+        self._t0 = self._clock()
+
+    def end(self, tokens: int) -> dict[str, float | None]:
+        """Close the step started by `begin`; returns the same dict as `record`."""
+        if self._t0 is None:
+            raise RuntimeError("Throughput.end() called without begin()")
+        seconds = self._clock() - self._t0
+        self._t0 = None
+        return self.record(tokens, seconds)
+
+    def record(self, tokens: int, seconds: float) -> dict[str, float | None]:
+        """Add one step of `tokens` (global) taking `seconds` of wall time; returns
+        `{"step_time_s", "tokens_per_s", "tflops", "mfu"}` for that step."""
+        self.step_tokens.append(int(tokens))
+        self.step_seconds.append(float(seconds))
+        return self.rates(tokens, seconds)
+
+    def rates(self, tokens: float, seconds: float) -> dict[str, float | None]:
+        """Rates for `tokens` processed in `seconds`: tokens/s, achieved TFLOP/s (all
+        devices together) and MFU (fraction)."""
+        tokens_per_s = tokens / seconds if seconds > 0 else 0.0
+        return {
+            "step_time_s": seconds,
+            "tokens_per_s": tokens_per_s,
+            "tflops": tokens_per_s * self.flops_per_token / 1e12,
+            "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak_flops, self.n_devices),
+        }
+
+    def summary(self, skip_first: bool = True) -> dict[str, float | None]:
+        """Rates over all recorded steps (total tokens / total seconds). The first step is
+        skipped by default: it carries compilation, allocator and cache warm-up."""
+        start = 1 if skip_first and len(self.step_seconds) > 1 else 0
+        return self.rates(sum(self.step_tokens[start:]), sum(self.step_seconds[start:]))
+
+
+def _peak_rss_bytes() -> int:
+    """Peak resident set size of this process in bytes (ru_maxrss: KiB on Linux, bytes on
+    macOS). This is RSS: it counts the Python heap, libraries and CPU tensors together."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss) if sys.platform == "darwin" else int(rss) * 1024
+
+
+def peak_memory_bytes(device: torch.device | str) -> int:
+    """Peak memory in bytes since the last reset: on CUDA the caching allocator's peak of
+    *allocated* tensor memory; on CPU the process's peak RSS (not tensor memory alone)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return _peak_rss_bytes()
+
+
+def peak_reserved_bytes(device: torch.device | str) -> int:
+    """Peak memory in bytes the CUDA caching allocator *reserved* from the driver (>= the
+    allocated peak; the gap is fragmentation and cache). On CPU: the peak RSS, as above."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_reserved(device))
+    return _peak_rss_bytes()
+
+
+def reset_peak_memory(device: torch.device | str) -> None:
+    """Restart the CUDA peak counters (e.g. after warm-up). The CPU peak RSS is kept by the
+    kernel for the life of the process and cannot be reset, so this is a no-op there."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _to_python(value: Any) -> Any:
+    """JSON-ready value: 0-d tensors and numpy scalars become Python numbers."""
+    if isinstance(value, torch.Tensor):
+        return _to_python(value.detach().cpu().tolist())
+    if isinstance(value, dict):
+        return {str(k): _to_python(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_python(v) for v in value]
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if hasattr(value, "item"):  # numpy scalar types that are not numbers.Real (bfloat16, ...)
+        return _to_python(value.item())
+    return str(value)
+
+
+class MetricsWriter:
+    """Appends every step to `run_dir/metrics.jsonl` and, when `cfg.tensorboard`, to
+    TensorBoard events in `run_dir/tb`. Only rank 0 writes; on other ranks every method
+    is a no-op and no file is created.
+
+    The JSONL file is opened for append, so a resumed run continues the same file; readers
+    (`read_metrics`) let a later line for a step replace an earlier one. Each line is flushed
+    as it is written, so a crash loses at most the line being written.
+    """
+
+    def __init__(self, run_dir: str | Path, cfg: MetricsConfig, rank: int):
+        self.run_dir = Path(run_dir)
+        self.cfg = cfg
+        self.enabled = rank == 0
+        self._file = None
+        self._tb = None
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
+        if cfg.tensorboard:
+            # Imported here: tensorboard is heavy and unneeded when disabled.
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir / "tb"), flush_secs=30)
+
+    def _write_line(self, record: dict[str, Any]) -> None:
+        # json writes floats with repr(): shortest round-trip, so full precision; NaN and
+        # inf are written as NaN/Infinity, which Python's json reads back.
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def log_step(self, record: dict[str, Any]) -> None:
+        """Write one training step. `record` must hold an integer `step`; numeric values
+        also go to TensorBoard as `train/<key>`."""
+        if not self.enabled:
+            return
+        clean = _to_python(record)
+        if "step" not in clean:
+            raise ValueError("metrics record needs a 'step'")
+        clean["step"] = int(clean["step"])
+        clean = {"step": clean["step"], "kind": "train",
+                 **{k: v for k, v in clean.items() if k not in ("step", "kind")}}
+        self._write_line(clean)
+        if self._tb is not None:
+            for key, value in clean.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"train/{key}", value, clean["step"])
+
+    def log_eval(self, step: int, val_loss: float) -> None:
+        """Write one validation result (mean cross-entropy, nats/token) for `step`."""
+        if not self.enabled:
+            return
+        record = {"step": int(step), "kind": "eval", "val_loss": _to_python(val_loss)}
+        self._write_line(record)
+        if self._tb is not None:
+            self._tb.add_scalar("eval/val_loss", record["val_loss"], record["step"])
+
+    def close(self) -> None:
+        """Flush and close the JSONL file and the TensorBoard writer (idempotent)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) from a metrics.jsonl (or the run folder holding it),
+    each sorted by step, a later line for a step replacing an earlier one (resumed runs).
+
+    A torn last line (crash mid-write) is skipped; a bad line elsewhere is an error.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no metrics file at {path}: is this a scaletrain run folder?")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    by_kind: dict[str, dict[int, dict]] = {"train": {}, "eval": {}}
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                continue
+            raise CheckpointError(f"{path}:{i + 1} is not valid JSON ({e}); "
+                                  "delete or repair that line") from e
+        kind = record.get("kind", "train")
+        by_kind.setdefault(kind, {})[int(record["step"])] = record
+    return ([by_kind["train"][s] for s in sorted(by_kind["train"])],
+            [by_kind["eval"][s] for s in sorted(by_kind["eval"])])
+
+
+def plot_loss(run_dir: str | Path) -> Path:
+    """Write `run_dir/loss.png`: train loss per step (line) and val loss (points).
+
+    Uses matplotlib's object API with the Agg canvas (no pyplot, no display, no global
+    backend switch). The file is written to a temporary name and renamed, so an existing
+    plot is never left half-written. Returns the path.
+    """
+    from matplotlib.figure import Figure
+
+    run_dir = Path(run_dir)
+    train, evals = read_metrics(run_dir)
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    ax = fig.add_subplot()
+    points = [(r["step"], r["loss"]) for r in train if _finite(r.get("loss"))]
+    if points:
+        ax.plot(*zip(*points), label="train loss", linewidth=1.2)
+    vals = [(r["step"], r["val_loss"]) for r in evals if _finite(r.get("val_loss"))]
+    if vals:
+        ax.plot(*zip(*vals), "o", label="val loss", markersize=5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(run_dir.resolve().name)
+    ax.grid(alpha=0.3)
+    if points or vals:
+        ax.legend()
+    out = run_dir / PLOT_FILE
+    tmp = run_dir / (PLOT_FILE + ".tmp")
+    fig.savefig(tmp, format="png", bbox_inches="tight")
+    os.replace(tmp, out)
+    return out
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def format_log_line(record: dict[str, Any], total_steps: int | None = None) -> str:
+    """One human log line, e.g.
+    `step 12/100 | loss 3.4521 | lr 3.00e-04 | 12,345 tok/s | 1.23 TFLOP/s | mfu n/a |
+    mem 1.20 GiB`. Missing fields are left out, except MFU, which reads "n/a" when
+    absent or None; MFU is shown in percent, memory (`peak_mem_bytes`) in GiB."""
+    step = f"step {int(record['step'])}"
+    if total_steps is not None:
+        step += f"/{total_steps}"
+    parts = [step]
+    if record.get("loss") is not None:
+        parts.append(f"loss {float(record['loss']):.4f}")
+    if record.get("lr") is not None:
+        parts.append(f"lr {float(record['lr']):.2e}")
+    if record.get("tokens_per_s") is not None:
+        parts.append(f"{float(record['tokens_per_s']):,.0f} tok/s")
+    if record.get("tflops") is not None:
+        parts.append(f"{float(record['tflops']):.2f} TFLOP/s")
+    value = record.get("mfu")
+    parts.append("mfu n/a" if value is None else f"mfu {100 * float(value):.1f}%")
+    if record.get("peak_mem_bytes") is not None:
+        parts.append(f"mem {float(record['peak_mem_bytes']) / 2**30:.2f} GiB")
+    return " | ".join(parts)

@@ -1,0 +1,69 @@
+"""The run folder: refuse to clobber it, decide where a run resumes from, read it back.
+
+A run folder holds config.toml (resolved), run_info.json (revision, versions, hardware),
+tokenizer/ (HF tokenizer files), metrics.jsonl, tb/, loss.png and checkpoints/step-*/.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from scaletrain.config.schema import CheckpointConfig, Config
+from scaletrain.errors import CheckpointError
+from scaletrain.train.checkpoint import Checkpointer, verify_checkpoint
+
+
+def resolve_resume(run_dir: Path, resume: str, overwrite: bool) -> Path | None:
+    """Check what may be done with `run_dir` and return the checkpoint to resume from.
+
+    `resume` is "auto" (newest complete checkpoint, or a fresh start when there is none),
+    "never" (the folder must be new or empty) or a path to one checkpoint folder. Nothing is
+    deleted here; `overwrite` only permits `clear_run_dir` later.
+    """
+    if resume not in ("auto", "never"):
+        ckpt = Path(resume)
+        verify_checkpoint(ckpt)  # raises with what is wrong
+        return ckpt
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if resume == "auto" and not overwrite:
+        return Checkpointer(run_dir, CheckpointConfig()).latest() if exists else None
+    if exists and not overwrite:
+        n = len(Checkpointer(run_dir, CheckpointConfig()).complete_steps())
+        raise CheckpointError(
+            f"run folder {run_dir} already exists ({n} complete checkpoint(s)). Pass --resume auto to "
+            f"continue it, --overwrite to discard it, or choose another --run-dir."
+        )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"--run-dir {run_dir} exists and is not a folder.")
+    return None
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Delete a run folder's contents (only when the user passed --overwrite)."""
+    if run_dir.is_dir():
+        for child in run_dir.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """The resolved config a run was trained with (RUN/config.toml)."""
+    from scaletrain.config.load import config_from_dict, read_toml
+
+    path = Path(run_dir) / "config.toml"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a scaletrain run folder (no config.toml). Pass the --run-dir of a training run.")
+    return config_from_dict(read_toml(path))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """Newest complete checkpoint of a run, or CheckpointError saying how to get one."""
+    ckpt = Checkpointer(run_dir, CheckpointConfig()).latest()
+    if ckpt is None:
+        raise CheckpointError(
+            f"run folder {run_dir} holds no complete checkpoint; train it (checkpoint.save_final = true) first."
+        )
+    return ckpt

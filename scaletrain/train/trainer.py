@@ -1,0 +1,249 @@
+"""The training loop. Setup lives in `Trainer.__init__`; one step fits on a screen.
+
+Data flows one way: config -> data + model (+ parallelism) -> optimizer -> loop -> metrics and
+checkpoints. Only rank 0 prints or writes run files; every rank takes part in checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from scaletrain.config.load import config_to_dict, write_config
+from scaletrain.config.schema import Config
+from scaletrain.errors import CheckpointError, ConfigError
+from scaletrain.model import build_model
+from scaletrain.model.flops import flops_per_token
+from scaletrain.parallel import parallelize
+from scaletrain.parallel.dims import init_distributed, read_env, resolve_dims
+from scaletrain.train import checkpoint as ckpt_lib
+from scaletrain.train.checkpoint import Checkpointer
+from scaletrain.train.metrics import MetricsWriter, peak_memory_bytes, plot_loss, reset_peak_memory
+from scaletrain.train.optim import LRSchedule, build_optimizer
+from scaletrain.train.peaks import device_peak_flops
+from scaletrain.train.progress import Progress
+from scaletrain.train.rundir import clear_run_dir, resolve_resume
+from scaletrain.train.runinfo import run_info_header, write_run_info
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class Trainer:
+    """Builds everything a run needs from `cfg`; `fit()` trains and returns a summary."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: str = "never", overwrite: bool = False):
+        from scaletrain.data import TokenLoader, prepare_data, val_batches
+
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        t = cfg.train
+        self.env = read_env(t.device)
+        self.dims = resolve_dims(cfg.parallel, self.env.world_size)  # fails before any PG work
+        resume_from = resolve_resume(self.run_dir, resume, overwrite)  # every rank checks alike
+        init_distributed(self.env)
+        self.rank, self.device = self.env.rank, self.env.device
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        if t.deterministic:
+            if self.device.type == "cuda":
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        if self.rank == 0:
+            if overwrite and resume_from is None:
+                clear_run_dir(self.run_dir)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_config(cfg, self.run_dir / "config.toml")
+            self.run_info = write_run_info(self.run_dir, {"world_size": self.env.world_size})
+        _barrier()
+
+        # Data: rank 0 builds shards and tokenizer first, the others then read the cache.
+        if self.rank != 0:
+            _barrier()
+        self.data = prepare_data(cfg.data, cfg.tokenizer)
+        if self.rank == 0:
+            _barrier()
+            self._save_tokenizer()
+        tok = self.data.tokenizer
+        if tok.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                f"({tok.vocab_size} tokens); set --model.vocab_size {tok.vocab_size} or lower tokenizer.vocab_size."
+            )
+        dp_rank = self.rank // (self.dims.world_size // self.dims.dp)  # dp is the outermost mesh axis
+        d = cfg.data
+        self.loader = TokenLoader(self.data.train, d.seq_len, d.batch_size, d.seed, dp_rank, self.dims.dp)
+        self.val = val_batches(self.data.val, d.seq_len, d.batch_size, t.eval_batches)
+
+        # Model: built on meta, materialised once, then parallelised from outside.
+        self.model = build_model(cfg.model, device=self.device, seed=t.seed)
+        self.model = parallelize(self.model, self.dims, cfg.parallel, compile_blocks=t.compile, device=self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.schedule = LRSchedule(self.optimizer, cfg.optim.lr, t.steps, cfg.schedule)
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, self.rank)
+        self.step = 0
+        if resume_from is not None:
+            self._load(resume_from)
+
+        precision = t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        self.precision = precision
+        self.autocast = (
+            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16))
+            if precision == "bf16" else contextlib.nullcontext
+        )
+        self.tokens_per_step = d.batch_size * d.seq_len * t.grad_accum * self.dims.dp
+        self.flops_per_token = flops_per_token(cfg.model, d.seq_len)
+        self.peak_flops = device_peak_flops(self.device, precision)
+        self.metrics = MetricsWriter(self.run_dir, cfg.metrics, self.rank)
+
+    # ----------------------------------------------------------------- state
+    def _state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        train = {"step": self.step, "schedule": self.schedule.state_dict(), "loader": self.loader.state_dict(),
+                 f"rng_rank{self.rank}": ckpt_lib.capture_rng(self.device)}
+        return {"model": model_sd, "optim": optim_sd, "train": train}
+
+    def _metadata(self) -> dict[str, Any]:
+        return {"model": config_to_dict(self.cfg)["model"], "tokenizer": self.data.tokenizer.fingerprint(),
+                "world_size": self.env.world_size, "tokens_seen": self.step * self.tokens_per_step}
+
+    def _load(self, path: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        meta = ckpt_lib.read_marker(path)
+        mine = config_to_dict(self.cfg)["model"]
+        diff = {k: (v, mine.get(k)) for k, v in meta.get("model", {}).items() if mine.get(k) != v and k != "flavor"}
+        if diff:
+            parts = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in sorted(diff.items()))
+            raise CheckpointError(f"checkpoint {path} was trained with a different model shape ({parts}). "
+                                  "Resume with the run's own config or start a new --run-dir.")
+        if meta.get("tokenizer") not in (None, self.data.tokenizer.fingerprint()):
+            raise CheckpointError(f"checkpoint {path} was trained with a different tokenizer; use the run's tokenizer settings.")
+        state = self._state()
+        if meta.get("contents") == "model":  # imported weights: fine-tune from step 0
+            state = {"model": state["model"]}
+            self.checkpointer.load(path, state)
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict={})
+            return
+        self.checkpointer.load(path, state)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        train = state["train"]
+        self.step = int(train["step"])
+        self.schedule.load_state_dict(train["schedule"])
+        self.loader.load_state_dict(train["loader"])
+        ckpt_lib.restore_rng(train[f"rng_rank{self.rank}"], self.device)
+
+    def _save_tokenizer(self) -> None:
+        out = self.run_dir / "tokenizer"
+        out.mkdir(exist_ok=True)
+        for name, content in self.data.tokenizer.hf_files().items():
+            (out / name).write_text(content) if isinstance(content, str) else (out / name).write_bytes(content)
+
+    def save_checkpoint(self) -> Path:
+        return self.checkpointer.save(self.step, self._state(), self._metadata())
+
+    # ------------------------------------------------------------------ loop
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over `grad_accum` micro-batches; returns (mean loss, grad norm)."""
+        self.model.train()
+        self.schedule.set_for_step(self.step + 1)
+        accum = self.cfg.train.grad_accum
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(accum):
+            inputs, targets = (t.to(self.device, non_blocking=True) for t in self.loader.next_batch())
+            with self.autocast():
+                logits = self.model(inputs)  # [batch, seq, vocab]
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+        clip = self.cfg.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss_sum / accum, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss (nats/token) over the fixed validation batches."""
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for inputs, targets in self.val:
+            with self.autocast():
+                logits = self.model(inputs.to(self.device))
+            total += F.cross_entropy(logits.float().flatten(0, 1), targets.to(self.device).flatten())
+        if dist.is_initialized():
+            dist.all_reduce(total)
+            total /= dist.get_world_size()
+        return float(total) / len(self.val)
+
+    def fit(self) -> dict[str, Any]:
+        t, c = self.cfg.train, self.cfg.checkpoint
+        summary: dict[str, Any] = {"start_step": self.step, "run_dir": str(self.run_dir)}
+        reset_peak_memory(self.device)
+        with Progress(t.steps, self.cfg.metrics.progress, self.rank, start_step=self.step) as progress:
+            progress.note(run_info_header(self.run_info) if self.rank == 0 else "")
+            if self.step:
+                progress.note(f"resumed at step {self.step} from {self.run_dir / 'checkpoints'}")
+            if self.step == 0 and t.eval_interval:
+                summary["initial_val_loss"] = self._eval_and_log(progress)
+            while self.step < t.steps:
+                t0 = time.perf_counter()
+                loss, grad_norm = self.train_step()
+                loss_value = float(loss)  # host sync: the step is done when its loss is known
+                dt = time.perf_counter() - t0
+                record = self._record(loss_value, float(grad_norm), dt)
+                self.metrics.log_step(record)
+                progress.update(self.step, record)
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"loss is {loss_value} at step {self.step}")
+                if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.steps:
+                    self._eval_and_log(progress)
+                if c.interval and self.step % c.interval == 0 and self.step < t.steps:
+                    self.save_checkpoint()
+            summary["final_val_loss"] = self._eval_and_log(progress)
+            if c.save_final and not (self.checkpointer.root / ckpt_lib.step_dir_name(self.step)).exists():
+                self.save_checkpoint()
+        summary.update(final_step=self.step, final_loss=loss_value if summary["start_step"] < t.steps else None)
+        self._finish(summary)
+        return summary
+
+    def _record(self, loss: float, grad_norm: float, dt: float) -> dict[str, Any]:
+        tokens_per_s = self.tokens_per_step / dt
+        tflops = tokens_per_s * self.flops_per_token / 1e12
+        mfu = None if self.peak_flops is None else tokens_per_s * self.flops_per_token / (self.peak_flops * self.env.world_size)
+        return {"step": self.step, "total_steps": self.cfg.train.steps, "loss": loss,
+                "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                "tflops": tflops, "mfu": mfu, "mem_bytes": peak_memory_bytes(self.device), "step_time_s": dt,
+                "tokens_seen": self.step * self.tokens_per_step}
+
+    def _eval_and_log(self, progress: Progress) -> float:
+        val_loss = self.evaluate()
+        self.metrics.log_eval(self.step, val_loss)
+        progress.note(f"step {self.step}: val_loss {val_loss:.4f}")
+        return val_loss
+
+    def _finish(self, summary: dict[str, Any]) -> None:
+        self.metrics.close()
+        if self.rank != 0:
+            return
+        if self.cfg.metrics.plot:
+            summary["plot"] = str(plot_loss(self.run_dir))
+        t = self.cfg.train
+        if t.sample_tokens > 0:
+            from scaletrain.model.generate import generate
+
+            tok = self.data.tokenizer
+            ids = generate(self.model, tok.encode(t.sample_prompt), t.sample_tokens, seed=t.seed, eos_id=tok.eos_id)
+            summary["sample"] = t.sample_prompt + tok.decode(ids)
