@@ -3,7 +3,8 @@
 Record keys shared by the trainer, `metrics.jsonl`, the log line and the progress bar:
 `step`, `loss`, `lr`, `tokens_per_s` (global tokens/s over all ranks), `tflops` (achieved
 TFLOP/s over all ranks), `mfu` (fraction 0..1, or None when the peak is unknown),
-`peak_mem_bytes` (bytes, this rank), `step_time_s` (seconds). Train lines carry
+`mem_bytes` (peak bytes on this rank, see `peak_memory_bytes`), `step_time_s` (seconds),
+optionally `total_steps`. Train lines carry
 `"kind": "train"`, eval lines `"kind": "eval"`.
 """
 
@@ -69,8 +70,7 @@ class Throughput:
         """Close the step started by `begin`; returns the same dict as `record`."""
         if self._t0 is None:
             raise RuntimeError("Throughput.end() called without begin()")
-        seconds = self._clock() - self._t0
-        self._t0 = None
+        seconds, self._t0 = self._clock() - self._t0, None
         return self.record(tokens, seconds)
 
     def record(self, tokens: int, seconds: float) -> dict[str, float | None]:
@@ -81,8 +81,7 @@ class Throughput:
         return self.rates(tokens, seconds)
 
     def rates(self, tokens: float, seconds: float) -> dict[str, float | None]:
-        """Rates for `tokens` processed in `seconds`: tokens/s, achieved TFLOP/s (all
-        devices together) and MFU (fraction)."""
+        """tokens/s, achieved TFLOP/s (all devices) and MFU for `tokens` in `seconds`."""
         tokens_per_s = tokens / seconds if seconds > 0 else 0.0
         return {
             "step_time_s": seconds,
@@ -109,18 +108,14 @@ def peak_memory_bytes(device: torch.device | str) -> int:
     """Peak memory in bytes since the last reset: on CUDA the caching allocator's peak of
     *allocated* tensor memory; on CPU the process's peak RSS (not tensor memory alone)."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return _peak_rss_bytes()
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else _peak_rss_bytes()
 
 
 def peak_reserved_bytes(device: torch.device | str) -> int:
     """Peak memory in bytes the CUDA caching allocator *reserved* from the driver (>= the
     allocated peak; the gap is fragmentation and cache). On CPU: the peak RSS, as above."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_reserved(device))
-    return _peak_rss_bytes()
+    return int(torch.cuda.max_memory_reserved(device)) if device.type == "cuda" else _peak_rss_bytes()
 
 
 def reset_peak_memory(device: torch.device | str) -> None:
@@ -152,20 +147,16 @@ def _to_python(value: Any) -> Any:
 
 class MetricsWriter:
     """Appends every step to `run_dir/metrics.jsonl` and, when `cfg.tensorboard`, to
-    TensorBoard events in `run_dir/tb`. Only rank 0 writes; on other ranks every method
-    is a no-op and no file is created.
+    TensorBoard events in `run_dir/tb`. Only rank 0 writes; elsewhere methods are no-ops.
 
-    The JSONL file is opened for append, so a resumed run continues the same file; readers
-    (`read_metrics`) let a later line for a step replace an earlier one. Each line is flushed
-    as it is written, so a crash loses at most the line being written.
-    """
+    The JSONL file is opened for append, so a resumed run continues it; `read_metrics` lets
+    a later line for a step replace an earlier one. Each line is flushed when written."""
 
     def __init__(self, run_dir: str | Path, cfg: MetricsConfig, rank: int):
         self.run_dir = Path(run_dir)
         self.cfg = cfg
         self.enabled = rank == 0
-        self._file = None
-        self._tb = None
+        self._file = self._tb = None
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -190,13 +181,12 @@ class MetricsWriter:
         clean = _to_python(record)
         if "step" not in clean:
             raise ValueError("metrics record needs a 'step'")
-        clean["step"] = int(clean["step"])
-        clean = {"step": clean["step"], "kind": "train",
-                 **{k: v for k, v in clean.items() if k not in ("step", "kind")}}
+        clean.pop("kind", None)
+        clean = {"step": int(clean.pop("step")), "kind": "train", **clean}
         self._write_line(clean)
         if self._tb is not None:
             for key, value in clean.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if key != "step" and type(value) in (int, float):  # not bool, str, None
                     self._tb.add_scalar(f"train/{key}", value, clean["step"])
 
     def log_eval(self, step: int, val_loss: float) -> None:
@@ -231,8 +221,7 @@ def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
     A torn last line (crash mid-write) is skipped; a bad line elsewhere is an error.
     """
     path = Path(path)
-    if path.is_dir():
-        path = path / METRICS_FILE
+    path = path / METRICS_FILE if path.is_dir() else path
     if not path.is_file():
         raise CheckpointError(f"no metrics file at {path}: is this a scaletrain run folder?")
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -254,22 +243,23 @@ def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
 
 
 def plot_loss(run_dir: str | Path) -> Path:
-    """Write `run_dir/loss.png`: train loss per step (line) and val loss (points).
+    """Write `run_dir/loss.png` (train loss line, val loss points) and return its path.
 
-    Uses matplotlib's object API with the Agg canvas (no pyplot, no display, no global
-    backend switch). The file is written to a temporary name and renamed, so an existing
-    plot is never left half-written. Returns the path.
-    """
+    matplotlib's object API renders with Agg: no pyplot, display or global backend switch.
+    Written to a temporary name and renamed, so no plot is ever left half-written."""
     from matplotlib.figure import Figure
 
     run_dir = Path(run_dir)
     train, evals = read_metrics(run_dir)
+    def finite(v: Any) -> bool:
+        return isinstance(v, (int, float)) and math.isfinite(v)
+
     fig = Figure(figsize=(7, 4.5), dpi=100)
     ax = fig.add_subplot()
-    points = [(r["step"], r["loss"]) for r in train if _finite(r.get("loss"))]
+    points = [(r["step"], r["loss"]) for r in train if finite(r.get("loss"))]
     if points:
         ax.plot(*zip(*points), label="train loss", linewidth=1.2)
-    vals = [(r["step"], r["val_loss"]) for r in evals if _finite(r.get("val_loss"))]
+    vals = [(r["step"], r["val_loss"]) for r in evals if finite(r.get("val_loss"))]
     if vals:
         ax.plot(*zip(*vals), "o", label="val loss", markersize=5)
     ax.set_xlabel("step")
@@ -278,36 +268,31 @@ def plot_loss(run_dir: str | Path) -> Path:
     ax.grid(alpha=0.3)
     if points or vals:
         ax.legend()
-    out = run_dir / PLOT_FILE
-    tmp = run_dir / (PLOT_FILE + ".tmp")
+    out, tmp = run_dir / PLOT_FILE, run_dir / (PLOT_FILE + ".tmp")
     fig.savefig(tmp, format="png", bbox_inches="tight")
     os.replace(tmp, out)
     return out
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+# (record key, format) of the log line, in order; memory is scaled to GiB before formatting.
+_LOG_FIELDS = (("loss", "loss {:.4f}"), ("lr", "lr {:.2e}"), ("tokens_per_s", "{:,.0f} tok/s"),
+               ("tflops", "{:.2f} TFLOP/s"))
+
+
+def format_mfu(value: float | None) -> str:
+    """`mfu 41.2%` for a fraction, `mfu n/a` when the peak (hence MFU) is unknown."""
+    return "mfu n/a" if value is None else f"mfu {100 * float(value):.1f}%"
 
 
 def format_log_line(record: dict[str, Any], total_steps: int | None = None) -> str:
-    """One human log line, e.g.
-    `step 12/100 | loss 3.4521 | lr 3.00e-04 | 12,345 tok/s | 1.23 TFLOP/s | mfu n/a |
-    mem 1.20 GiB`. Missing fields are left out, except MFU, which reads "n/a" when
-    absent or None; MFU is shown in percent, memory (`peak_mem_bytes`) in GiB."""
-    step = f"step {int(record['step'])}"
-    if total_steps is not None:
-        step += f"/{total_steps}"
-    parts = [step]
-    if record.get("loss") is not None:
-        parts.append(f"loss {float(record['loss']):.4f}")
-    if record.get("lr") is not None:
-        parts.append(f"lr {float(record['lr']):.2e}")
-    if record.get("tokens_per_s") is not None:
-        parts.append(f"{float(record['tokens_per_s']):,.0f} tok/s")
-    if record.get("tflops") is not None:
-        parts.append(f"{float(record['tflops']):.2f} TFLOP/s")
-    value = record.get("mfu")
-    parts.append("mfu n/a" if value is None else f"mfu {100 * float(value):.1f}%")
-    if record.get("peak_mem_bytes") is not None:
-        parts.append(f"mem {float(record['peak_mem_bytes']) / 2**30:.2f} GiB")
+    """One log line: `step 12/100 | loss 3.4521 | lr 3.00e-04 | 12,345 tok/s | 1.23 TFLOP/s
+    | mfu n/a | mem 1.20 GiB`. Missing fields are left out; MFU (percent) reads "n/a" when
+    absent or None; `mem_bytes` is shown in GiB; `total_steps` defaults to the record's."""
+    total_steps = record.get("total_steps") if total_steps is None else total_steps
+    step = f"step {int(record['step'])}" + ("" if total_steps is None else f"/{total_steps}")
+    parts = [step] + [fmt.format(float(record[key])) for key, fmt in _LOG_FIELDS
+                      if record.get(key) is not None]
+    parts.append(format_mfu(record.get("mfu")))
+    if record.get("mem_bytes") is not None:
+        parts.append(f"mem {float(record['mem_bytes']) / 2**30:.2f} GiB")
     return " | ".join(parts)

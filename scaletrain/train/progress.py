@@ -1,9 +1,10 @@
 """Live progress of a training run: step, loss, tok/s, MFU and ETA.
 
 Modes (MetricsConfig.progress): "rich" draws a live bar on stdout, "plain" prints one
-`format_log_line` (+ ETA) every `log_interval` steps, "none" prints nothing, "auto" is rich
-when stdout is a terminal and plain otherwise (log files, CI, SLURM). Everything goes to
-stdout so that logs and bar interleave in one stream. Only rank 0 prints.
+`format_log_line` (+ ETA) every `log_interval` steps and at the last step, "none" prints
+nothing, "auto" is rich when stdout is a terminal and plain otherwise (log files, CI,
+SLURM). Everything goes to stdout so that logs and bar interleave in one stream. Only
+rank 0 prints.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from scaletrain.train.metrics import format_log_line
+from scaletrain.train.metrics import format_log_line, format_mfu
 
 MODES = ("auto", "rich", "plain", "none")
 
@@ -123,6 +124,5 @@ def _short_stats(record: dict[str, Any]) -> str:
         parts.append(f"loss {float(record['loss']):.4f}")
     if record.get("tokens_per_s") is not None:
         parts.append(f"{float(record['tokens_per_s']):,.0f} tok/s")
-    value = record.get("mfu")
-    parts.append("mfu n/a" if value is None else f"mfu {100 * float(value):.1f}%")
+    parts.append(format_mfu(record.get("mfu")))
     return " | ".join(parts)

@@ -26,6 +26,7 @@ from scaletrain.parallel import parallelize
 from scaletrain.parallel.dims import init_distributed, read_env, resolve_dims
 from scaletrain.train import checkpoint as ckpt_lib
 from scaletrain.train.checkpoint import Checkpointer
+from scaletrain.train import metrics as metrics_lib
 from scaletrain.train.metrics import MetricsWriter, peak_memory_bytes, plot_loss, reset_peak_memory
 from scaletrain.train.optim import LRSchedule, build_optimizer
 from scaletrain.train.peaks import device_peak_flops
@@ -58,21 +59,12 @@ class Trainer:
             if self.device.type == "cuda":
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
-        if self.rank == 0:
-            if overwrite and resume_from is None:
-                clear_run_dir(self.run_dir)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_config(cfg, self.run_dir / "config.toml")
-            self.run_info = write_run_info(self.run_dir, {"world_size": self.env.world_size})
-        _barrier()
-
         # Data: rank 0 builds shards and tokenizer first, the others then read the cache.
         if self.rank != 0:
             _barrier()
         self.data = prepare_data(cfg.data, cfg.tokenizer)
         if self.rank == 0:
             _barrier()
-            self._save_tokenizer()
         tok = self.data.tokenizer
         if tok.vocab_size > cfg.model.vocab_size:
             raise ConfigError(
@@ -103,6 +95,15 @@ class Trainer:
         self.tokens_per_step = d.batch_size * d.seq_len * t.grad_accum * self.dims.dp
         self.flops_per_token = flops_per_token(cfg.model, d.seq_len)
         self.peak_flops = device_peak_flops(self.device, precision)
+        # Every check passed: only now touch the run folder, so bad input never costs a file.
+        if self.rank == 0:
+            if overwrite and resume_from is None:
+                clear_run_dir(self.run_dir)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_config(cfg, self.run_dir / "config.toml")
+            self._save_tokenizer()
+            self.run_info = write_run_info(self.run_dir, {"world_size": self.env.world_size})
+        _barrier()
         self.metrics = MetricsWriter(self.run_dir, cfg.metrics, self.rank)
 
     # ----------------------------------------------------------------- state
@@ -192,7 +193,8 @@ class Trainer:
         t, c = self.cfg.train, self.cfg.checkpoint
         summary: dict[str, Any] = {"start_step": self.step, "run_dir": str(self.run_dir)}
         reset_peak_memory(self.device)
-        with Progress(t.steps, self.cfg.metrics.progress, self.rank, start_step=self.step) as progress:
+        with Progress(t.steps, self.cfg.metrics.progress, self.rank, start_step=self.step,
+                      log_interval=self.cfg.metrics.log_interval) as progress:
             progress.note(run_info_header(self.run_info) if self.rank == 0 else "")
             if self.step:
                 progress.note(f"resumed at step {self.step} from {self.run_dir / 'checkpoints'}")
@@ -222,7 +224,7 @@ class Trainer:
     def _record(self, loss: float, grad_norm: float, dt: float) -> dict[str, Any]:
         tokens_per_s = self.tokens_per_step / dt
         tflops = tokens_per_s * self.flops_per_token / 1e12
-        mfu = None if self.peak_flops is None else tokens_per_s * self.flops_per_token / (self.peak_flops * self.env.world_size)
+        mfu = metrics_lib.mfu(tokens_per_s, self.flops_per_token, self.peak_flops, self.env.world_size)
         return {"step": self.step, "total_steps": self.cfg.train.steps, "loss": loss,
                 "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
                 "tflops": tflops, "mfu": mfu, "mem_bytes": peak_memory_bytes(self.device), "step_time_s": dt,

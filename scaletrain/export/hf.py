@@ -1,0 +1,264 @@
+"""Hugging Face Llama import/export (safetensors only; pickled .bin files are never loaded).
+
+Our parameter names map 1:1 onto `LlamaForCausalLM` names (no permutation: our RoPE uses the
+same rotate_half layout as Hugging Face):
+
+    tok_embeddings.weight                  model.embed_tokens.weight
+    layers.N.attention.w{q,k,v,o}.weight   model.layers.N.self_attn.{q,k,v,o}_proj.weight
+    layers.N.feed_forward.w1.weight        model.layers.N.mlp.gate_proj.weight
+    layers.N.feed_forward.w3.weight        model.layers.N.mlp.up_proj.weight
+    layers.N.feed_forward.w2.weight        model.layers.N.mlp.down_proj.weight
+    layers.N.attention_norm.weight         model.layers.N.input_layernorm.weight
+    layers.N.ffn_norm.weight               model.layers.N.post_attention_layernorm.weight
+    norm.weight                            model.norm.weight
+    output.weight                          lm_head.weight (omitted when embeddings are tied)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from scaletrain.config.schema import ModelConfig
+from scaletrain.errors import CheckpointError, ConfigError
+from scaletrain.model.flavors import FLAVORS, model_config_for
+from scaletrain.model.transformer import validate_model_config
+
+_TOP = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_RESERVED = {"model.safetensors", "config.json", "model.safetensors.index.json"}
+
+
+def hf_key_map(cfg: ModelConfig) -> dict[str, str]:
+    """Our state_dict key -> Hugging Face key, for every tensor a HF checkpoint of `cfg` holds
+    (output.weight is absent when the embeddings are tied)."""
+    mapping = {k: v for k, v in _TOP.items() if not (cfg.tie_embeddings and k == "output.weight")}
+    for i in range(cfg.n_layers):
+        for ours, theirs in _LAYER.items():
+            mapping[f"layers.{i}.{ours}"] = f"model.layers.{i}.{theirs}"
+    return mapping
+
+
+def _check_exportable(cfg: ModelConfig) -> None:
+    validate_model_config(cfg)
+    if cfg.ffn != "swiglu":
+        raise ConfigError(
+            f"model.ffn={cfg.ffn!r} cannot be exported as a Hugging Face Llama: LlamaForCausalLM "
+            "only has the gated SwiGLU MLP. Export needs model.ffn='swiglu'."
+        )
+
+
+def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """The config.json of a `LlamaForCausalLM` equivalent to `cfg` (weights stored as `dtype`)."""
+    _check_exportable(cfg)
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_dim,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "num_hidden_layers": cfg.n_layers,
+        "head_dim": cfg.dim // cfg.n_heads,
+        "vocab_size": cfg.vocab_size,
+        "rms_norm_eps": cfg.norm_eps,
+        # transformers < 5 reads rope_theta; >= 5 reads rope_parameters (and converts the former).
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_scaling": None,
+        "max_position_embeddings": cfg.max_seq_len,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "initializer_range": cfg.init_std,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "torch_dtype": dtype_name,  # transformers < 5
+        "dtype": dtype_name,  # transformers >= 5
+        "use_cache": True,
+    }
+
+
+def export_hf(
+    state_dict: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    out_dir: str | Path,
+    tokenizer_files: dict[str, str | bytes] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `state_dict` (our names, full unsharded tensors) as a Hugging Face Llama folder.
+
+    Writes model.safetensors, config.json and every `tokenizer_files` entry (file name ->
+    text or bytes) into a temporary sibling folder, then renames it into place, so `out_dir`
+    is never left half-written. Raises CheckpointError if `out_dir` exists and is not empty
+    (unless overwrite=True), or if keys are missing/unexpected; ConfigError for a model that
+    HF Llama cannot express (squared-ReLU FFN). DTensors must be gathered by the caller
+    (e.g. `full_tensor()`) first. Returns the output folder.
+    """
+    _check_exportable(cfg)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise CheckpointError(f"{out} exists and is not empty; choose a new folder or pass overwrite=True")
+    mapping = hf_key_map(cfg)
+    sd = dict(state_dict)
+    if cfg.tie_embeddings:
+        sd.pop("output.weight", None)  # the same tensor as tok_embeddings.weight
+    _check_keys(set(sd), set(mapping), "the state_dict to export")
+    tensors = {}
+    for ours, theirs in mapping.items():
+        t = sd[ours]
+        if not isinstance(t, torch.Tensor) or hasattr(t, "full_tensor"):  # full_tensor: a DTensor
+            raise CheckpointError(f"{ours} is a {type(t).__name__}; gather it to a full tensor before export")
+        # clone: safetensors refuses tensors that share storage or are views.
+        tensors[theirs] = t.detach().to("cpu").contiguous().clone()
+    dtypes = {t.dtype for t in tensors.values()}
+    config = hf_config_dict(cfg, dtypes.pop() if len(dtypes) == 1 else torch.float32)
+    files = dict(tokenizer_files or {})
+    for name in files:
+        if name in _RESERVED or not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name.startswith("."):
+            raise CheckpointError(f"tokenizer file name {name!r} is not a plain, non-reserved file name")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for name, content in files.items():
+            path = tmp / name
+            path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+        if out.exists():
+            # Move the old folder aside first, so a crash leaves either the old or the new one.
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def import_hf(src_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read a Hugging Face Llama folder (config.json + safetensors) into (cfg, state_dict).
+
+    The state_dict uses our names and loads with `Transformer(cfg).load_state_dict(sd)`; for
+    a tied model output.weight is the same tensor as tok_embeddings.weight. Sharded folders
+    (model.safetensors.index.json) are supported. Raises CheckpointError for a folder without
+    safetensors (pickled .bin checkpoints are never loaded) or with missing/unexpected
+    tensors; ConfigError for Llama features this model lacks (rope scaling, biases, ...).
+    `cfg.flavor` names the registered flavor with the same shape, or "debug" if none matches
+    (every field is set explicitly, so the flavor only names defaults that were all overridden).
+    """
+    src = Path(src_dir)
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{src} has no config.json; is it a Hugging Face model folder?")
+    cfg = _config_from_hf(json.loads(config_path.read_text()), str(config_path))
+    hf = _read_safetensors(src)
+    theirs_to_ours = {v: k for k, v in hf_key_map(cfg).items()}
+    if cfg.tie_embeddings and "lm_head.weight" in hf:
+        # Some tied checkpoints still store the head; accept it only if it is the table.
+        if not torch.equal(hf.pop("lm_head.weight"), hf.get("model.embed_tokens.weight", torch.empty(0))):
+            raise CheckpointError(f"{src}: tie_word_embeddings is true but lm_head differs from embed_tokens")
+    hf.pop("model.rotary_emb.inv_freq", None)  # a buffer some old exports saved; we recompute it
+    _check_keys(set(hf), set(theirs_to_ours), f"the safetensors in {src}")
+    sd = {theirs_to_ours[k]: v for k, v in hf.items()}
+    if cfg.tie_embeddings:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    return cfg, sd
+
+
+def _check_keys(have: set[str], want: set[str], where: str) -> None:
+    missing, unexpected = sorted(want - have), sorted(have - want)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where} does not match the model: missing {missing[:6]}{' ...' if len(missing) > 6 else ''}, "
+            f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''} "
+            f"({len(missing)} missing, {len(unexpected)} unexpected)"
+        )
+
+
+def _config_from_hf(hf: dict, where: str) -> ModelConfig:
+    if hf.get("model_type") != "llama":
+        raise ConfigError(f"{where}: model_type is {hf.get('model_type')!r}; only 'llama' can be imported")
+    rope = hf.get("rope_parameters") or {}
+    if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        raise ConfigError(
+            f"{where}: rope scaling ({hf.get('rope_scaling') or rope}) is not supported by "
+            "scaletrain's model; only plain RoPE checkpoints can be imported"
+        )
+    for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if hf.get(key, want) != want:
+            raise ConfigError(f"{where}: {key}={hf[key]!r} is not supported (scaletrain needs {want!r})")
+    dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, dim // n_heads):
+        raise ConfigError(f"{where}: head_dim={hf['head_dim']} != hidden_size / num_attention_heads")
+    fields = {
+        "dim": dim,
+        "n_layers": hf["num_hidden_layers"],
+        "n_heads": n_heads,
+        "n_kv_heads": hf.get("num_key_value_heads") or n_heads,
+        "ffn_dim": hf["intermediate_size"],
+        "vocab_size": hf["vocab_size"],
+        "max_seq_len": hf.get("max_position_embeddings", 2048),
+        "rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "init_std": float(hf.get("initializer_range", 0.02)),
+        "ffn": "swiglu",
+        "activation_sparsity": "none",
+    }
+    flavor = next((name for name in FLAVORS if model_config_for(name, **fields) == model_config_for(name)), "debug")
+    cfg = model_config_for(flavor, **fields)
+    validate_model_config(cfg)
+    return cfg
+
+
+def _read_safetensors(src: Path) -> dict[str, torch.Tensor]:
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (src / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        files = sorted(p.name for p in src.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in src.glob("*.bin")) + sorted(p.name for p in src.glob("*.pt"))
+        hint = f" (found {pickles}: pickled checkpoints are never loaded; convert them to safetensors)" if pickles else ""
+        raise CheckpointError(f"{src} holds no .safetensors files{hint}")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = src / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is listed in the safetensors index but missing")
+        part = load_file(str(path))
+        dup = set(part) & set(tensors)
+        if dup:
+            raise CheckpointError(f"{path} repeats tensors already read: {sorted(dup)[:3]}")
+        tensors.update(part)
+    return tensors

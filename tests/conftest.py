@@ -1,0 +1,45 @@
+"""Shared fixtures: one data cache per test session, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG_CONFIG = ROOT / "configs" / "cpu_debug.toml"
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    """Shards and tokenizers are cached here once for the whole session."""
+    return tmp_path_factory.mktemp("data_cache")
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "2")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
+def run_cli(*args: str, check: bool = True, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
+    """Run `python -m scaletrain ARGS` and return the completed process (text output)."""
+    proc = subprocess.run([sys.executable, "-m", "scaletrain", *args], capture_output=True, text=True,
+                          env=cli_env(), timeout=timeout, cwd=popen.pop("cwd", ROOT), **popen)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"scaletrain {' '.join(args)} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def debug_train_args(run_dir: Path, data_cache: Path, steps: int = 30, *extra: str) -> list[str]:
+    """CLI args training the debug preset quickly and quietly (no TB / plot unless asked)."""
+    return ["train", "--config", str(DEBUG_CONFIG), "--run-dir", str(run_dir),
+            "--data.cache_dir", str(data_cache), "--train.steps", str(steps),
+            "--metrics.progress", "none", *extra]

@@ -1,0 +1,83 @@
+"""Bad input: a clear message on stderr, no traceback, exit code 2, and existing files intact."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from conftest import debug_train_args, run_cli
+
+
+def _tree_digest(folder):
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _fails(*args, needle: str):
+    proc = run_cli(*args, check=False)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr
+    assert needle in proc.stderr, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, data_cache):
+    run = tmp_path_factory.mktemp("bad") / "run"
+    run_cli(*debug_train_args(run, data_cache, 4, "--metrics.tensorboard", "false", "--metrics.plot", "false"))
+    return run
+
+
+def test_existing_run_folder_is_refused_and_untouched(small_run, data_cache):
+    before = _tree_digest(small_run)
+    _fails(*debug_train_args(small_run, data_cache, 8), needle="already exists")
+    assert _tree_digest(small_run) == before
+
+
+def test_resume_with_different_model_shape(small_run, data_cache):
+    before = _tree_digest(small_run)
+    _fails(*debug_train_args(small_run, data_cache, 8, "--model.dim", "128", "--model.ffn_dim", "256"),
+           "--resume", "auto", needle="different model shape")
+    assert _tree_digest(small_run) == before
+
+
+def test_vocab_smaller_than_tokenizer(tmp_path, data_cache):
+    _fails(*debug_train_args(tmp_path / "r", data_cache, 4, "--model.vocab_size", "200"),
+           needle="model.vocab_size = 200 is smaller than the tokenizer")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--train.stepz", "3"], "Did you mean 'steps'"),
+    (["--optim.lr", "-1"], "optim.lr must be > 0"),
+    (["--data.seq_len", "4096"], "exceeds model.max_seq_len"),
+])
+def test_config_errors(tmp_path, data_cache, extra, needle):
+    _fails(*debug_train_args(tmp_path / "r", data_cache, 4, *extra), needle=needle)
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_config_and_bad_toml(tmp_path):
+    _fails("train", "--config", str(tmp_path / "nope.toml"), "--run-dir", str(tmp_path / "r"), needle="does not exist")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nsteps = = 3\n")
+    _fails("train", "--config", str(bad), "--run-dir", str(tmp_path / "r"), needle="not valid TOML")
+
+
+def test_missing_corpus(tmp_path, data_cache):
+    _fails(*debug_train_args(tmp_path / "r", data_cache, 4, "--data.source", "text",
+                             "--data.path", str(tmp_path / "missing")), needle=str(tmp_path / "missing"))
+
+
+def test_generate_and_export_errors(small_run, tmp_path):
+    _fails("generate", "--run", str(tmp_path), "--prompt", "x", needle="not a scaletrain run folder")
+    out = tmp_path / "occupied"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    _fails("export", "--run", str(small_run), "--to", "hf", "--out", str(out), needle=str(out))
+    assert (out / "keep.txt").read_text() == "precious"
