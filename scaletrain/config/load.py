@@ -41,9 +41,10 @@ def section_types() -> dict[str, type]:
     return _field_types(Config)
 
 
-def coerce(key: str, value: Any, typ: type) -> Any:
-    """Convert a TOML value or a CLI string to `typ`, raising ConfigError naming `key`."""
-    from_cli = isinstance(value, str) and typ is not str
+def coerce(key: str, value: Any, typ: type, from_cli: bool = False) -> Any:
+    """Convert a TOML value (typed) or a CLI string (`from_cli`) to `typ`, raising ConfigError
+    naming `key`. A TOML string never stands in for a number: `steps = "10"` is an error."""
+    from_cli = from_cli and isinstance(value, str) and typ is not str
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -156,10 +157,9 @@ def build_config(toml: dict[str, Any] | None = None, overrides: dict[str, str] |
     cfg = Config()
     sections = section_types()
     for section, node_cls in sections.items():
-        merged: dict[str, Any] = dict(toml.get(section, {}))
-        merged.update(cli.get(section, {}))
         types = _field_types(node_cls)
-        values = {k: coerce(f"{section}.{k}", v, types[k]) for k, v in merged.items()}
+        values = {k: coerce(f"{section}.{k}", v, types[k]) for k, v in toml.get(section, {}).items()}
+        values.update({k: coerce(f"{section}.{k}", v, types[k], from_cli=True) for k, v in cli.get(section, {}).items()})
         if section == "model":
             flavor = values.pop("flavor", cfg.model.flavor)
             if flavor not in FLAVORS:

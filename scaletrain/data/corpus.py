@@ -86,11 +86,14 @@ def _stdlib_root() -> str:
     return sysconfig.get_paths()["stdlib"]
 
 
-def _walk(root: str, suffixes: tuple[str, ...] | None, skip_dirs: set[str], hidden: bool) -> list[tuple[str, str]]:
-    """Sorted (relpath with '/', abspath) of the files under root with one of the suffixes."""
+def _walk(root: str, suffixes: tuple[str, ...] | None, skip_dirs: set[str], hidden: bool,
+          skip_path: str = "") -> list[tuple[str, str]]:
+    """Sorted (relpath with '/', abspath) of the files under root with one of the suffixes,
+    skipping folders named in skip_dirs, hidden entries unless ``hidden``, and ``skip_path``."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in skip_dirs and (hidden or not d.startswith("."))]
+        dirnames[:] = [d for d in dirnames if d not in skip_dirs and (hidden or not d.startswith("."))
+                       and os.path.join(dirpath, d) != skip_path]
         for name in filenames:
             if (not hidden and name.startswith(".")) or (suffixes and not name.endswith(suffixes)):
                 continue
@@ -115,7 +118,9 @@ def _source_files(cfg: DataConfig) -> list[tuple[str, str]]:
     if os.path.isfile(path):
         return [(os.path.basename(path), path)]
     suffixes = {"text": None, "jsonl": (".jsonl",), "parquet": (".parquet",), "hf_disk": None}[cfg.source]
-    files = _walk(path, suffixes, set(), hidden=cfg.source == "hf_disk")
+    # The cache may live inside the corpus folder (data.path = "."): never read our own shards.
+    cache = os.path.abspath(os.path.expanduser(cfg.cache_dir)) if cfg.cache_dir else ""
+    files = _walk(path, suffixes, set(), hidden=cfg.source == "hf_disk", skip_path=cache)
     if not files:
         kind = "files" if suffixes is None else f"{'/'.join(suffixes)} files"
         raise DataError(f"data.path = {cfg.path!r} holds no {kind}; the {cfg.source} source has "

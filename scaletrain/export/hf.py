@@ -126,13 +126,19 @@ def export_hf(
     if cfg.tie_embeddings:
         sd.pop("output.weight", None)  # the same tensor as tok_embeddings.weight
     _check_keys(set(sd), set(mapping), "the state_dict to export")
-    tensors = {}
+    tensors, storages = {}, set()
     for ours, theirs in mapping.items():
         t = sd[ours]
         if not isinstance(t, torch.Tensor) or hasattr(t, "full_tensor"):  # full_tensor: a DTensor
             raise CheckpointError(f"{ours} is a {type(t).__name__}; gather it to a full tensor before export")
-        # clone: safetensors refuses tensors that share storage or are views.
-        tensors[theirs] = t.detach().to("cpu").contiguous().clone()
+        t = t.detach().to("cpu").contiguous()
+        # safetensors refuses views and shared storage; copy only those (not every tensor:
+        # a full copy of an 8B model would double the host memory export needs).
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in storages or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        tensors[theirs] = t
     dtypes = {t.dtype for t in tensors.values()}
     config = hf_config_dict(cfg, dtypes.pop() if len(dtypes) == 1 else torch.float32)
     files = dict(tokenizer_files or {})
@@ -177,14 +183,16 @@ def import_hf(src_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]
     config_path = src / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{src} has no config.json; is it a Hugging Face model folder?")
+    files = _safetensors_files(src)  # before parsing config.json: a .bin folder fails clearly
     cfg = _config_from_hf(json.loads(config_path.read_text()), str(config_path))
-    hf = _read_safetensors(src)
+    hf = _read_safetensors(src, files)
     theirs_to_ours = {v: k for k, v in hf_key_map(cfg).items()}
     if cfg.tie_embeddings and "lm_head.weight" in hf:
         # Some tied checkpoints still store the head; accept it only if it is the table.
         if not torch.equal(hf.pop("lm_head.weight"), hf.get("model.embed_tokens.weight", torch.empty(0))):
             raise CheckpointError(f"{src}: tie_word_embeddings is true but lm_head differs from embed_tokens")
-    hf.pop("model.rotary_emb.inv_freq", None)  # a buffer some old exports saved; we recompute it
+    for key in [k for k in hf if k.endswith("rotary_emb.inv_freq")]:
+        del hf[key]  # a buffer some old exports saved; we recompute it
     _check_keys(set(hf), set(theirs_to_ours), f"the safetensors in {src}")
     sd = {theirs_to_ours[k]: v for k, v in hf.items()}
     if cfg.tie_embeddings:
@@ -214,6 +222,10 @@ def _config_from_hf(hf: dict, where: str) -> ModelConfig:
     for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if hf.get(key, want) != want:
             raise ConfigError(f"{where}: {key}={hf[key]!r} is not supported (scaletrain needs {want!r})")
+    required = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")
+    missing = [key for key in required if key not in hf]
+    if missing:
+        raise CheckpointError(f"{where} lacks required Llama fields {missing}")
     dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
     if hf.get("head_dim") not in (None, dim // n_heads):
         raise ConfigError(f"{where}: head_dim={hf['head_dim']} != hidden_size / num_attention_heads")
@@ -238,7 +250,7 @@ def _config_from_hf(hf: dict, where: str) -> ModelConfig:
     return cfg
 
 
-def _read_safetensors(src: Path) -> dict[str, torch.Tensor]:
+def _safetensors_files(src: Path) -> list[str]:
     index = src / "model.safetensors.index.json"
     if index.is_file():
         weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
@@ -251,6 +263,10 @@ def _read_safetensors(src: Path) -> dict[str, torch.Tensor]:
         pickles = sorted(p.name for p in src.glob("*.bin")) + sorted(p.name for p in src.glob("*.pt"))
         hint = f" (found {pickles}: pickled checkpoints are never loaded; convert them to safetensors)" if pickles else ""
         raise CheckpointError(f"{src} holds no .safetensors files{hint}")
+    return files
+
+
+def _read_safetensors(src: Path, files: list[str]) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
         path = src / name

@@ -182,6 +182,8 @@ class Transformer(nn.Module):
     `layers` is an nn.ModuleDict keyed by str(i) so pipeline parallelism can delete layers
     and keep the others' names (and checkpoint keys). `tok_embeddings`, `norm` and `output`
     may be set to None by a pipeline split; forward then passes its input through that step.
+    Construction leaves weights and RoPE tables uninitialised: call `init_weights()` after
+    materialising (build_model does both).
     """
 
     def __init__(self, cfg: ModelConfig):

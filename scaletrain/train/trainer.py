@@ -73,8 +73,8 @@ class Trainer:
             )
         dp_rank = self.rank // (self.dims.world_size // self.dims.dp)  # dp is the outermost mesh axis
         d = cfg.data
-        self.loader = TokenLoader(self.data.train, d.seq_len, d.batch_size, d.seed, dp_rank, self.dims.dp)
-        self.val = val_batches(self.data.val, d.seq_len, d.batch_size, t.eval_batches)
+        self.loader = TokenLoader(self.data.train_tokens, d.seq_len, d.batch_size, d.seed, dp_rank, self.dims.dp)
+        self.val = val_batches(self.data.val_tokens, d.seq_len, d.batch_size, t.eval_batches)
 
         # Model: built on meta, materialised once, then parallelised from outside.
         self.model = build_model(cfg.model, device=self.device, seed=t.seed)
@@ -146,10 +146,7 @@ class Trainer:
         ckpt_lib.restore_rng(train[f"rng_rank{self.rank}"], self.device)
 
     def _save_tokenizer(self) -> None:
-        out = self.run_dir / "tokenizer"
-        out.mkdir(exist_ok=True)
-        for name, content in self.data.tokenizer.hf_files().items():
-            (out / name).write_text(content) if isinstance(content, str) else (out / name).write_bytes(content)
+        self.data.tokenizer.save(str(self.run_dir / "tokenizer"))  # atomic per file, tokenizer.json last
 
     def save_checkpoint(self) -> Path:
         return self.checkpointer.save(self.step, self._state(), self._metadata())

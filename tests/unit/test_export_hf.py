@@ -106,6 +106,9 @@ def test_import_rejects_folders_without_safetensors(tmp_path):
         import_hf(tmp_path)
     with pytest.raises(CheckpointError, match="no config.json"):
         import_hf(tmp_path / "nowhere")
+    save_file({"x": torch.zeros(1)}, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="lacks required Llama fields.*hidden_size"):
+        import_hf(tmp_path)
 
 
 def test_import_sharded_checkpoint(tmp_path):
@@ -137,3 +140,17 @@ def test_import_rejects_unsupported_llama_features(tmp_path):
     path.write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="rope scaling"):
         import_hf(tmp_path / "hf")
+
+
+def test_export_accepts_views_into_one_flat_buffer(tmp_path):
+    # A gathered/flattened state_dict hands out views; safetensors needs them copied.
+    cfg = model_config_for("debug")
+    sd = build_model(cfg).state_dict()
+    flat = torch.cat([v.flatten() for v in sd.values()])
+    views, offset = {}, 0
+    for k, v in sd.items():
+        views[k] = flat[offset : offset + v.numel()].view(v.shape)
+        offset += v.numel()
+    export_hf(views, cfg, tmp_path / "hf")
+    _, sd2 = import_hf(tmp_path / "hf")
+    assert all(torch.equal(sd2[k], sd[k]) for k in sd)
