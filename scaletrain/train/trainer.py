@@ -170,7 +170,12 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return loss_sum / accum, grad_norm
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP: the norm is already global
+            grad_norm = grad_norm.full_tensor()
+        loss = loss_sum / accum
+        if self.dims.dp > 1:  # report the global-batch mean, not rank 0's share
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        return loss, grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
