@@ -43,3 +43,13 @@ def debug_train_args(run_dir: Path, data_cache: Path, steps: int = 30, *extra: s
     return ["train", "--config", str(DEBUG_CONFIG), "--run-dir", str(run_dir),
             "--data.cache_dir", str(data_cache), "--train.steps", str(steps),
             "--metrics.progress", "none", *extra]
+
+
+def run_torchrun(nproc: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node N -m scaletrain ARGS` with gloo on the CPU (one
+    thread per rank); returns the completed process without checking it."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "scaletrain", *args]
+    env = cli_env()
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)

@@ -115,7 +115,8 @@ class ParallelConfig:
     cp: int = 1
     pp_schedule: str = "1f1b"  # "gpipe" | "1f1b" | "interleaved_1f1b"
     pp_microbatches: int = 0  # 0 = pp degree
-    ac: str = "none"  # activation checkpointing: "none" | "full" | "selective"
+    ac: str = "none"  # activation checkpointing: "none" | "full" (blocks) | "selective" (attention, op-level)
+    ac_every: int = 1  # with ac = "full": checkpoint every k-th block (1 = all)
 
 
 @dataclass

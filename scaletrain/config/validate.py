@@ -83,4 +83,5 @@ def validate_config(cfg: Config) -> None:
         v = getattr(p, name)
         _require(v >= 1, f"parallel.{name} must be >= 1, got {v}.")
     _require(p.dp_shard >= 1 or p.dp_shard == -1, f"parallel.dp_shard must be >= 1 or -1 (the rest), got {p.dp_shard}.")
+    _require(p.ac_every >= 1, f"parallel.ac_every must be >= 1 (checkpoint every k-th block), got {p.ac_every}.")
     _require(p.pp_microbatches >= 0, f"parallel.pp_microbatches must be >= 0, got {p.pp_microbatches}.")

@@ -154,9 +154,9 @@ def activation_bytes_per_layer(
 
     Residual adds and RoPE multiplications (which save only the cos/sin buffers) add nothing.
 
-    ac="none": everything above. ac="selective": drops the attention internals that SDPA
-    saves (q, k, v, SDPA output, logsumexp); backward recomputes them from the stored wq/wk/wv
-    input. ac="full": only the layer input b*s*d is kept (backward then transiently needs one
+    ac="none": everything above. ac="selective" (parallel/ac.py checkpoints each block's
+    attention module): drops what the attention keeps past its input (q, k, v, SDPA output,
+    logsumexp, wo input); backward recomputes them from the stored wq/wk/wv input. ac="full": only the layer input b*s*d is kept (backward then transiently needs one
     layer's "none" activations while it recomputes that layer; the planner adds that peak).
 
     Returns bytes (int).
@@ -172,9 +172,9 @@ def activation_bytes_per_layer(
     linear_inputs = 2 * tokens * cfg.dim * dtype_bytes  # qkv input, ffn input
     wo_input = tokens * q_dim * dtype_bytes
     ffn_tensors = (4 if cfg.ffn == "swiglu" else 2) * tokens * cfg.ffn_dim * dtype_bytes
-    total = norms + linear_inputs + wo_input + ffn_tensors
+    total = norms + linear_inputs + ffn_tensors
     if ac == "none":
         sdpa_inputs_and_output = 4 * tokens * q_dim * dtype_bytes  # q, k, v, O
         logsumexp = batch * cfg.n_heads * seq_len * fp32
-        total += sdpa_inputs_and_output + logsumexp
+        total += wo_input + sdpa_inputs_and_output + logsumexp
     return total

@@ -100,6 +100,11 @@ def rope_cos_sin(head_dim: int, seq_len: int, theta: float, device=None) -> tupl
     return angles.cos(), angles.sin()
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal SDPA over q, k, v [batch, heads, seq, head_dim] (k/v already repeated for GQA)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -126,6 +131,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        # The attention kernel, (q, k, v) -> out. Context parallelism swaps in its own from
+        # outside (parallel/cp.py); the layer itself never changes.
+        self.attention_fn = causal_attention
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         bsz, seq, _ = x.shape
@@ -139,7 +147,7 @@ class Attention(nn.Module):
             # rather than enable_gqa: every SDPA backend and context parallelism accept it.
             k = k.repeat_interleave(self.n_rep, dim=1)  # [b, heads, s, hd]
             v = v.repeat_interleave(self.n_rep, dim=1)  # [b, heads, s, hd]
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [b, heads, s, hd]
+        out = self.attention_fn(q, k, v)  # [b, heads, s, hd]
         out = out.transpose(1, 2).reshape(bsz, seq, -1)  # [b, s, heads * hd]
         return self.wo(out)
 

@@ -7,13 +7,14 @@ before any process-group work so an impossible layout fails fast with a fix.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from scaletrain.config.schema import ParallelConfig
+from scaletrain.config.schema import ModelConfig, ParallelConfig
 from scaletrain.errors import ConfigError, LayoutError
 
 
@@ -92,8 +93,7 @@ class ParallelDims:
         return self.dp_replicate * self.dp_shard * self.tp * self.pp * self.cp
 
 
-# Techniques whose apply_* function exists in this version; the others fail before any work.
-SUPPORTED = ("dp_replicate", "dp_shard")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # outermost -> innermost
 
 
 def resolve_dims(cfg: ParallelConfig, world_size: int) -> ParallelDims:
@@ -114,11 +114,71 @@ def resolve_dims(cfg: ParallelConfig, world_size: int) -> ParallelDims:
             f"dp_shard={dims.dp_shard} x tp={dims.tp} x pp={dims.pp} x cp={dims.cp}) but the world size is "
             f"{world_size}; set --parallel.dp_shard -1 to use the rest, or launch {dims.world_size} processes."
         )
-    for name in ("tp", "pp", "cp"):
-        if getattr(dims, name) > 1 and name not in SUPPORTED:
-            raise LayoutError(
-                f"parallel.{name} = {getattr(dims, name)} is not available in this version of scaletrain "
-                f"(supported now: data parallel via {', '.join('parallel.' + s for s in SUPPORTED)}); "
-                f"set --parallel.{name} 1."
-            )
     return dims
+
+
+def check_layout(dims: ParallelDims, parallel: ParallelConfig, model: ModelConfig, seq_len: int,
+                 batch_size: int) -> None:
+    """Raise LayoutError, naming the keys and a valid alternative, when the model or batch
+    cannot be split as `dims` asks. Runs before any process-group work."""
+    def _divisors(n: int) -> str:
+        return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+    if dims.tp > 1:
+        for key in ("n_heads", "n_kv_heads"):
+            heads = getattr(model, key)
+            if heads % dims.tp:
+                raise LayoutError(f"model.{key} = {heads} is not divisible by parallel.tp = {dims.tp}; "
+                                  f"tensor parallelism splits heads across ranks. Use tp in "
+                                  f"{{{_divisors(math.gcd(model.n_heads, model.n_kv_heads))}}}.")
+        if seq_len % dims.tp:
+            raise LayoutError(f"data.seq_len = {seq_len} is not divisible by parallel.tp = {dims.tp} "
+                              "(sequence parallelism splits the sequence of norm regions); "
+                              f"use data.seq_len {seq_len // dims.tp * dims.tp or dims.tp}.")
+    if dims.cp > 1:
+        chunk = 2 * dims.cp * max(dims.tp, 1)
+        if seq_len % chunk:
+            raise LayoutError(f"data.seq_len = {seq_len} is not divisible by 2*parallel.cp"
+                              + (f"*parallel.tp = {chunk}" if dims.tp > 1 else f" = {chunk}")
+                              + " (context parallelism cuts the sequence into 2*cp load-balanced chunks); "
+                              f"use data.seq_len {max(chunk, seq_len // chunk * chunk)}.")
+    if dims.pp > 1:
+        from scaletrain.parallel.pp import validate_pp
+
+        validate_pp(parallel, model.n_layers, batch_size, model.tie_embeddings)
+
+
+
+
+@dataclass
+class Meshes:
+    """Sub-meshes of the world mesh (pp, dp_replicate, dp_shard, cp, tp) that each technique
+    uses, and this rank's coordinate on the axes the trainer needs."""
+
+    world: object
+    fsdp: object | None  # ("dp_replicate", "dp_shard_cp"): gradients and shards; None when 1 rank
+    tp: object | None
+    cp: object | None
+    pp: object | None
+    dp_rank: int  # which slice of the global batch this rank reads
+    cp_rank: int
+    pp_rank: int
+
+
+def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
+    """The world DeviceMesh in MESH_DIMS order (tp innermost so it stays inside a node) and
+    its sub-meshes. Context-parallel ranks share a batch but hold different tokens, so FSDP
+    shards and reduces gradients over dp_shard x cp together ("dp_shard_cp")."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape = tuple(getattr(dims, name) for name in MESH_DIMS)
+    world = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+    fsdp = None
+    if dims.dp * dims.cp > 1:
+        # One flattened dp axis (replicate-major), re-split as (dp_replicate, dp_shard_cp).
+        flat = world["dp_replicate", "dp_shard", "cp"]._flatten(mesh_dim_name="dp_all")
+        fsdp = flat._unflatten(0, (dims.dp_replicate, dims.dp_shard * dims.cp), ("dp_replicate", "dp_shard_cp"))
+    coord = dict(zip(MESH_DIMS, world.get_coordinate()))
+    dp_rank = coord["dp_replicate"] * dims.dp_shard + coord["dp_shard"]
+    return Meshes(world, fsdp, world["tp"] if dims.tp > 1 else None, world["cp"] if dims.cp > 1 else None,
+                  world["pp"] if dims.pp > 1 else None, dp_rank, coord["cp"], coord["pp"])

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from torch.distributed.checkpoint.state_dict import StateDictOptions
+
 from scaletrain.config.schema import CheckpointConfig
 from scaletrain.errors import CheckpointError
 
@@ -53,6 +55,16 @@ def _fsync_dir(path: Path) -> None:
 
 def step_dir_name(step: int) -> str:
     return f"{_PREFIX}{step:08d}"
+
+
+# Optimizer state keyed per parameter name ("state.layers.0.attention.wq.weight.exp_avg"), so it
+# reshards between layouts whose ranks hold different subsets of parameters.
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def has_key(ckpt: Path, key: str) -> bool:
+    """Whether the DCP checkpoint at `ckpt` holds the flattened state key `key`."""
+    return key in dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
 
 
 def read_marker(ckpt: Path) -> dict[str, Any]:

@@ -25,10 +25,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         seen.add(id(p))  # tied weights appear once
         (decay if p.ndim >= 2 and id(p) not in embedding_params else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]  # a pipeline stage may lack one kind
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -42,6 +40,29 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
         fused=fused or None,
         foreach=None if fused else True,
     )
+
+
+class PartsOptimizer:
+    """One AdamW per model part (a pipeline rank may hold several stage modules), used as one.
+
+    `param_groups` lists every part's groups (the same dicts), so LRSchedule drives them all.
+    """
+
+    def __init__(self, parts: list[nn.Module], cfg: OptimConfig, device: torch.device):
+        self.parts = parts
+        self.optimizers = [build_optimizer(part, cfg, device) for part in parts]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
 
 
 def lr_factor(step: int, total_steps: int, cfg: ScheduleConfig) -> float:

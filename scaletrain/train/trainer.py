@@ -23,14 +23,15 @@ from scaletrain.errors import CheckpointError, ConfigError
 from scaletrain.model import build_model
 from scaletrain.model.flops import flops_per_token
 from scaletrain.parallel import parallelize
-from scaletrain.parallel.dims import init_distributed, read_env, resolve_dims
+from scaletrain.parallel.dims import build_meshes, check_layout, init_distributed, read_env, resolve_dims
 from scaletrain.train import checkpoint as ckpt_lib
 from scaletrain.train.checkpoint import Checkpointer
 from scaletrain.train import metrics as metrics_lib
 from scaletrain.train.metrics import MetricsWriter, peak_memory_bytes, plot_loss, reset_peak_memory
-from scaletrain.train.optim import LRSchedule, build_optimizer
+from scaletrain.train.optim import LRSchedule, PartsOptimizer
 from scaletrain.train.peaks import device_peak_flops
 from scaletrain.train.progress import Progress
+from scaletrain.train.reduce import clip_grad_norm, global_mean
 from scaletrain.train.rundir import clear_run_dir, resolve_resume
 from scaletrain.train.runinfo import run_info_header, write_run_info
 
@@ -50,9 +51,11 @@ class Trainer:
         t = cfg.train
         self.env = read_env(t.device)
         self.dims = resolve_dims(cfg.parallel, self.env.world_size)  # fails before any PG work
+        check_layout(self.dims, cfg.parallel, cfg.model, cfg.data.seq_len, cfg.data.batch_size)
         resume_from = resolve_resume(self.run_dir, resume, overwrite)  # every rank checks alike
         init_distributed(self.env)
         self.rank, self.device = self.env.rank, self.env.device
+        self.meshes = build_meshes(self.dims, self.device.type) if self.env.distributed else None
         if t.threads:
             torch.set_num_threads(t.threads)
         if t.deterministic:
@@ -71,15 +74,22 @@ class Trainer:
                 f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
                 f"({tok.vocab_size} tokens); set --model.vocab_size {tok.vocab_size} or lower tokenizer.vocab_size."
             )
-        dp_rank = self.rank // (self.dims.world_size // self.dims.dp)  # dp is the outermost mesh axis
+        dp_rank = self.meshes.dp_rank if self.meshes else 0
         d = cfg.data
         self.loader = TokenLoader(self.data.train_tokens, d.seq_len, d.batch_size, d.seed, dp_rank, self.dims.dp)
-        self.val = val_batches(self.data.val_tokens, d.seq_len, d.batch_size, t.eval_batches)
+        # The same validation sequences under every layout: global batches, this rank's slice.
+        rows = slice(dp_rank * d.batch_size, (dp_rank + 1) * d.batch_size)
+        self.val = [(x[rows], y[rows]) for x, y in
+                    val_batches(self.data.val_tokens, d.seq_len, d.batch_size * self.dims.dp, t.eval_batches)]
 
-        # Model: built on meta, materialised once, then parallelised from outside.
-        self.model = build_model(cfg.model, device=self.device, seed=t.seed)
-        self.model = parallelize(self.model, self.dims, cfg.parallel, compile_blocks=t.compile, device=self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        # Model: built on meta, materialised once, then parallelised from outside into this
+        # rank's parts (one module, or its pipeline stages).
+        model = build_model(cfg.model, device=self.device, seed=t.seed)
+        self.parts = parallelize(model, self.dims, self.meshes, cfg.parallel, compile_blocks=t.compile,
+                                 seq_len=d.seq_len)
+        self.model = self.parts[0]
+        self.pipeline = self._build_pipeline() if self.dims.pp > 1 else None
+        self.optimizer = PartsOptimizer(self.parts, cfg.optim, self.device)
         self.schedule = LRSchedule(self.optimizer, cfg.optim.lr, t.steps, cfg.schedule)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, self.rank)
         self.step = 0
@@ -108,20 +118,36 @@ class Trainer:
 
     # ----------------------------------------------------------------- state
     def _state(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        """Model and optimizer keyed by the full model's parameter names (optimizer flattened
+        per parameter), so a checkpoint reshards onto any layout; DCP fills in what each rank
+        holds."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd: dict[str, Any] = {}
+        optim_sd: dict[str, Any] = {}
+        for part, opt in zip(self.parts, self.optimizer.optimizers):
+            model_sd.update(get_model_state_dict(part))
+            optim_sd.update(get_optimizer_state_dict(part, opt, options=ckpt_lib.FLAT))
         train = {"step": self.step, "schedule": self.schedule.state_dict(), "loader": self.loader.state_dict(),
                  f"rng_rank{self.rank}": ckpt_lib.capture_rng(self.device)}
         return {"model": model_sd, "optim": optim_sd, "train": train}
+
+    def _set_state(self, model_sd: dict[str, Any], optim_sd: dict[str, Any] | None) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
+
+        for part, opt in zip(self.parts, self.optimizer.optimizers):
+            own = part.state_dict().keys()  # this stage's names (the full model's, unprefixed)
+            mine = {k: v for k, v in model_sd.items() if k in own}
+            set_model_state_dict(part, mine, options=StateDictOptions(strict=False))
+            if optim_sd is not None:
+                set_optimizer_state_dict(part, opt, optim_sd, options=ckpt_lib.FLAT)
 
     def _metadata(self) -> dict[str, Any]:
         return {"model": config_to_dict(self.cfg)["model"], "tokenizer": self.data.tokenizer.fingerprint(),
                 "world_size": self.env.world_size, "tokens_seen": self.step * self.tokens_per_step}
 
     def _load(self, path: Path) -> None:
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
         meta = ckpt_lib.read_marker(path)
         mine = config_to_dict(self.cfg)["model"]
         diff = {k: (v, mine.get(k)) for k, v in meta.get("model", {}).items() if mine.get(k) != v and k != "flavor"}
@@ -135,15 +161,19 @@ class Trainer:
         if meta.get("contents") == "model":  # imported weights: fine-tune from step 0
             state = {"model": state["model"]}
             self.checkpointer.load(path, state)
-            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict={})
+            self._set_state(state["model"], None)
             return
+        rng_key = f"rng_rank{self.rank}"
+        if not ckpt_lib.has_key(path, f"train.{rng_key}"):  # saved by fewer ranks: keep this rank's seed
+            del state["train"][rng_key]
         self.checkpointer.load(path, state)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self._set_state(state["model"], state["optim"])
         train = state["train"]
         self.step = int(train["step"])
         self.schedule.load_state_dict(train["schedule"])
         self.loader.load_state_dict(train["loader"])
-        ckpt_lib.restore_rng(train[f"rng_rank{self.rank}"], self.device)
+        if rng_key in train:
+            ckpt_lib.restore_rng(train[rng_key], self.device)
 
     def _save_tokenizer(self) -> None:
         self.data.tokenizer.save(str(self.run_dir / "tokenizer"))  # atomic per file, tokenizer.json last
@@ -152,44 +182,77 @@ class Trainer:
         return self.checkpointer.save(self.step, self._state(), self._metadata())
 
     # ------------------------------------------------------------------ loop
+    def _batch(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's part of a (inputs, targets) batch on the device: its context-parallel
+        sequence chunks when cp > 1."""
+        inputs, targets = (x.to(self.device, non_blocking=True) for x in batch)
+        if self.dims.cp > 1:
+            from scaletrain.parallel.cp import shard_sequence
+
+            inputs, targets = (shard_sequence(x, self.dims.cp, self.meshes.cp_rank) for x in (inputs, targets))
+        return inputs, targets
+
+    def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            logits = self.model(inputs)  # [batch, seq, vocab]
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    def _build_pipeline(self):
+        from scaletrain.parallel.pp import build_pipeline
+
+        p = self.cfg.parallel
+
+        def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+        return build_pipeline(self.parts, self.meshes.pp, self.device, p.pp_microbatches or self.dims.pp,
+                              p.pp_schedule, loss_fn, grad_accum=self.cfg.train.grad_accum)
+
+    @property
+    def _reports_loss(self) -> bool:
+        return self.pipeline is None or self.pipeline.is_last
+
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over `grad_accum` micro-batches; returns (mean loss, grad norm)."""
-        self.model.train()
+        """One optimizer step over `grad_accum` micro-batches; returns (mean loss over the
+        global batch, global grad norm)."""
+        for part in self.parts:
+            part.train()
         self.schedule.set_for_step(self.step + 1)
         accum = self.cfg.train.grad_accum
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(accum):
-            inputs, targets = (t.to(self.device, non_blocking=True) for t in self.loader.next_batch())
-            with self.autocast():
-                logits = self.model(inputs)  # [batch, seq, vocab]
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            inputs, targets = self._batch(self.loader.next_batch())
+            if self.pipeline is not None:
+                with self.autocast():
+                    loss = self.pipeline.step(inputs, targets)  # None except on the last stage
+                if loss is not None:
+                    loss_sum += loss
+                continue
+            loss = self._forward_loss(inputs, targets)
             (loss / accum).backward()
             loss_sum += loss.detach()
-        clip = self.cfg.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+        grad_norm = clip_grad_norm(self.parts, self.cfg.optim.grad_clip,
+                                   self.meshes.pp.get_group() if self.pipeline is not None else None)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP: the norm is already global
-            grad_norm = grad_norm.full_tensor()
-        loss = loss_sum / accum
-        if self.dims.dp > 1:  # report the global-batch mean, not rank 0's share
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-        return loss, grad_norm
+        return global_mean(loss_sum / accum, self._reports_loss), grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation loss (nats/token) over the fixed validation batches."""
-        self.model.eval()
+        for part in self.parts:
+            part.eval()
         total = torch.zeros((), device=self.device)
-        for inputs, targets in self.val:
-            with self.autocast():
-                logits = self.model(inputs.to(self.device))
-            total += F.cross_entropy(logits.float().flatten(0, 1), targets.to(self.device).flatten())
-        if dist.is_initialized():
-            dist.all_reduce(total)
-            total /= dist.get_world_size()
-        return float(total) / len(self.val)
+        for batch in self.val:
+            inputs, targets = self._batch(batch)
+            if self.pipeline is not None:
+                with self.autocast():
+                    loss = self.pipeline.eval_loss(inputs, targets)
+                total += loss if loss is not None else 0.0
+            else:
+                total += self._forward_loss(inputs, targets)
+        return float(global_mean(total, self._reports_loss)) / len(self.val)
 
     def fit(self) -> dict[str, Any]:
         t, c = self.cfg.train, self.cfg.checkpoint
@@ -245,7 +308,10 @@ class Trainer:
         if self.cfg.metrics.plot:
             summary["plot"] = str(plot_loss(self.run_dir))
         t = self.cfg.train
-        if t.sample_tokens > 0:
+        if t.sample_tokens > 0 and self.env.world_size > 1:
+            # The parallelised model needs every rank to run forward; sample from the saved run.
+            summary["sample"] = f"(sample skipped in a multi-process run: scaletrain generate --run {self.run_dir})"
+        elif t.sample_tokens > 0:
             from scaletrain.model.generate import generate
 
             tok = self.data.tokenizer

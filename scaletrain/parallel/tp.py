@@ -1,0 +1,82 @@
+"""Tensor parallelism with sequence parallelism (Megatron-LM style) via
+`torch.distributed.tensor.parallel`, applied to the unmodified model by parameter name.
+
+Per block: wq/wk/wv and w1/w3 are column-parallel (each rank owns n_heads/tp query heads,
+n_kv_heads/tp kv heads, ffn_dim/tp hidden units); wo and w2 are row-parallel and
+reduce-scatter their output along the sequence. Between them the residual stream and the
+RMSNorms are sequence-parallel: each rank holds seq/tp positions of [batch, seq, dim], so
+norm activations are not replicated. The embedding is row-parallel over the vocabulary and
+emits sequence shards; the output head is column-parallel over the vocabulary and returns
+replicated logits [batch, seq, vocab] so the loss is computed as on one device.
+
+Communication per block and micro-batch, forward: 2 all-gathers + 2 reduce-scatters of
+batch*seq*dim activations over the tp group (the same again in backward).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
+    """Shard `model` (a Transformer, possibly a pipeline stage with some parts None) over the
+    1-D `tp_mesh` in place."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    root_plan = {}
+    if model.tok_embeddings is not None:
+        root_plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    if model.norm is not None:
+        root_plan["norm"] = SequenceParallel()
+    if model.output is not None:
+        root_plan["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
+    if root_plan:
+        parallelize_module(model, tp_mesh, root_plan)
+    if model.tok_embeddings is None and len(model.layers):
+        # A later pipeline stage receives full-sequence hidden states: cut them into this
+        # rank's sequence shard, the layout the blocks expect.
+        first = next(iter(model.layers.values()))
+        parallelize_module(first, tp_mesh, PrepareModuleInput(
+            input_layouts=(Replicate(), None, None), desired_input_layouts=(Shard(1), None, None),
+            use_local_output=True))
+    if model.output is None and model.norm is None and len(model.layers):
+        # ...and a stage without the head hands on full-sequence hidden states.
+        _gather_sequence_at_exit(next(reversed(model.layers.values())), tp_mesh)
+
+    for block in model.layers.values():
+        plan = {
+            "attention_norm": SequenceParallel(),
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                            desired_input_layouts=(Replicate(), None, None)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        }
+        if hasattr(block.feed_forward, "w3"):
+            plan["feed_forward.w3"] = ColwiseParallel()
+        parallelize_module(block, tp_mesh, plan)
+    return model
+
+
+def _gather_sequence_at_exit(block: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Make `block` return the full sequence (all-gather of its local shard, with autograd)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    def hook(_module, _inputs, output):
+        return DTensor.from_local(output, tp_mesh, (Shard(1),)).redistribute(
+            tp_mesh, (Replicate(),)).to_local()
+
+    block.register_forward_hook(hook)

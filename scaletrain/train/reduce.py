@@ -1,0 +1,45 @@
+"""Global quantities of a step under any layout: the loss every rank reports, and the
+gradient norm used for clipping (computed over all parameters of all stages and shards,
+so it equals the single-device norm)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def global_mean(value: torch.Tensor, contributes: bool) -> torch.Tensor:
+    """Mean of `value` over the ranks that contribute (e.g. last pipeline stages), known to all.
+
+    Every (data-parallel, context-parallel) coordinate contributes one equally weighted value
+    (equal token counts), tensor-parallel peers contribute identical copies, and pipeline
+    stages other than the last contribute nothing.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    weight = 1.0 if contributes else 0.0
+    pair = torch.stack([value.detach().float() * weight, torch.tensor(weight, device=value.device)])
+    dist.all_reduce(pair)
+    return pair[0] / pair[1]
+
+
+def clip_grad_norm(parts: list[nn.Module], max_norm: float, pp_group=None) -> torch.Tensor:
+    """Clip the gradients of every parameter in `parts` to a global L2 norm of `max_norm`
+    (no clipping when <= 0) and return that norm (a plain tensor).
+
+    FSDP/TP gradients are DTensors whose norm already spans their mesh; pipeline stages then
+    combine their squared norms over `pp_group`.
+    """
+    params = [p for part in parts for p in part.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0, foreach=True)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    if pp_group is not None:
+        sq = norm.float() ** 2
+        dist.all_reduce(sq, group=pp_group)
+        norm = sq.sqrt()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm if max_norm > 0 else math.inf, norm, foreach=True)
+    return norm
