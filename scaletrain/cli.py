@@ -1,4 +1,4 @@
-"""The one entry point: `scaletrain train | generate | export | import | data`.
+"""The one entry point: `scaletrain train | plan | generate | export | import | data | launch`.
 
 User mistakes (ScaletrainError) print one message on stderr without a traceback and exit 2;
 anything else is a crash with a traceback and exit 1.
@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="'never' (default: the run folder must be new), 'auto' (newest complete checkpoint "
                         "of the run folder, or a fresh start), or a checkpoint folder")
     t.add_argument("--overwrite", action="store_true", help="discard an existing run folder's contents")
+    t.add_argument("--force", action="store_true",
+                   help="run even when the planner predicts the layout does not fit in memory")
 
     g = sub.add_parser("generate", help="sample text from a run's newest checkpoint")
     g.add_argument("--run", required=True, help="run folder")
@@ -50,10 +52,17 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--src", required=True, help="HF model folder (config.json + *.safetensors)")
     i.add_argument("--run-dir", required=True, help="new run folder to create")
 
+    from scaletrain.launch import add_launch_parser
+
+    add_launch_parser(sub)
     d = sub.add_parser("data", help="data preparation")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     dp = dsub.add_parser("prepare", help="build tokenizer and token shards for a config (cached)")
     dp.add_argument("--config", help="TOML preset")
+
+    from scaletrain.plan.cli import add_plan_parser
+
+    add_plan_parser(sub)
     return p
 
 
@@ -63,7 +72,7 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
     cfg = load_config(args.config, overrides)
     run_dir = Path(args.run_dir or Path("runs") / (Path(args.config).stem if args.config else "default"))
-    summary = Trainer(cfg, run_dir, resume=args.resume, overwrite=args.overwrite).fit()
+    summary = Trainer(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, force=args.force).fit()
     if int(os.environ.get("RANK", "0")) == 0:
         if "initial_val_loss" in summary:
             print(f"val_loss: {summary['initial_val_loss']:.4f} at step 0 -> "
@@ -72,6 +81,9 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
             print(f"val_loss: {summary['final_val_loss']:.4f} at step {summary['final_step']}")
         if "sample" in summary:
             print("sample:\n" + summary["sample"])
+        gib = 2**30
+        print(f"peak memory per rank: measured {summary['measured_peak_bytes'] / gib:.2f} GiB, "
+              f"planner predicted {summary['predicted_peak_bytes'] / gib:.2f} GiB")
         print(f"run folder: {run_dir}")
     return 0
 
@@ -117,13 +129,21 @@ def _cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
 def run(argv: list[str] | None = None) -> int:
     """Parse `argv` and run the command; returns the exit code (raises on crashes)."""
     args, rest = _parser().parse_known_args(argv)
-    takes_overrides = args.command == "train" or args.command == "data"
+    takes_overrides = args.command in ("train", "data", "launch")
     if rest and not takes_overrides:
         _parser().error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "train":
         return _cmd_train(args, rest)
     if args.command == "data":
         return _cmd_data(args, rest)
+    if args.command == "launch":
+        from scaletrain.launch import run_launch
+
+        return run_launch(args, rest)
+    if args.command == "plan":
+        from scaletrain.plan.cli import run_plan
+
+        return run_plan(args)
     return {"generate": _cmd_generate, "export": _cmd_export, "import": _cmd_import}[args.command](args)
 
 

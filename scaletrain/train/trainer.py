@@ -42,9 +42,13 @@ def _barrier() -> None:
 
 
 class Trainer:
-    """Builds everything a run needs from `cfg`; `fit()` trains and returns a summary."""
+    """Builds everything a run needs from `cfg`; `fit()` trains and returns a summary.
 
-    def __init__(self, cfg: Config, run_dir: str | Path, resume: str = "never", overwrite: bool = False):
+    Before anything is built, the planner's memory model predicts the per-rank peak and a run
+    predicted not to fit is refused (ConfigError with the breakdown) unless `force`."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: str = "never", overwrite: bool = False,
+                 force: bool = False):
         from scaletrain.data import TokenLoader, prepare_data, val_batches
 
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -52,6 +56,9 @@ class Trainer:
         self.env = read_env(t.device)
         self.dims = resolve_dims(cfg.parallel, self.env.world_size)  # fails before any PG work
         check_layout(self.dims, cfg.parallel, cfg.model, cfg.data.seq_len, cfg.data.batch_size)
+        from scaletrain.plan.memcheck import check_fits, estimate_for_config  # the planner's memory model
+
+        self.memory_estimate = (estimate_for_config if force else check_fits)(cfg, self.env.world_size, self.env.device)
         resume_from = resolve_resume(self.run_dir, resume, overwrite)  # every rank checks alike
         init_distributed(self.env)
         self.rank, self.device = self.env.rank, self.env.device
@@ -282,7 +289,9 @@ class Trainer:
             summary["final_val_loss"] = self._eval_and_log(progress)
             if c.save_final and not (self.checkpointer.root / ckpt_lib.step_dir_name(self.step)).exists():
                 self.save_checkpoint()
-        summary.update(final_step=self.step, final_loss=loss_value if summary["start_step"] < t.steps else None)
+        summary.update(final_step=self.step, final_loss=loss_value if summary["start_step"] < t.steps else None,
+                       predicted_peak_bytes=self.memory_estimate.predicted_bytes,
+                       measured_peak_bytes=peak_memory_bytes(self.device))
         self._finish(summary)
         return summary
 

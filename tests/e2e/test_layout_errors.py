@@ -41,3 +41,21 @@ def test_impossible_layout(name, tmp_path, data_cache):
         assert message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert not run.exists()
+
+
+def test_predicted_oom_is_refused_unless_forced(tmp_path, data_cache):
+    """The planner's memory check runs before anything is built: with room for almost nothing
+    (the CPU capacity is RAM / LOCAL_WORLD_SIZE) the run is refused with the breakdown and a
+    fix; --force runs it anyway."""
+    env = cli_env()
+    env["LOCAL_WORLD_SIZE"] = str(10**9)
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "scaletrain", *debug_train_args(run, data_cache, 2)]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    for part in ("predicted not to fit", "weights", "activations", "Pass --force to run anyway"):
+        assert part in proc.stderr
+    assert not run.exists()
+    forced = subprocess.run([*args, "--force"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert forced.returncode == 0, forced.stderr
+    assert "planner predicted" in forced.stdout and (run / "metrics.jsonl").exists()

@@ -1,0 +1,126 @@
+"""Microbenchmarks of the present machine -> a hardware profile (JSON) the planner can use.
+
+Measures, each for a fixed small time budget (the whole run takes well under a minute on a
+CPU): matmul FLOP/s at the model's shapes (scaled down to fit), causal SDPA attention,
+memory bandwidth (a large tensor copy), the host cost of one small op (the framework tax),
+and, only when torch.distributed is initialised with more than one rank, all-reduce
+bandwidth. The profile's fields are those of `hardware.Hardware`; `calibrated` marks it so
+the cost model uses the measured attention rate as is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from scaletrain.config.schema import ModelConfig
+
+
+def _bench(fn, budget_s: float = 0.4, min_iters: int = 3) -> float:
+    """Best seconds per call of `fn` over about `budget_s` (one warm-up call first)."""
+    fn()
+    _sync()
+    best, spent, n = float("inf"), 0.0, 0
+    while n < min_iters or spent < budget_s:
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        dt = time.perf_counter() - t0
+        best, spent, n = min(best, dt), spent + dt, n + 1
+        if n >= 200:
+            break
+    return best
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _memory_capacity(device: torch.device) -> float:
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def calibrate(model: ModelConfig | None = None, device: str | torch.device | None = None,
+              dtype: torch.dtype | None = None, max_dim: int = 1024) -> dict:
+    """Run the microbenchmarks and return the profile as a dict (units: FLOP/s, bytes/s, s)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    prec = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    d = min(model.dim if model else max_dim, max_dim)
+    f = min(model.ffn_dim if model else 4 * max_dim, 4 * max_dim)
+    tokens = 512 if dev.type == "cpu" else 8192
+    shapes = [(tokens, d, d), (tokens, f, d), (tokens, d, f), (tokens, 256, 256)]
+    rates = {}
+    for m, n, k in shapes:
+        a, b = torch.randn(m, k, device=dev, dtype=dtype), torch.randn(k, n, device=dev, dtype=dtype)
+        rates[f"{m}x{n}x{k}"] = 2 * m * n * k / _bench(lambda: a @ b)
+    half_dim = 100.0  # cost.Params.matmul_half_dim: the profile extrapolates to the asymptote
+    big = max(shapes[:3], key=lambda sh: rates[f"{sh[0]}x{sh[1]}x{sh[2]}"])
+    best = rates[f"{big[0]}x{big[1]}x{big[2]}"]
+    x = min(big)
+    peak = best * (x + half_dim) / x
+    # Attention: causal SDPA fwd at [1, heads, s, head_dim]; FLOPs counted causal (as cost.py).
+    heads = model.n_heads if model else 8
+    hd = (model.dim // model.n_heads) if model else 64
+    s = 512 if dev.type == "cpu" else 4096
+    q = torch.randn(1, heads, s, hd, device=dev, dtype=dtype)
+    t_attn = _bench(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True))
+    attn_flops = 2 * 2 * heads * hd * s * (s + 1) / 2
+    # Memory bandwidth: copy of 64 MiB (read + write).
+    n = 16 * 2**20
+    src, dst = torch.empty(n, device=dev), torch.empty(n, device=dev)
+    bw = 2 * 4 * n / _bench(lambda: dst.copy_(src))
+    # Host overhead per op: a tiny add, launched many times.
+    tiny = torch.ones(8, device=dev)
+
+    def many_adds() -> None:
+        for _ in range(200):
+            tiny.add_(0.0)
+
+    op_s = _bench(many_adds) / 200
+    profile = {
+        "name": f"calibrated:{dev.type}:{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else platform.processor() or platform.machine()}",
+        "peak_flops": {prec: peak, **({"bf16": peak} if prec == "fp32" else {})},
+        "matmul_eff_max": 1.0,
+        "attn_eff": min(1.0, attn_flops / t_attn / peak),
+        "hbm_bytes": _memory_capacity(dev),
+        "hbm_bw": bw,
+        "host_overhead_s": op_s,
+        "gpus_per_node": max(1, torch.cuda.device_count()) if dev.type == "cuda" else 1,
+        "calibrated": True,
+        "source": f"scaletrain plan calibrate, torch {torch.__version__}, threads {torch.get_num_threads()}",
+        "extra": {"matmul_flops_by_shape": rates, "attention_flops": attn_flops / t_attn},
+    }
+    profile.update(_collectives(dev))
+    return profile
+
+
+def _collectives(dev: torch.device) -> dict:
+    """All-reduce bandwidth when more than one rank is present; nothing otherwise."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return {}
+    n = 8 * 2**20
+    buf = torch.ones(n, device=dev)
+    ws = dist.get_world_size()
+    t = _bench(lambda: dist.all_reduce(buf), budget_s=1.0)
+    bus = 2 * (ws - 1) / ws * 4 * n / t
+    return {"intra_bw": bus, "inter_bw": bus, "intra_latency": 20e-6, "inter_latency": 20e-6}
+
+
+def write_profile(profile: dict, path: str | Path) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(profile, indent=1))
+    tmp.replace(p)

@@ -1,0 +1,349 @@
+"""Memory and step time of one parallel layout: the planner's cost model.
+
+Everything model-shaped (parameter counts, FLOPs, activation bytes) comes from
+model/flops.py; this file only adds the hardware side: achieved matmul efficiency as a
+function of shape, alpha-beta collectives placed on the mesh, overlap, pipeline bubbles and
+per-op host overhead. All times are seconds, sizes bytes, rates FLOP/s or bytes/s.
+docs/planner.md derives every formula; the constants in `Params` are the ONE global set.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from scaletrain.config.schema import ModelConfig
+from scaletrain.model.flops import activation_bytes_per_layer, flops_per_token, forward_flops_per_layer, param_counts
+from scaletrain.plan.hardware import Hardware
+
+MESH_ORDER = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # outermost -> innermost
+
+
+@dataclass(frozen=True)
+class Params:
+    """Global, physically interpreted constants (never tuned per row or per source)."""
+
+    matmul_eff_max: float = 0.70  # best achieved fraction of dense peak for a large GEMM
+    matmul_half_dim: float = 100.0  # GEMM efficiency halves when min(m, n, k) is this small
+    attn_eff: float = 0.45  # flash-attention fraction of peak when the device gives none
+    attn_eff_scale: float = 0.55  # end-to-end attention rate / kernel-benchmark rate (masking, layout copies)
+    attn_bwd_ratio: float = 2.5  # flash backward / forward FLOPs (5 GEMMs vs 2; Dao 2023)
+    fp8_speedup_eff: float = 0.65  # achieved fp8 GEMM rate / (fp8 peak * bf16 efficiency)
+    comm_eff: float = 0.80  # NCCL bus bandwidth / link bandwidth
+    elementwise_passes_eager: float = 8.0  # HBM passes over the saved activations, fwd+bwd
+    elementwise_passes_fused: float = 4.0  # with torch.compile / fused kernels
+    ops_per_layer_eager: float = 110.0  # kernels launched per layer per micro-batch, fwd+bwd
+    ops_per_layer_fused: float = 40.0
+    optimizer_bytes_per_param: float = 32.0  # AdamW + grad clip HBM traffic (fp32 states)
+    step_overhead_s: float = 0.02  # loader, zero_grad, loss/grad-norm sync, logging
+    fragmentation: float = 0.10  # caching-allocator reserve over allocated bytes
+    grad_reduce_bytes: int = 4  # gradients are reduced in fp32
+    dp_overlap: float = 0.8  # fraction of the last backward that hides the replica all-reduce
+
+
+PARAMS = Params()
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Software settings that change cost without changing the model (documented switches)."""
+
+    fused: bool = False  # torch.compile or hand-fused kernels (fewer launches, less HBM traffic)
+    tp_overlap: bool = False  # async TP / TP comm overlap hides TP collectives behind GEMMs
+    reshard_after_forward: bool | None = None  # FSDP: None = True unless pp > 1
+    fsdp: bool = True  # shard weights/grads/optimizer over dp_shard*cp (False: Megatron-style DDP)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What is trained: model shape, tokens per sequence, sequences per optimizer step."""
+
+    model: ModelConfig
+    seq_len: int
+    global_batch: int  # sequences per optimizer step
+    precision: str = "bf16"  # "bf16" | "fp16" | "fp8" (linears) | "fp32"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One parallel layout. `micro_batch` is sequences per forward per rank."""
+
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    pp_schedule: str = "1f1b"
+    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved_1f1b only)
+    micro_batch: int = 1
+    ac: str = "none"
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp * self.cp
+
+    def short(self) -> str:
+        s = f"r{self.dp_replicate} s{self.dp_shard} tp{self.tp} pp{self.pp} cp{self.cp}"
+        if self.pp > 1:
+            s += f" {self.pp_schedule}" + (f"/v{self.virtual_stages}" if self.virtual_stages > 1 else "")
+        return s + f" mb{self.micro_batch} ac={self.ac}"
+
+
+@dataclass
+class Memory:
+    """Predicted peak bytes per GPU (the worst pipeline stage)."""
+
+    weights: float = 0.0
+    grads: float = 0.0
+    optimizer: float = 0.0
+    activations: float = 0.0
+    buffers: float = 0.0
+    fragmentation: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations + self.buffers + self.fragmentation
+
+    def parts(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in ("weights", "grads", "optimizer", "activations", "buffers", "fragmentation")}
+
+
+@dataclass
+class StepTime:
+    """Seconds per optimizer step by cause; `exposed` holds communication not hidden by compute."""
+
+    compute: float = 0.0
+    exposed: dict[str, float] = field(default_factory=dict)
+    bubble: float = 0.0
+    overhead: float = 0.0  # host/framework time not hidden behind GPU work + fixed per-step cost
+    optimizer: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.compute + sum(self.exposed.values()) + self.bubble + self.overhead + self.optimizer
+
+
+@dataclass
+class Estimate:
+    layout: Layout
+    memory: Memory
+    time: StepTime
+    tokens_per_s_per_gpu: float
+    mfu: float | None
+    fits: bool
+    microbatches: int  # micro-batches per rank per step
+
+
+def collective_time(kind: str, nbytes: float, n: int, bw: float, alpha: float, p: Params = PARAMS) -> float:
+    """Alpha-beta time of one collective over `n` ranks; `nbytes` is the full (unsharded)
+    buffer for all_gather / reduce_scatter / all_reduce / all_to_all, the message for send.
+    Ring: (n-1) steps of nbytes/n; all-reduce = reduce-scatter + all-gather, or a double
+    binary tree (2 log2 n latency steps) when that is faster (small messages)."""
+    if n <= 1 and kind != "send":
+        return 0.0
+    beta = 1.0 / (bw * p.comm_eff)
+    if kind in ("all_gather", "reduce_scatter", "all_to_all"):
+        return (n - 1) * alpha + (n - 1) / n * nbytes * beta
+    if kind == "all_reduce":
+        ring = 2 * (n - 1) * alpha + 2 * (n - 1) / n * nbytes * beta
+        tree = 2 * math.ceil(math.log2(n)) * alpha + 2 * nbytes * beta
+        return min(ring, tree)
+    if kind == "send":
+        return alpha + nbytes * beta
+    raise ValueError(f"unknown collective {kind!r}")
+
+
+def axis_link(layout: Layout, axes: tuple[str, ...], hw: Hardware) -> tuple[float, float]:
+    """(bandwidth, latency) of the group spanning mesh `axes` (adjacent in MESH_ORDER): intra-node
+    when the group's extent (its size times the product of inner degrees) fits in one node."""
+    inner = 1
+    for name in reversed(MESH_ORDER):
+        if name in axes:
+            break
+        inner *= getattr(layout, name)
+    size = math.prod(getattr(layout, a) for a in axes)
+    if inner * size <= hw.gpus_per_node:
+        return hw.intra_bw, hw.intra_latency
+    # Across nodes NCCL runs one ring per NIC: with k group members on a node, k rings share
+    # the node's k NICs in parallel (NVLink forwards inside the node), so the group sees k
+    # times the per-GPU network bandwidth, capped by the node fabric.
+    k = max(1, min(size, hw.gpus_per_node // inner))
+    return min(hw.intra_bw, k * hw.inter_bw), hw.inter_latency
+
+
+def gemm_time(m: float, n: float, k: float, peak: float, hw: Hardware, p: Params = PARAMS) -> float:
+    """One [m,k]x[k,n] GEMM: 2mnk / (peak * eff), eff = eff_max * x / (x + half_dim) with
+    x = min(m, n, k) (tile/wave under-utilisation of thin GEMMs), floored by the HBM roofline."""
+    eff_max = hw.matmul_eff_max if hw.matmul_eff_max is not None else p.matmul_eff_max
+    x = min(m, n, k)
+    eff = eff_max * x / (x + p.matmul_half_dim)
+    t = 2 * m * n * k / (peak * eff)
+    return max(t, 2 * (m * k + k * n + m * n) / hw.hbm_bw)
+
+
+def _peaks(hw: Hardware, precision: str, p: Params) -> tuple[float, float]:
+    """(peak for linear GEMMs, peak for attention and everything else), FLOP/s."""
+    base = "bf16" if precision == "fp8" else precision
+    peak = hw.peak_flops.get(base) or 0.0
+    if peak <= 0:
+        from scaletrain.errors import ConfigError
+
+        raise ConfigError(f"{hw.name} has no {base} peak; pick another precision or GPU.")
+    if precision == "fp8" and hw.peak_flops.get("fp8"):
+        return hw.peak_flops["fp8"] * p.fp8_speedup_eff, peak
+    return peak, peak
+
+
+def stage_params(m: ModelConfig, layout: Layout) -> tuple[float, float]:
+    """(params of the heaviest pipeline stage, params of one layer), unsharded counts."""
+    c = param_counts(m)
+    layer = c["attention_per_layer"] + c["ffn_per_layer"] + c["norm_per_layer"]
+    per_stage_layers = m.n_layers / layout.pp
+    if layout.pp == 1:
+        return float(c["total"]), float(layer)
+    first = per_stage_layers * layer + c["embedding"]
+    last = per_stage_layers * layer + (c["output"] or c["embedding"]) + c["final_norm"]
+    return float(max(first, last)), float(layer)
+
+
+def estimate_memory(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), p: Params | None = None) -> Memory:
+    """Peak bytes per GPU: FSDP shards fp32 weights, fp32 grads and Adam (m, v) over
+    dp_shard*cp; TP/PP split the model; activations per flops.activation_bytes_per_layer."""
+    p = p or PARAMS
+    m = w.model
+    act_bytes = 4 if w.precision == "fp32" else 2
+    shard = layout.dp_shard * layout.cp if stack.fsdp else 1
+    p_stage, p_layer = stage_params(m, layout)
+    local = p_stage / layout.tp
+    reshard = stack.reshard_after_forward if stack.reshard_after_forward is not None else layout.pp == 1
+    mem = Memory()
+    mem.weights = 4 * local / shard
+    mem.grads = 4 * local / shard
+    mem.optimizer = 8 * local / shard
+    # FSDP all-gathered low-precision copies: two layers (current + prefetch) when resharding,
+    # the whole stage when not; unsharded grads of one layer wait for their reduce-scatter.
+    low_precision = act_bytes < 4
+    if shard > 1 or low_precision:
+        gathered = 2 * p_layer / layout.tp if reshard else local
+        mem.buffers += act_bytes * gathered + 4 * p_layer / layout.tp
+    # Activations of the first stage: micro-batches in flight x layers per stage.
+    s_local = w.seq_len // layout.cp
+    per_layer = activation_bytes_per_layer(m, layout.micro_batch, s_local, act_bytes, layout.ac) / layout.tp
+    layers = m.n_layers / layout.pp
+    if layout.pp == 1:
+        in_flight = 1.0
+    elif layout.pp_schedule == "gpipe":
+        in_flight = float(max(1, w.global_batch // (layout.dp * layout.micro_batch)))
+    else:  # 1f1b: pp micro-batches; interleaved: x (1 + (pp-1)/(pp*v)) (Narayanan et al. 2021)
+        in_flight = layout.pp * (1 + (layout.pp - 1) / (layout.pp * layout.virtual_stages)) \
+            if layout.virtual_stages > 1 else float(layout.pp)
+    mem.activations = per_layer * layers * in_flight
+    if layout.ac != "none":  # backward re-materialises one layer's full activations
+        mem.activations += activation_bytes_per_layer(m, layout.micro_batch, s_local, act_bytes, "none") / layout.tp
+    # Logits (compute dtype) + fp32 softmax and its gradient, on the last stage.
+    tokens = layout.micro_batch * s_local
+    logits = tokens * m.vocab_size / layout.tp * (act_bytes + 8)
+    if layout.pp > 1:
+        last_act = per_layer * layers * 1 + logits  # the last stage holds one micro-batch
+        mem.activations = max(mem.activations, last_act)
+    else:
+        mem.activations += logits
+    if layout.tp > 1:  # sequence-parallel all-gather output buffers
+        mem.buffers += 2 * tokens * m.dim * act_bytes
+    mem.fragmentation = p.fragmentation * mem.total
+    return mem
+
+
+def estimate(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), p: Params | None = None) -> Estimate:
+    """Memory and step time of `layout` for `w` on `hw` (see docs/planner.md for each term)."""
+    p = p or PARAMS
+    m = w.model
+    act_bytes = 4 if w.precision == "fp32" else 2
+    lin_peak, peak = _peaks(hw, w.precision, p)
+    tp, cp, pp, v = layout.tp, layout.cp, layout.pp, layout.virtual_stages
+    n_micro = max(1, w.global_batch // (layout.dp * layout.micro_batch))
+    s_local = w.seq_len // cp
+    T = layout.micro_batch * s_local  # tokens per micro-batch per rank
+    head_dim = m.dim // m.n_heads
+    q, kv = m.n_heads * head_dim, m.n_kv_heads * head_dim
+    n_ffn = 3 if m.ffn == "swiglu" else 2
+
+    # --- one layer, one micro-batch, forward (s) ---
+    gemm_attn = gemm_time(T, (q + 2 * kv) / tp, m.dim, lin_peak, hw, p) + gemm_time(T, m.dim, q / tp, lin_peak, hw, p)
+    gemm_ffn = (n_ffn - 1) * gemm_time(T, m.ffn_dim / tp, m.dim, lin_peak, hw, p)
+    gemm = gemm_attn + gemm_ffn + gemm_time(T, m.dim, m.ffn_dim / tp, lin_peak, hw, p)
+    f = forward_flops_per_layer(m, w.seq_len, causal=True)
+    attn_rate = peak * (hw.attn_eff or p.attn_eff) * (1.0 if hw.calibrated else p.attn_eff_scale)
+    attn = layout.micro_batch * (f["attn_scores"] + f["attn_values"]) / (tp * cp) / attn_rate
+    passes = p.elementwise_passes_fused if stack.fused else p.elementwise_passes_eager
+    elem = passes * activation_bytes_per_layer(m, layout.micro_batch, s_local, act_bytes, "none") / tp / hw.hbm_bw
+    fwd = gemm + attn + elem / 3
+    bwd = 2 * gemm + p.attn_bwd_ratio * attn + 2 * elem / 3
+    # selective = parallel/ac.py checkpoints each block's attention module (wq/wk/wv, SDPA, wo)
+    recompute = {"none": 0.0, "selective": gemm_attn + attn, "full": fwd}[layout.ac]
+    layer_compute = fwd + bwd + recompute
+
+    # --- communication per layer per micro-batch ---
+    exposed_layer: dict[str, float] = {}
+    if tp > 1:  # sequence parallel: 2 all-gathers + 2 reduce-scatters forward, the same backward
+        bw, lat = axis_link(layout, ("tp",), hw)
+        one = collective_time("all_gather", T * m.dim * act_bytes, tp, bw, lat, p)
+        n_coll = 8 + (2 if layout.ac == "full" else 0)
+        comm = n_coll * one
+        exposed_layer["tp"] = max(0.0, comm - 3 * gemm) if stack.tp_overlap else comm
+    if cp > 1:  # ring attention: K and V chunks pass cp-1 hops forward; K,V,dK,dV backward
+        bw, lat = axis_link(layout, ("cp",), hw)
+        kv_bytes = 2 * T * kv * act_bytes / tp
+        fwd_c = (cp - 1) * collective_time("send", kv_bytes, 2, bw, lat, p)
+        exposed_layer["cp"] = max(0.0, fwd_c - attn) + max(0.0, 2 * fwd_c - p.attn_bwd_ratio * attn)
+    shard = layout.dp_shard * cp if stack.fsdp else 1
+    _, p_layer = stage_params(m, layout)
+    if shard > 1:  # FSDP: all-gather weights (fwd, and bwd if resharded), reduce-scatter grads
+        bw, lat = axis_link(layout, ("dp_shard", "cp"), hw)
+        reshard = stack.reshard_after_forward if stack.reshard_after_forward is not None else pp == 1
+        ag = collective_time("all_gather", p_layer / tp * act_bytes, shard, bw, lat, p)
+        rs = collective_time("reduce_scatter", p_layer / tp * p.grad_reduce_bytes, shard, bw, lat, p)
+        fsdp_comm = ag * (2 if reshard else 1) + rs
+        # prefetching hides layer i+1's gathers behind layer i's compute (and TP/CP comm)
+        exposed_layer["dp_shard"] = max(0.0, fsdp_comm - layer_compute) + ag / max(1, m.n_layers)
+
+    layers_stage = m.n_layers / pp
+    host = (p.ops_per_layer_fused if stack.fused else p.ops_per_layer_eager) * hw.host_overhead_s
+    if layout.ac == "full":  # the recomputed forward re-launches its ~1/3 of the layer's kernels
+        host *= 1.3
+    gpu_layer = layer_compute + sum(exposed_layer.values())
+    host_exposed_layer = max(0.0, host - gpu_layer)  # the CPU cannot run ahead of a too-fast GPU
+
+    # --- output head + loss (last stage) per micro-batch ---
+    head = 3 * gemm_time(T, m.vocab_size / tp, m.dim, peak, hw, p)
+    head += 6 * T * m.vocab_size / tp * 4 / hw.hbm_bw  # fp32 softmax cross-entropy passes
+    stage_time = layers_stage * gpu_layer + head  # per micro-batch, the slowest (last) stage
+    # --- pipeline: m micro-batches + (pp-1)/v bubble ---
+    t = StepTime()
+    t.compute = n_micro * layers_stage * layer_compute + n_micro * head
+    for k, val in exposed_layer.items():
+        t.exposed[k] = n_micro * layers_stage * val
+    if pp > 1:
+        bubble_frac = (pp - 1) / (v * n_micro)
+        t.bubble = bubble_frac * n_micro * stage_time
+        bw, lat = axis_link(layout, ("pp",), hw)
+        t.exposed["pp"] = 2 * (n_micro + pp - 1) * collective_time("send", T * m.dim * act_bytes / tp, 2, bw, lat, p)
+    # --- data-parallel replicas: gradient all-reduce once per step, hidden behind the last backward ---
+    p_stage, _ = stage_params(m, layout)
+    local_params = p_stage / tp / shard
+    if layout.dp_replicate > 1:
+        bw, lat = axis_link(layout, ("dp_replicate",), hw)
+        ar = collective_time("all_reduce", local_params * p.grad_reduce_bytes, layout.dp_replicate, bw, lat, p)
+        t.exposed["dp_replicate"] = max(0.0, ar - p.dp_overlap * layers_stage * bwd)
+    t.overhead = n_micro * layers_stage * host_exposed_layer + p.step_overhead_s
+    t.optimizer = local_params * p.optimizer_bytes_per_param / hw.hbm_bw
+
+    mem = estimate_memory(w, layout, hw, stack, p)
+    tps = w.global_batch * w.seq_len / t.total / layout.world_size
+    std_peak = hw.peak_flops.get("fp8" if w.precision == "fp8" else w.precision)
+    mfu = flops_per_token(m, w.seq_len) * tps / std_peak if std_peak else None
+    return Estimate(layout, mem, t, tps, mfu, mem.total <= hw.hbm_bytes, n_micro)

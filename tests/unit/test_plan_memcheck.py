@@ -1,0 +1,67 @@
+"""Pre-launch memory check (plan/memcheck.py)."""
+
+import os
+
+import pytest
+import torch
+
+from scaletrain.config.load import load_config
+from scaletrain.errors import ConfigError
+from scaletrain.plan.hardware import GiB
+from scaletrain.plan.memcheck import check_fits, device_capacity, estimate_for_config
+
+CPU = torch.device("cpu")
+
+
+def test_small_config_fits_on_cpu():
+    est = check_fits(load_config(None), 1, CPU)
+    assert est.fits and 0 < est.predicted_bytes < est.capacity_bytes
+    assert set(est.breakdown) == {"weights", "grads", "optimizer", "activations", "buffers", "fragmentation"}
+    assert est.predicted_bytes == pytest.approx(sum(est.breakdown.values()))
+
+
+def test_debug_model_state_is_16_bytes_per_param_in_fp32():
+    cfg = load_config(None)
+    from scaletrain.model.flops import param_counts
+
+    p = param_counts(cfg.model)["total"]
+    b = estimate_for_config(cfg, 1, CPU).breakdown
+    assert b["weights"] + b["grads"] + b["optimizer"] == pytest.approx(16 * p)
+
+
+def test_oversized_run_raises_with_breakdown_capacity_and_fix(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    cfg = load_config(None, {"model.flavor": "llama3_70b", "data.seq_len": "8192", "data.batch_size": "4"})
+    with pytest.raises(ConfigError) as e:
+        check_fits(cfg, 1, CPU)
+    msg = str(e.value)
+    assert "predicted peak" in msg and "capacity" in msg and "GiB" in msg and "optimizer" in msg
+    assert "dp_shard" in msg and "pass --force to run anyway" in msg.lower()
+
+
+def test_activation_heavy_run_suggests_checkpointing():
+    cfg = load_config(None, {"model.flavor": "llama3_8b", "data.seq_len": "8192", "data.batch_size": "64"})
+    est = estimate_for_config(cfg, 1, CPU)
+    assert est.breakdown["activations"] > est.breakdown["optimizer"]
+    if not est.fits:
+        with pytest.raises(ConfigError, match='ac = "full"'):
+            check_fits(cfg, 1, CPU)
+    full = estimate_for_config(load_config(None, {"model.flavor": "llama3_8b", "data.seq_len": "8192",
+                                                  "data.batch_size": "64", "parallel.ac": "full"}), 1, CPU)
+    assert full.breakdown["activations"] < est.breakdown["activations"]
+
+
+def test_cpu_capacity_is_ram_split_over_local_ranks(monkeypatch):
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert device_capacity(CPU, 4) == pytest.approx(ram / 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert device_capacity(CPU, 4) == pytest.approx(ram / 2)
+    assert device_capacity(CPU, 1) > 0.1 * GiB
+
+
+def test_sharding_over_ranks_lowers_the_estimate():
+    cfg = load_config(None, {"model.flavor": "llama3_8b", "data.seq_len": "1024", "data.batch_size": "1"})
+    one = estimate_for_config(cfg, 1, CPU).breakdown["optimizer"]
+    eight = estimate_for_config(cfg, 8, CPU).breakdown["optimizer"]
+    assert eight == pytest.approx(one / 8)
