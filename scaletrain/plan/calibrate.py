@@ -4,7 +4,8 @@ Measures, each for a fixed small time budget (the whole run takes well under a m
 CPU): matmul FLOP/s at the model's shapes (scaled down to fit), causal SDPA attention,
 memory bandwidth (a large tensor copy), the host cost of one small op (the framework tax),
 and, only when torch.distributed is initialised with more than one rank, all-reduce
-bandwidth. The profile's fields are those of `hardware.Hardware`; `calibrated` marks it so
+bandwidth; on the CPU also `framework_baseline_bytes`, the peak RSS of a fresh process
+that imported torch and the trainer and ran one tiny step. The profile's fields are those of `hardware.Hardware`; `calibrated` marks it so
 the cost model uses the measured attention rate as is.
 """
 
@@ -100,8 +101,49 @@ def calibrate(model: ModelConfig | None = None, device: str | torch.device | Non
         "source": f"scaletrain plan calibrate, torch {torch.__version__}, threads {torch.get_num_threads()}",
         "extra": {"matmul_flops_by_shape": rates, "attention_flops": attn_flops / t_attn},
     }
+    if dev.type == "cpu":
+        profile["framework_baseline_bytes"] = framework_baseline_bytes()
     profile.update(_collectives(dev))
     return profile
+
+
+# A fresh process that imports what the trainer imports and runs one tiny AdamW training step
+# (so autograd, the optimizer and SDPA kernels are loaded): its peak RSS is the part of a CPU
+# run's measured peak that no model tensor accounts for (interpreter, torch and its libraries).
+_BASELINE_SNIPPET = """
+import resource, sys
+import torch
+import torch.nn.functional as F
+import scaletrain.train.trainer, scaletrain.data
+try:
+    import torch.utils.tensorboard
+except Exception:
+    pass
+m = torch.nn.Linear(8, 8)
+opt = torch.optim.AdamW(m.parameters())
+q = torch.randn(1, 2, 16, 8)
+loss = F.cross_entropy(m(torch.randn(4, 8)), torch.zeros(4, dtype=torch.long))
+loss = loss + F.scaled_dot_product_attention(q, q, q, is_causal=True).sum()
+loss.backward()
+opt.step()
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(rss if sys.platform == "darwin" else rss * 1024)
+"""
+
+
+def framework_baseline_bytes() -> int:
+    """Peak RSS (bytes) of a fresh CPU process that imported torch and scaletrain's trainer and
+    ran one tiny training step. `plan check` adds it to CPU memory predictions, because the
+    trainer's CPU `mem_bytes` is the process peak RSS, not tensor bytes."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "-c", _BASELINE_SNIPPET], capture_output=True, text=True, env=env,
+                         timeout=300, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
 
 
 def _collectives(dev: torch.device) -> dict:

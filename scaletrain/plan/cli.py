@@ -1,4 +1,4 @@
-"""`scaletrain plan [search|calibrate|validate] ...`: argparse wiring only.
+"""`scaletrain plan [search|calibrate|validate|check] ...`: argparse wiring only.
 
 Bad input raises ConfigError, which the main CLI prints and turns into exit code 2.
 """
@@ -44,9 +44,10 @@ def parse_sweep(text: str) -> list[int]:
 
 def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("plan", help="predict memory and step time of every parallel layout and rank them",
-                              description="Rank parallel layouts (default), calibrate this machine, or validate "
-                                          "the cost model against published measurements.")
-    p.add_argument("action", nargs="?", default="search", choices=["search", "calibrate", "validate"])
+                              description="Rank parallel layouts (default), calibrate this machine, validate "
+                                          "the cost model against published measurements, or check a finished "
+                                          "run's measured step time and memory against the prediction.")
+    p.add_argument("action", nargs="?", default="search", choices=["search", "calibrate", "validate", "check"])
     p.add_argument("--model", default="llama3_8b", help="flavor name or a config TOML (its [model])")
     p.add_argument("--gpus", default="8", help="GPU count")
     p.add_argument("--gpu", default="h100_sxm", help="catalog entry or a calibrated profile JSON")
@@ -66,7 +67,9 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--inter-latency-us", type=float)
     p.add_argument("--out", default="profile.json", help="calibrate: profile JSON to write")
     p.add_argument("--published", help="validate: CSV of published measurements")
-    p.add_argument("--json", help="validate: write per-row results as JSON")
+    p.add_argument("--json", help="validate / check: write the results as JSON")
+    p.add_argument("--run", help="check: a run folder written by `scaletrain train`")
+    p.add_argument("--profile", help="check: calibrated profile JSON or catalog entry (default: the run's GPU)")
     return p
 
 
@@ -107,6 +110,8 @@ def run_plan(args: argparse.Namespace) -> int:
         return _calibrate(args)
     if args.action == "validate":
         return _validate(args)
+    if args.action == "check":
+        return _check(args)
     from scaletrain.plan import report
     from scaletrain.plan.cost import Stack
     from scaletrain.plan.search import search
@@ -147,8 +152,25 @@ def run_plan(args: argparse.Namespace) -> int:
 def _calibrate(args) -> int:
     from scaletrain.plan.calibrate import calibrate, write_profile
 
+    import os
+
     model = _model(args.model) if args.model else None
-    prof = calibrate(model)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: also measure all-reduce bandwidth
+        import torch
+        import torch.distributed as dist
+
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        try:
+            prof = calibrate(model)
+        finally:
+            rank = dist.get_rank()
+            dist.destroy_process_group()
+        if rank != 0:
+            return 0
+    else:
+        prof = calibrate(model)
     write_profile(prof, args.out)
     print(f"{prof['name']}: matmul peak {prof['peak_flops']} FLOP/s, attention eff {prof['attn_eff']:.2f}, "
           f"memory bw {prof['hbm_bw'] / 1e9:.1f} GB/s, op overhead {prof['host_overhead_s'] * 1e6:.1f} us")
@@ -165,5 +187,22 @@ def _validate(args) -> int:
     print(format_results(results))
     if args.json:
         write_json(results, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _check(args) -> int:
+    import json
+
+    from scaletrain.plan.check import check_run, format_check
+
+    if not args.run:
+        raise ConfigError("plan check needs --run DIR (a run folder written by `scaletrain train`).")
+    result = check_run(args.run, args.profile)
+    print(format_check(result))
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result.to_dict(), indent=1))
         print(f"wrote {args.json}")
     return 0

@@ -1,0 +1,23 @@
+"""`scaletrain plan --write-config` produces a config that `scaletrain train` runs as written
+(the layout it chose, under torchrun with the planned number of ranks)."""
+
+from __future__ import annotations
+
+import tomllib
+
+from conftest import run_cli, run_torchrun
+from scaletrain.train.metrics import read_metrics
+
+
+def test_written_plan_trains(tmp_path, data_cache):
+    best = tmp_path / "best.toml"
+    run_cli("plan", "--model", "debug", "--gpus", "2", "--gpu", "h100_sxm", "--seq-len", "128",
+            "--global-batch-tokens", "4096", "--write-config", str(best))
+    planned = tomllib.loads(best.read_text())["parallel"]
+    degrees = [planned[k] for k in ("dp_replicate", "dp_shard", "tp", "pp", "cp")]
+    assert degrees[0] * degrees[1] * degrees[2] * degrees[3] * degrees[4] == 2
+    run = tmp_path / "run"
+    proc = run_torchrun(2, "train", "--config", str(best), "--run-dir", str(run), "--train.steps", "3",
+                        "--data.cache_dir", str(data_cache), "--metrics.progress", "none")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")[0]] == [1, 2, 3]
