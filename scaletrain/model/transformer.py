@@ -217,33 +217,64 @@ class Transformer(nn.Module):
         if self.cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
             self.output.weight = self.tok_embeddings.weight
 
+    def init_plan(self) -> list[tuple[str, tuple[int, ...], float | None]]:
+        """(parameter name, full shape, std) of the FULL model in initialisation order; std
+        None means ones (norm weights). Derived from the config, so a pipeline stage or a
+        sharded copy walks the same list as the single-device model."""
+        cfg, hd = self.cfg, self.head_dim
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        plan: list[tuple[str, tuple[int, ...], float | None]] = [
+            ("tok_embeddings.weight", (cfg.vocab_size, cfg.dim), cfg.init_std)]
+        for i in range(cfg.n_layers):
+            p = f"layers.{i}."
+            plan += [(p + "attention.wq.weight", (cfg.n_heads * hd, cfg.dim), cfg.init_std),
+                     (p + "attention.wk.weight", (cfg.n_kv_heads * hd, cfg.dim), cfg.init_std),
+                     (p + "attention.wv.weight", (cfg.n_kv_heads * hd, cfg.dim), cfg.init_std),
+                     (p + "feed_forward.w1.weight", (cfg.ffn_dim, cfg.dim), cfg.init_std)]
+            if cfg.ffn == "swiglu":
+                plan.append((p + "feed_forward.w3.weight", (cfg.ffn_dim, cfg.dim), cfg.init_std))
+            plan += [(p + "attention.wo.weight", (cfg.dim, cfg.n_heads * hd), out_std),
+                     (p + "feed_forward.w2.weight", (cfg.dim, cfg.ffn_dim), out_std),
+                     (p + "attention_norm.weight", (cfg.dim,), None), (p + "ffn_norm.weight", (cfg.dim,), None)]
+        plan.append(("norm.weight", (cfg.dim,), None))
+        if not cfg.tie_embeddings:
+            plan.append(("output.weight", (cfg.vocab_size, cfg.dim), cfg.init_std))
+        return plan
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """Initialise every parameter and the RoPE buffers in place, on their current device.
 
         Linears and embeddings ~ N(0, init_std); the residual-branch output projections (wo,
         w2) use init_std / sqrt(2 * n_layers) so the residual stream's variance stays O(1)
-        with depth; RMSNorm weights = 1. Uses the global RNG (build_model seeds it).
+        with depth; RMSNorm weights = 1. Uses the global RNG (build_model seeds it) in
+        `init_plan` order. Parameters this module does not hold (a pipeline stage) are still
+        drawn and discarded, and a sharded parameter (DTensor, from tensor parallelism or FSDP)
+        draws its full tensor and keeps its shard, so every layout gets exactly the values of
+        the single-device model, holding one full tensor at a time.
         """
         cfg = self.cfg
-        cos, sin = rope_cos_sin(self.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
+        device = self.rope_cos.device
+        cos, sin = rope_cos_sin(self.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
-        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        if self.tok_embeddings is not None:
-            nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=cfg.init_std)
-        for layer in self.layers.values():
-            attn, ffn = layer.attention, layer.feed_forward
-            for lin in (attn.wq, attn.wk, attn.wv, ffn.w1) + ((ffn.w3,) if hasattr(ffn, "w3") else ()):
-                nn.init.normal_(lin.weight, mean=0.0, std=cfg.init_std)
-            for lin in (attn.wo, ffn.w2):
-                nn.init.normal_(lin.weight, mean=0.0, std=out_std)
-            layer.attention_norm.reset_parameters()
-            layer.ffn_norm.reset_parameters()
-        if self.norm is not None:
-            self.norm.reset_parameters()
-        if self.output is not None and not cfg.tie_embeddings:
-            nn.init.normal_(self.output.weight, mean=0.0, std=cfg.init_std)
+        wrappers = ("_checkpoint_wrapped_module.", "_orig_mod.")
+        params = {}
+        for name, param in self.named_parameters():
+            for w in wrappers:
+                name = name.replace(w, "")
+            params[name] = param
+        for name, shape, std in self.init_plan():
+            param = params.get(name)
+            if std is None:
+                if param is not None:
+                    nn.init.ones_(param)
+            elif param is None:
+                torch.empty(shape, device=device).normal_(0.0, std)  # keep the RNG stream aligned
+            elif hasattr(param, "device_mesh"):
+                _init_shard(param, std)
+            else:
+                nn.init.normal_(param, mean=0.0, std=std)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: int64 [batch, seq] with seq <= max_seq_len -> logits [batch, seq, vocab]
@@ -262,6 +293,29 @@ class Transformer(nn.Module):
         return self.output(h) if self.output is not None else h  # [b, s, vocab]
 
 
+def _init_shard(param: torch.Tensor, std: float) -> None:
+    """Draw the full N(0, std) tensor of DTensor `param` on its device and keep the local shard."""
+    from torch.distributed.tensor import distribute_tensor
+
+    local = param.to_local()
+    full = torch.empty(param.shape, dtype=param.dtype, device=local.device).normal_(0.0, std)
+    # src_data_rank=None: every rank drew the same tensor, so each just slices its own shard.
+    local.copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local())
+
+
+def materialize(parts: list[nn.Module], device: str | torch.device, seed: int) -> None:
+    """Allocate model parts built on the meta device (and possibly parallelised) on `device`
+    and initialise them from `seed`, each exactly as :func:`build_model` would. The caller's
+    RNG streams are untouched."""
+    device = torch.device(device)
+    for part in parts:
+        part.to_empty(device=device)
+        part.tie_weights()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            part.init_weights()
+
+
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0) -> Transformer:
     """Construct on the meta device, materialise on `device`, and initialise from `seed`.
 
@@ -270,11 +324,5 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int 
     """
     with torch.device("meta"):
         model = Transformer(cfg)
-    device = torch.device(device)
-    model.to_empty(device=device)
-    model.tie_weights()
-    # manual_seed seeds CPU and CUDA generators; fork both so the caller's streams survive.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        model.init_weights()
+    materialize([model], device, seed)
     return model

@@ -125,6 +125,10 @@ def check_layout(dims: ParallelDims, parallel: ParallelConfig, model: ModelConfi
         return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
     if dims.tp > 1:
+        if model.tie_embeddings:
+            raise LayoutError(f"model.tie_embeddings = true cannot be used with parallel.tp = {dims.tp}: the "
+                              "embedding is sharded by rows and the output head by columns of the same "
+                              "weight; set --model.tie_embeddings false (or parallel.tp 1).")
         for key in ("n_heads", "n_kv_heads"):
             heads = getattr(model, key)
             if heads % dims.tp:

@@ -18,9 +18,9 @@ gpipe and 1f1b, (pp - 1) / (v * m) for interleaved 1F1B. Raise m to shrink it; e
 is then smaller (batch_size / m sequences), which lowers per-kernel efficiency.
 
 Memory: every rank holds only its stages' parameters, gradients and optimizer state (about
-1 / pp of the model), but :func:`pipeline_split` deep-copies from a fully materialised
-model, so the whole model must fit in one process's memory once at start-up (build it on CPU
-or meta + init for big models; a meta-device split is future work). The first stage
+1 / pp of the model). The trainer splits a model built on the meta device (the deep copies
+cost nothing) and allocates only its stages afterwards (`model.transformer.materialize`,
+which reproduces the single-device initial values). The first stage
 additionally holds the embedding and the last one the norm + output projection and the
 [mb, seq, vocab] logits, so the first/last ranks are the heaviest.
 
@@ -124,9 +124,9 @@ def stage_ids(pp_rank: int, pp_size: int, n_virtual: int) -> list[int]:
 def pipeline_split(model: nn.Module, pp_rank: int, pp_size: int, n_virtual: int) -> list[nn.Module]:
     """Deep-copied stage modules of `model` for `pp_rank`, in stage order.
 
-    `model` must be materialised and initialised (weights identical on every rank, e.g.
-    build_model with one seed): each stage is a full deep copy that then drops what it does not
-    own, so the whole model is briefly in memory (see the module docstring). Stage s keeps
+    `model` is either on the meta device (the trainer: materialise the stages afterwards) or
+    materialised identically on every rank (build_model with one seed; the whole model is then
+    briefly in memory). Each stage is a deep copy that drops what it does not own. Stage s keeps
     layers [s * L, (s + 1) * L) with L = n_layers / (pp_size * n_virtual), under their original
     keys, so stage state_dict keys are the model's; stage 0 keeps tok_embeddings, the last
     stage norm + output, and the others have them set to None.

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from scaletrain.config.load import config_to_dict, write_config
 from scaletrain.config.schema import Config
 from scaletrain.errors import CheckpointError, ConfigError
-from scaletrain.model import build_model
+from scaletrain.model import Transformer, build_model
+from scaletrain.model.transformer import materialize
 from scaletrain.model.flops import flops_per_token
 from scaletrain.parallel import parallelize
 from scaletrain.parallel.dims import build_meshes, check_layout, init_distributed, read_env, resolve_dims
@@ -89,11 +90,20 @@ class Trainer:
         self.val = [(x[rows], y[rows]) for x, y in
                     val_batches(self.data.val_tokens, d.seq_len, d.batch_size * self.dims.dp, t.eval_batches)]
 
-        # Model: built on meta, materialised once, then parallelised from outside into this
-        # rank's parts (one module, or its pipeline stages).
-        model = build_model(cfg.model, device=self.device, seed=t.seed)
+        # Model: built on the meta device, parallelised from outside into this rank's parts (one
+        # module, or its pipeline stages), then allocated and initialised shard by shard, so no
+        # rank ever holds the whole model. Tied embeddings under several ranks are tied before
+        # sharding instead (materialised whole first).
+        meta_init = not (cfg.model.tie_embeddings and self.env.distributed)
+        if meta_init:
+            with torch.device("meta"):
+                model = Transformer(cfg.model)
+        else:
+            model = build_model(cfg.model, device=self.device, seed=t.seed)
         self.parts = parallelize(model, self.dims, self.meshes, cfg.parallel, compile_blocks=t.compile,
                                  seq_len=d.seq_len)
+        if meta_init:
+            materialize(self.parts, self.device, t.seed)
         self.model = self.parts[0]
         self.pipeline = self._build_pipeline() if self.dims.pp > 1 else None
         self.optimizer = PartsOptimizer(self.parts, cfg.optim, self.device)

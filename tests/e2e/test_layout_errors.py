@@ -24,6 +24,8 @@ CASES = {
                         ["needs parallel.pp_microbatches >= parallel.pp", "pp_schedule='gpipe'"]),
     "pp_tied": (2, ("--parallel.pp", "2", "--parallel.dp_shard", "1", "--model.tie_embeddings", "true"),
                 ["model.tie_embeddings=true cannot be used with parallel.pp=2"]),
+    "tp_tied": (2, ("--parallel.tp", "2", "--parallel.dp_shard", "1", "--model.tie_embeddings", "true"),
+                ["model.tie_embeddings = true cannot be used with parallel.tp = 2"]),
     "negative": (2, ("--parallel.tp", "0"), ["parallel.tp must be >= 1, got 0"]),
 }
 

@@ -206,3 +206,21 @@ def test_sequence_longer_than_rope_table_is_rejected():
     assert model(torch.zeros(1, 8, dtype=torch.long)).shape == (1, 8, cfg.vocab_size)
     with pytest.raises(ConfigError, match="exceeds model.max_seq_len=8"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_materialize_stage_equals_full_model():
+    """A meta-built part holding only some layers (a pipeline stage) initialises to exactly the
+    full model's values for what it holds: the RNG stream skips what it lacks."""
+    from scaletrain.model.transformer import materialize
+
+    cfg = model_config_for("debug", n_layers=4)
+    full = build_model(cfg, seed=3).state_dict()
+    with torch.device("meta"):
+        stage = Transformer(cfg)
+    del stage.layers["0"], stage.layers["1"]
+    stage.tok_embeddings = None
+    materialize([stage], "cpu", seed=3)
+    got = stage.state_dict()
+    assert set(got) == {k for k in full if not k.startswith(("layers.0.", "layers.1.", "tok_embeddings"))}
+    for key, value in got.items():
+        assert torch.equal(value, full[key]), key
