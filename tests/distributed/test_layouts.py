@@ -41,6 +41,9 @@ LAYOUTS = {
     "fsdp_pp": (4, 2, ("--parallel.dp_shard", "2", "--parallel.pp", "2")),
     "tp_pp": (4, 1, ("--parallel.tp", "2", "--parallel.pp", "2", "--parallel.dp_shard", "1")),
     "fsdp_cp": (4, 2, ("--parallel.dp_shard", "2", "--parallel.cp", "2")),
+    "tp_cp": (4, 1, ("--parallel.tp", "2", "--parallel.cp", "2", "--parallel.dp_shard", "1")),
+    "pp_cp_ac": (4, 1, ("--parallel.pp", "2", "--parallel.cp", "2", "--parallel.dp_shard", "1",
+                        "--parallel.ac", "selective")),
     "fsdp_tp_ac": (4, 2, ("--parallel.dp_shard", "2", "--parallel.tp", "2", "--parallel.ac", "full")),
 }
 
