@@ -11,9 +11,10 @@ import os
 import sys
 from pathlib import Path
 
-from scaletrain.errors import ScaletrainError
+from scaletrain.errors import NumericsError, ScaletrainError
 
 EXIT_USER_ERROR = 2
+EXIT_NUMERICS = 3  # non-finite training under train.nan_policy = "abort" (scaletrain/train/faults.py)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--from", dest="src_format", choices=["hf"], default="hf")
     i.add_argument("--src", required=True, help="HF model folder (config.json + *.safetensors)")
     i.add_argument("--run-dir", required=True, help="new run folder to create")
+    i.add_argument("--allow-pickle", action="store_true",
+                   help="accept pickled pytorch_model.bin weights when there are no safetensors "
+                        "(read with torch.load(weights_only=True)); refused by default")
 
     from scaletrain.launch import add_launch_parser
 
@@ -110,7 +114,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_import(args: argparse.Namespace) -> int:
     from scaletrain.export.runio import import_run
 
-    ckpt = import_run(args.src, args.run_dir)
+    ckpt = import_run(args.src, args.run_dir, allow_pickle=args.allow_pickle)
     print(f"imported {args.src} into {ckpt}")
     return 0
 
@@ -150,6 +154,9 @@ def run(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> None:
     try:
         code = run(argv)
+    except NumericsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = EXIT_NUMERICS
     except ScaletrainError as e:
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""

@@ -25,3 +25,9 @@ class CheckpointError(ScaletrainError):
 
 class LayoutError(ScaletrainError):
     """A parallel layout cannot run on the given world size or model."""
+
+
+class NumericsError(Exception):
+    """Training produced a non-finite loss or gradient under train.nan_policy = "abort" (or a
+    rollback had nothing to roll back to). Not a user error: the CLI prints the report and
+    exits 3."""

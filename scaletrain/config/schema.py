@@ -86,6 +86,8 @@ class TrainConfig:
     sample_prompt: str = ""  # text sampled from the model at the end ("" = no sample)
     sample_tokens: int = 0  # tokens generated for that sample
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    nan_policy: str = "abort"  # non-finite loss/gradients: "skip" | "rollback" | "abort"
+    hang_timeout_s: float = 0.0  # watchdog: seconds without progress before stacks are dumped and the rank exits (0 = off)
 
 
 @dataclass
@@ -93,6 +95,7 @@ class CheckpointConfig:
     interval: int = 0  # steps between checkpoints; 0 = only the final one
     keep: int = 3  # complete checkpoints kept (oldest deleted first); 0 = keep all
     save_final: bool = True
+    async_save: bool = False  # stage to CPU and write in a background thread; training continues meanwhile
 
 
 @dataclass

@@ -17,6 +17,7 @@ CHOICES = {
     "schedule.kind": ("cosine", "wsd", "constant", "linear"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "fp32", "bf16"),
+    "train.nan_policy": ("skip", "rollback", "abort"),
     "metrics.progress": ("auto", "rich", "plain", "none"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b"),
     "parallel.ac": ("none", "full", "selective"),
@@ -70,6 +71,7 @@ def validate_config(cfg: Config) -> None:
     _require(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}.")
     _require(t.eval_interval >= 0, f"train.eval_interval must be >= 0, got {t.eval_interval}.")
     _require(t.eval_batches >= 1, f"train.eval_batches must be >= 1, got {t.eval_batches}.")
+    _require(t.hang_timeout_s >= 0, f"train.hang_timeout_s must be >= 0 (0 = off), got {t.hang_timeout_s}.")
     _require(t.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {t.sample_tokens}.")
     _require(t.threads >= 0, f"train.threads must be >= 0 (0 = default), got {t.threads}.")
 

@@ -1,4 +1,5 @@
-"""Hugging Face Llama import/export (safetensors only; pickled .bin files are never loaded).
+"""Hugging Face Llama import/export (safetensors; pickled .bin files are loaded only when the
+caller opts in with allow_pickle, and then with torch.load(weights_only=True)).
 
 Our parameter names map 1:1 onto `LlamaForCausalLM` names (no permutation: our RoPE uses the
 same rotate_half layout as Hugging Face):
@@ -168,14 +169,16 @@ def export_hf(
     return out
 
 
-def import_hf(src_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def import_hf(src_dir: str | Path, allow_pickle: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read a Hugging Face Llama folder (config.json + safetensors) into (cfg, state_dict).
 
     The state_dict uses our names and loads with `Transformer(cfg).load_state_dict(sd)`; for
     a tied model output.weight is the same tensor as tok_embeddings.weight. Sharded folders
     (model.safetensors.index.json) are supported. Raises CheckpointError for a folder without
-    safetensors (pickled .bin checkpoints are never loaded) or with missing/unexpected
-    tensors; ConfigError for Llama features this model lacks (rope scaling, biases, ...).
+    safetensors or with missing/unexpected tensors; ConfigError for Llama features this model
+    lacks (rope scaling, biases, ...). A folder with only pickled weights (pytorch_model.bin,
+    or its sharded index) is refused unless `allow_pickle`, and even then it is read with
+    torch.load(weights_only=True), which unpickles tensors and plain containers only.
     `cfg.flavor` names the registered flavor with the same shape, or "debug" if none matches
     (every field is set explicitly, so the flavor only names defaults that were all overridden).
     """
@@ -183,9 +186,9 @@ def import_hf(src_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]
     config_path = src / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{src} has no config.json; is it a Hugging Face model folder?")
-    files = _safetensors_files(src)  # before parsing config.json: a .bin folder fails clearly
+    files = _weight_files(src, allow_pickle)  # before parsing config.json: a .bin folder fails clearly
     cfg = _config_from_hf(json.loads(config_path.read_text()), str(config_path))
-    hf = _read_safetensors(src, files)
+    hf = _read_weights(src, files)
     theirs_to_ours = {v: k for k, v in hf_key_map(cfg).items()}
     if cfg.tie_embeddings and "lm_head.weight" in hf:
         # Some tied checkpoints still store the head; accept it only if it is the table.
@@ -250,29 +253,52 @@ def _config_from_hf(hf: dict, where: str) -> ModelConfig:
     return cfg
 
 
-def _safetensors_files(src: Path) -> list[str]:
+def _weight_files(src: Path, allow_pickle: bool) -> list[str]:
+    """Safetensors weight files of `src`; pickled ones only when there are no safetensors and
+    `allow_pickle`."""
     index = src / "model.safetensors.index.json"
     if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    elif (src / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        files = sorted(p.name for p in src.glob("*.safetensors"))
-    if not files:
-        pickles = sorted(p.name for p in src.glob("*.bin")) + sorted(p.name for p in src.glob("*.pt"))
-        hint = f" (found {pickles}: pickled checkpoints are never loaded; convert them to safetensors)" if pickles else ""
-        raise CheckpointError(f"{src} holds no .safetensors files{hint}")
-    return files
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (src / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    files = sorted(p.name for p in src.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in src.glob("*.bin")) + sorted(p.name for p in src.glob("*.pt"))
+    if not pickles:
+        raise CheckpointError(f"{src} holds no .safetensors files")
+    if not allow_pickle:
+        raise CheckpointError(
+            f"{src} holds no .safetensors files (found {pickles}): only safetensors weights are accepted; "
+            "pickled checkpoints are never loaded by default, because unpickling a file can run arbitrary code. "
+            "Convert them to safetensors, or pass --allow-pickle (import_hf(allow_pickle=True)) to read them "
+            "with torch.load(weights_only=True)."
+        )
+    index = src / "pytorch_model.bin.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (src / "pytorch_model.bin").is_file():
+        return ["pytorch_model.bin"]
+    raise CheckpointError(f"{src}: --allow-pickle reads pytorch_model.bin or pytorch_model.bin.index.json; found {pickles}")
 
 
-def _read_safetensors(src: Path, files: list[str]) -> dict[str, torch.Tensor]:
+def _read_weights(src: Path, files: list[str]) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
         path = src / name
         if not path.is_file():
-            raise CheckpointError(f"{path} is listed in the safetensors index but missing")
-        part = load_file(str(path))
+            kind = "safetensors" if name.endswith(".safetensors") else "pytorch_model.bin"
+            raise CheckpointError(f"{path} is listed in the {kind} index but missing")
+        if name.endswith(".safetensors"):
+            part = load_file(str(path))
+        else:
+            try:
+                # weights_only: tensors and plain containers only; any other pickled object is refused
+                part = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise CheckpointError(f"{path} cannot be read as plain tensors with torch.load(weights_only=True): {e}") from None
+            if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+                raise CheckpointError(f"{path} is not a flat dict of tensors (name -> tensor)")
         dup = set(part) & set(tensors)
         if dup:
             raise CheckpointError(f"{path} repeats tensors already read: {sorted(dup)[:3]}")

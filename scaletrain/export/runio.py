@@ -63,9 +63,10 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | No
     return Path(out)
 
 
-def import_run(src: str | Path, run_dir: str | Path) -> Path:
+def import_run(src: str | Path, run_dir: str | Path, allow_pickle: bool = False) -> Path:
     """Create `run_dir` from an HF Llama folder: config.toml, tokenizer/ and a model-only
-    checkpoint at step 0 that `generate`, `export` and `train --resume PATH` accept."""
+    checkpoint at step 0 that `generate`, `export` and `train --resume PATH` accept.
+    `allow_pickle` lets a folder with only pytorch_model.bin weights in (see `import_hf`)."""
     from scaletrain.config.validate import validate_config
     from scaletrain.export.hf import import_hf
 
@@ -75,7 +76,7 @@ def import_run(src: str | Path, run_dir: str | Path) -> Path:
     src = Path(src)
     if not (src / "tokenizer.json").is_file():
         raise CheckpointError(f"{src} has no tokenizer.json; scaletrain needs the tokenizer next to the weights.")
-    model_cfg, state = import_hf(src)
+    model_cfg, state = import_hf(src, allow_pickle=allow_pickle)
     cfg = Config(model=model_cfg)
     cfg.tokenizer = dataclasses.replace(cfg.tokenizer, kind="file", path=str((run_dir / "tokenizer" / "tokenizer.json").resolve()))
     cfg.data = dataclasses.replace(cfg.data, seq_len=min(cfg.data.seq_len, model_cfg.max_seq_len))

@@ -6,6 +6,15 @@ size and sha256 of every file, and metadata (model config, tokenizer fingerprint
 written into `.tmp-step-<n>` and renamed into place only after every rank finished and the
 marker is on disk, so a folder named `step-*` with a marker is always whole; a crash mid-save
 leaves only a `.tmp-*` folder, removed by the next save.
+
+With `checkpoint.async_save` the state is copied to CPU memory inside `save()` (so training may
+mutate the live tensors as soon as it returns) and written by a background thread with
+`torch.distributed.checkpoint.async_save`; the same commit (fsync, marker, rename, retention)
+runs on that thread once the write finished. At most one save is in flight: `save()` first
+waits for the previous one, and `wait()` blocks until it is committed. The files are the same
+as a synchronous save's. A save that fails (disk full, I/O error) never touches the committed
+checkpoints: it raises CheckpointError naming the folder and the OS error and removes its
+`.tmp-*` folder.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import os
 import shutil
 import time
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 from scaletrain.config.schema import CheckpointConfig
@@ -51,6 +62,27 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _single_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized())
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The OSError behind `exc` if there is one (DCP wraps each rank's failure in a
+    CheckpointException, which derives from BaseException), else `exc` itself."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        if isinstance(e, CheckpointException):
+            todo.extend(err for err, _trace in e.failures.values())
+        todo.extend((e.__cause__, e.__context__))
+    return exc
 
 
 def step_dir_name(step: int) -> str:
@@ -102,6 +134,8 @@ class Checkpointer:
         self.root = Path(run_dir) / "checkpoints"
         self.cfg = cfg
         self.rank = rank
+        self._pending: Future | None = None  # committed folder of the in-flight async save
+        self._async_group: dist.ProcessGroup | None = None
 
     def complete_steps(self) -> list[tuple[int, Path]]:
         """(step, folder) of checkpoints holding the completion marker, oldest first."""
@@ -129,7 +163,14 @@ class Checkpointer:
 
     def save(self, step: int, state: dict[str, Any], metadata: dict[str, Any]) -> Path:
         """Write `state` (model/optim/train state dicts) for optimizer step `step`; returns the
-        committed folder. `metadata` (JSON-able) is stored in the marker."""
+        folder it is committed to. `metadata` (JSON-able) is stored in the marker.
+
+        Synchronous (default): returns once the checkpoint is committed. With
+        `cfg.async_save`: returns once the state is staged in CPU memory; the folder appears
+        when the background write and commit finish (see `wait()`). A pending save is waited
+        for first, so its failure is raised here. CheckpointError if the step exists or the
+        save fails; the committed checkpoints are untouched either way."""
+        self.wait()
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{step_dir_name(step)}"
         if self.rank == 0:
@@ -140,30 +181,97 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
         _barrier()
         t0 = time.perf_counter()
-        with warnings.catch_warnings():
+        if not self.cfg.async_save:
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
+                    dcp.save(state, checkpoint_id=str(tmp))
+                _barrier()  # every rank's shard is on disk before the commit
+                if self.rank == 0:
+                    self._commit(step, tmp, final, metadata, t0)
+            except (Exception, CheckpointException) as e:
+                raise self._failed(step, tmp, e) from None
+            _barrier()
+            return final
+
+        # async_save stages (deep-copies to CPU) before it returns; its writer thread runs
+        # collectives, so in a process group it gets a gloo group of its own: a CPU backend is
+        # required, and sharing the default group with the training thread could interleave
+        # the two threads' collectives.
+        if self._async_group is None and not _single_process():
+            self._async_group = dist.new_group(backend="gloo")
+        if _single_process():
+            # DCP warns on every single-process save; the write runs on another thread, where
+            # a catch_warnings() block of this one cannot reach, so the filter is global.
             warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
-            dcp.save(state, checkpoint_id=str(tmp))
-        _barrier()  # every rank's shard is on disk before the commit
-        if self.rank == 0:
-            files = {}
-            for f in sorted(tmp.iterdir()):
-                with f.open("rb") as fh:
-                    os.fsync(fh.fileno())
-                files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
-            marker = {"step": step, "time": time.time(), "save_seconds": time.perf_counter() - t0,
-                      "files": files, **metadata}
-            mtmp = tmp / (MARKER + ".tmp")
-            with mtmp.open("w") as fh:
-                json.dump(marker, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            mtmp.replace(tmp / MARKER)
-            _fsync_dir(tmp)
-            tmp.replace(final)  # the atomic commit
-            _fsync_dir(self.root)
-            self._retain()
-        _barrier()
+        committed: Future = Future()
+
+        def commit_when_written(write: Future) -> None:  # runs on DCP's writer thread
+            try:
+                write.result()  # returns on rank 0 only after every rank's files are written
+                if self.rank == 0:
+                    self._commit(step, tmp, final, metadata, t0)
+                committed.set_result(final)
+            except (Exception, CheckpointException) as e:
+                committed.set_exception(self._failed(step, tmp, e))
+
+        try:
+            write = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group)
+        except (Exception, CheckpointException) as e:
+            raise self._failed(step, tmp, e) from None
+        self._pending = committed
+        write.add_done_callback(commit_when_written)
         return final
+
+    def wait(self) -> Path | None:
+        """Block until the pending async save (if any) is committed; returns its folder, or
+        None when nothing was pending. Collective like `save`. Raises the save's
+        CheckpointError if the background write or commit failed."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        try:
+            path = pending.result()
+        finally:
+            _barrier()  # no rank reads checkpoints before rank 0 committed (or gave up)
+        return path
+
+    def _commit(self, step: int, tmp: Path, final: Path, metadata: dict[str, Any], t0: float) -> None:
+        """Rank 0: fsync every file, write the marker (sizes + sha256), rename `tmp` to `final`,
+        apply retention."""
+        files = {}
+        for f in sorted(tmp.iterdir()):
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+            files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        marker = {"step": step, "time": time.time(), "save_seconds": time.perf_counter() - t0,
+                  "files": files, **metadata}
+        mtmp = tmp / (MARKER + ".tmp")
+        with mtmp.open("w") as fh:
+            json.dump(marker, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        mtmp.replace(tmp / MARKER)
+        _fsync_dir(tmp)
+        tmp.replace(final)  # the atomic commit
+        _fsync_dir(self.root)
+        self._retain()
+
+    def _failed(self, step: int, tmp: Path, exc: BaseException) -> CheckpointError:
+        """The error for a save of `step` into `tmp` that raised `exc`. Rank 0 removes `tmp`
+        (DCP reports a failure only after every rank's write phase ended), which frees the
+        space a full disk needs for the next attempt."""
+        cause = _root_cause(exc)
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        committed = self.complete_steps()
+        previous = (f"the previous checkpoint {committed[-1][1]} is intact and loadable"
+                    if committed else "no earlier checkpoint of this run was touched")
+        return CheckpointError(
+            f"saving checkpoint step {step} failed while writing {tmp} "
+            f"({type(cause).__name__}: {cause}); nothing was committed for this step and {previous}. "
+            "Free disk space (or fix the storage) and resume with --resume auto."
+        )
 
     def _retain(self) -> None:
         if self.cfg.keep <= 0:

@@ -7,6 +7,7 @@ checkpoints. Only rank 0 prints or writes run files; every rank takes part in ch
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from scaletrain.config.load import config_to_dict, write_config
 from scaletrain.config.schema import Config
-from scaletrain.errors import CheckpointError, ConfigError
+from scaletrain.errors import CheckpointError, ConfigError, NumericsError
 from scaletrain.model import Transformer, build_model
 from scaletrain.model.transformer import materialize
 from scaletrain.model.flops import flops_per_token
@@ -31,6 +32,7 @@ from scaletrain.train import metrics as metrics_lib
 from scaletrain.train.metrics import MetricsWriter, peak_memory_bytes, plot_loss, reset_peak_memory
 from scaletrain.train.optim import LRSchedule, PartsOptimizer
 from scaletrain.train.peaks import device_peak_flops
+from scaletrain.train.faults import Injector, Watchdog, first_nonfinite, is_finite
 from scaletrain.train.progress import Progress
 from scaletrain.train.reduce import clip_grad_norm, global_mean
 from scaletrain.train.rundir import clear_run_dir, resolve_resume
@@ -110,6 +112,10 @@ class Trainer:
         self.schedule = LRSchedule(self.optimizer, cfg.optim.lr, t.steps, cfg.schedule)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, self.rank)
         self.step = 0
+        self.skip_positions: set[tuple[int, int]] = set()  # (epoch, position) of batches a rollback skips
+        self.nonfinite_steps, self.rollbacks = 0, []
+        self.injector = Injector(self.rank)
+        self.watchdog = Watchdog(0, self.rank, self.run_dir)  # armed in fit()
         if resume_from is not None:
             self._load(resume_from)
 
@@ -146,7 +152,8 @@ class Trainer:
             model_sd.update(get_model_state_dict(part))
             optim_sd.update(get_optimizer_state_dict(part, opt, options=ckpt_lib.FLAT))
         train = {"step": self.step, "schedule": self.schedule.state_dict(), "loader": self.loader.state_dict(),
-                 f"rng_rank{self.rank}": ckpt_lib.capture_rng(self.device)}
+                 f"rng_rank{self.rank}": ckpt_lib.capture_rng(self.device),
+                 "skip_positions": json.dumps(sorted(self.skip_positions))}
         return {"model": model_sd, "optim": optim_sd, "train": train}
 
     def _set_state(self, model_sd: dict[str, Any], optim_sd: dict[str, Any] | None) -> None:
@@ -165,6 +172,7 @@ class Trainer:
                 "world_size": self.env.world_size, "tokens_seen": self.step * self.tokens_per_step}
 
     def _load(self, path: Path) -> None:
+        self.checkpointer.wait()  # a pending async save is committed (or its error raised) first
         meta = ckpt_lib.read_marker(path)
         mine = config_to_dict(self.cfg)["model"]
         diff = {k: (v, mine.get(k)) for k, v in meta.get("model", {}).items() if mine.get(k) != v and k != "flavor"}
@@ -183,6 +191,8 @@ class Trainer:
         rng_key = f"rng_rank{self.rank}"
         if not ckpt_lib.has_key(path, f"train.{rng_key}"):  # saved by fewer ranks: keep this rank's seed
             del state["train"][rng_key]
+        if not ckpt_lib.has_key(path, "train.skip_positions"):
+            del state["train"]["skip_positions"]
         self.checkpointer.load(path, state)
         self._set_state(state["model"], state["optim"])
         train = state["train"]
@@ -191,11 +201,13 @@ class Trainer:
         self.loader.load_state_dict(train["loader"])
         if rng_key in train:
             ckpt_lib.restore_rng(train[rng_key], self.device)
+        self.skip_positions = {tuple(p) for p in json.loads(train.get("skip_positions", "[]"))}
 
     def _save_tokenizer(self) -> None:
         self.data.tokenizer.save(str(self.run_dir / "tokenizer"))  # atomic per file, tokenizer.json last
 
     def save_checkpoint(self) -> Path:
+        self.watchdog.beat("checkpoint save (DCP collectives)")
         return self.checkpointer.save(self.step, self._state(), self._metadata())
 
     # ------------------------------------------------------------------ loop
@@ -229,16 +241,29 @@ class Trainer:
     def _reports_loss(self) -> bool:
         return self.pipeline is None or self.pipeline.is_last
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _next_batch(self, positions: list[tuple[int, int]], sample_ids: list[int]):
+        """The loader's next batch, passing over batches a rollback marked as offending."""
+        while True:
+            batch = self.loader.next_batch()
+            position = (self.loader.epoch, self.loader.global_position)
+            if position not in self.skip_positions:
+                positions.append(position)
+                sample_ids.extend(int(i) for i in self.loader.last_sample_ids)
+                return batch
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """One optimizer step over `grad_accum` micro-batches; returns (mean loss over the
-        global batch, global grad norm)."""
+        global batch, global grad norm), or None when the step was rolled back."""
         for part in self.parts:
             part.train()
         self.schedule.set_for_step(self.step + 1)
+        self.watchdog.beat("forward/backward", self.step + 1)
         accum = self.cfg.train.grad_accum
         loss_sum = torch.zeros((), device=self.device)
+        positions: list[tuple[int, int]] = []
+        sample_ids: list[int] = []
         for _ in range(accum):
-            inputs, targets = self._batch(self.loader.next_batch())
+            inputs, targets = self._batch(self._next_batch(positions, sample_ids))
             if self.pipeline is not None:
                 with self.autocast():
                     loss = self.pipeline.step(inputs, targets)  # None except on the last stage
@@ -248,12 +273,53 @@ class Trainer:
             loss = self._forward_loss(inputs, targets)
             (loss / accum).backward()
             loss_sum += loss.detach()
+        self.injector.after_backward(self.step + 1, self.parts)
+        self.watchdog.beat("all-reduce of the gradient norm (clipping)")
         grad_norm = clip_grad_norm(self.parts, self.cfg.optim.grad_clip,
                                    self.meshes.pp.get_group() if self.pipeline is not None else None)
+        self.watchdog.beat("all-reduce of the loss")
+        loss = global_mean(loss_sum / accum, self._reports_loss)
+        if not is_finite(loss, grad_norm):  # before the update: a bad step never touches the weights
+            return self._nonfinite(loss, grad_norm, positions, sample_ids)
+        self.watchdog.beat("optimizer step")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return global_mean(loss_sum / accum, self._reports_loss), grad_norm
+        return loss, grad_norm
+
+    def _nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor, positions: list[tuple[int, int]],
+                   sample_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Apply train.nan_policy to a step whose loss or global gradient norm is NaN/Inf."""
+        policy, step = self.cfg.train.nan_policy, self.step + 1
+        self.nonfinite_steps += 1
+        if policy == "skip":
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            return loss, grad_norm
+        culprit = first_nonfinite(self.parts) or ("the loss" if not is_finite(loss) else "a gradient on another rank")
+        report = (f"non-finite {'loss' if not is_finite(loss) else 'gradient norm'} at step {step} "
+                  f"(loss {float(loss)}, grad norm {float(grad_norm)}); rank {self.rank}'s batch had sample ids "
+                  f"{sample_ids[:16]}{' ...' if len(sample_ids) > 16 else ''}; first non-finite tensor on this rank: "
+                  f"{culprit}")
+        if policy == "rollback":
+            self.watchdog.beat("checkpoint wait (rollback)")
+            self.checkpointer.wait()
+            latest = self.checkpointer.latest()
+            if sum(r["step"] == step for r in self.rollbacks) >= 3:
+                raise NumericsError(report + f". Step {step} failed again after 3 rollbacks that skipped its "
+                                    "batches: the weights or the optimizer state are the problem, not the data.")
+            if latest is None:
+                raise NumericsError(report + ". train.nan_policy = 'rollback' but there is no checkpoint yet; "
+                                    "set checkpoint.interval, or use 'skip'.")
+            self.skip_positions.update(positions)
+            skip = set(self.skip_positions)
+            self.optimizer.zero_grad(set_to_none=True)
+            self._load(latest)
+            self.skip_positions |= skip
+            self.rollbacks.append({"step": step, "to": self.step, "positions": [list(p) for p in positions]})
+            return None
+        raise NumericsError(report + " (train.nan_policy = 'abort'; 'skip' drops such steps, 'rollback' "
+                            "reloads the last checkpoint and skips the batch).")
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -272,6 +338,14 @@ class Trainer:
         return float(global_mean(total, self._reports_loss)) / len(self.val)
 
     def fit(self) -> dict[str, Any]:
+        """Train to train.steps (with the hang watchdog armed when configured); returns a summary."""
+        self.watchdog = Watchdog(self.cfg.train.hang_timeout_s, self.rank, self.run_dir)
+        try:
+            return self._fit()
+        finally:
+            self.watchdog.stop()
+
+    def _fit(self) -> dict[str, Any]:
         t, c = self.cfg.train, self.cfg.checkpoint
         summary: dict[str, Any] = {"start_step": self.step, "run_dir": str(self.run_dir)}
         reset_peak_memory(self.device)
@@ -284,22 +358,29 @@ class Trainer:
                 summary["initial_val_loss"] = self._eval_and_log(progress)
             while self.step < t.steps:
                 t0 = time.perf_counter()
-                loss, grad_norm = self.train_step()
+                result = self.train_step()
+                if result is None:
+                    progress.note(f"non-finite step: rolled back to step {self.step} from the newest checkpoint; "
+                                  "its batch will be skipped")
+                    continue
+                loss, grad_norm = result
                 loss_value = float(loss)  # host sync: the step is done when its loss is known
                 dt = time.perf_counter() - t0
                 record = self._record(loss_value, float(grad_norm), dt)
+                record["nonfinite_steps"] = self.nonfinite_steps
                 self.metrics.log_step(record)
                 progress.update(self.step, record)
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"loss is {loss_value} at step {self.step}")
                 if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.steps:
                     self._eval_and_log(progress)
                 if c.interval and self.step % c.interval == 0 and self.step < t.steps:
                     self.save_checkpoint()
             summary["final_val_loss"] = self._eval_and_log(progress)
+            self.watchdog.beat("checkpoint wait")
+            self.checkpointer.wait()
             if c.save_final and not (self.checkpointer.root / ckpt_lib.step_dir_name(self.step)).exists():
                 self.save_checkpoint()
-        summary.update(final_step=self.step, final_loss=loss_value if summary["start_step"] < t.steps else None,
+            self.checkpointer.wait()  # the final checkpoint is committed before the summary
+        summary.update(nonfinite_steps=self.nonfinite_steps, rollbacks=self.rollbacks, final_step=self.step, final_loss=loss_value if summary["start_step"] < t.steps else None,
                        predicted_peak_bytes=self.memory_estimate.predicted_bytes,
                        measured_peak_bytes=peak_memory_bytes(self.device))
         self._finish(summary)
@@ -315,6 +396,7 @@ class Trainer:
                 "tokens_seen": self.step * self.tokens_per_step}
 
     def _eval_and_log(self, progress: Progress) -> float:
+        self.watchdog.beat("evaluation (all-reduce of the validation loss)")
         val_loss = self.evaluate()
         self.metrics.log_eval(self.step, val_loss)
         progress.note(f"step {self.step}: val_loss {val_loss:.4f}")

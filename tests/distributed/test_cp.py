@@ -35,7 +35,7 @@ def _init(rank: int, world: int, store_dir: str) -> None:
 
 def _spawn(fn, world: int, tmp_path, *args) -> list[dict]:
     mp.spawn(fn, args=(world, str(tmp_path), *args), nprocs=world, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
 # ---------------------------------------------------------------- attention kernel alone

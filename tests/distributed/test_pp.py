@@ -127,7 +127,7 @@ def _free_port() -> int:
 def pp_results(tmp_path_factory) -> list[dict]:
     result_dir = tmp_path_factory.mktemp("pp")
     mp.spawn(_worker, args=(_free_port(), str(result_dir)), nprocs=PP, join=True)
-    return [torch.load(result_dir / f"rank{r}.pt") for r in range(PP)]
+    return [torch.load(result_dir / f"rank{r}.pt", weights_only=True) for r in range(PP)]
 
 
 @pytest.mark.parametrize("case_id", IDS)

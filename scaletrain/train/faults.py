@@ -1,0 +1,136 @@
+"""Surviving faults during training: non-finite numerics, hangs, and injected faults for tests.
+
+Numerics (train.nan_policy): after backward the trainer already computes the global gradient
+norm (over every shard and stage) and needs the loss for logging, so one host sync per step
+checks both for NaN/Inf *before* the optimizer step:
+  - "skip": drop the update (gradients zeroed, optimizer and weights untouched), count it;
+  - "rollback": reload the newest complete checkpoint and continue, skipping the offending
+    batch when the loader reaches it again (the skipped positions are part of the state);
+  - "abort": stop with a report (step, sample ids of this rank's batch, first non-finite
+    tensor) and exit code 3.
+
+Hangs (train.hang_timeout_s): a watchdog thread per rank expects a heartbeat at least every
+timeout; otherwise it writes every thread's Python stack and the last phase this rank entered
+(the last collective it started, the step) to stderr and to RUN_DIR/hang-rank<r>.txt, then
+exits the process with code 4, so torchrun (--max-restarts) can restart the job, which resumes
+from the newest checkpoint. Peers blocked in a collective with the stuck rank time out too.
+
+Fault injection (tests and scripts/chaos.py), from the environment so configs stay clean:
+  SCALETRAIN_FAULT_NAN_STEPS="5,9"   gradients of rank 0 become NaN at these steps (1-based),
+                                     once per process
+  SCALETRAIN_FAULT_SLEEP="1:3:30"    rank 1 sleeps 30 s inside step 3
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import math
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+EXIT_NUMERICS = 3
+EXIT_HANG = 4
+
+
+def first_nonfinite(parts: list[nn.Module]) -> str | None:
+    """Name of the first parameter whose (local) gradient holds a NaN or Inf, or None."""
+    for part in parts:
+        for name, p in part.named_parameters():
+            grad = p.grad
+            if grad is None:
+                continue
+            local = grad.to_local() if hasattr(grad, "to_local") else grad
+            if not bool(torch.isfinite(local).all()):
+                return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+    return None
+
+
+def is_finite(*values: torch.Tensor) -> bool:
+    """One host sync: are all these (scalar) tensors finite?"""
+    return math.isfinite(float(torch.stack([v.detach().float().reshape(()) for v in values]).sum()))
+
+
+def _parse_steps(text: str) -> set[int]:
+    return {int(s) for s in text.replace(" ", "").split(",") if s}
+
+
+class Injector:
+    """Faults requested through SCALETRAIN_FAULT_* (see the module docstring)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.nan_steps = _parse_steps(os.environ.get("SCALETRAIN_FAULT_NAN_STEPS", ""))
+        self.sleep: tuple[int, int, float] | None = None
+        spec = os.environ.get("SCALETRAIN_FAULT_SLEEP", "")
+        if spec:
+            r, step, seconds = spec.split(":")
+            self.sleep = (int(r), int(step), float(seconds))
+
+    def after_backward(self, step: int, parts: list[nn.Module]) -> None:
+        """Apply the faults planned for optimizer step `step` (1-based) on this rank."""
+        if step in self.nan_steps and self.rank == 0:
+            self.nan_steps.discard(step)  # a fault happens once: a rolled-back step reruns clean
+            for part in parts:
+                for p in part.parameters():
+                    if p.grad is not None:
+                        local = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                        local.fill_(float("nan"))
+                        return
+        if self.sleep and self.sleep[0] == self.rank and self.sleep[1] == step:
+            time.sleep(self.sleep[2])
+
+
+class Watchdog:
+    """Per-rank hang detector; `beat(phase)` marks progress and names what comes next."""
+
+    def __init__(self, timeout_s: float, rank: int, run_dir: Path):
+        self.timeout_s, self.rank, self.run_dir = timeout_s, rank, Path(run_dir)
+        self.last_beat = time.monotonic()
+        self.phase = "start"
+        self.step = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if timeout_s > 0:
+            self._thread = threading.Thread(target=self._run, name="scaletrain-watchdog", daemon=True)
+            self._thread.start()
+
+    def beat(self, phase: str, step: int | None = None) -> None:
+        self.last_beat = time.monotonic()
+        self.phase = phase
+        if step is not None:
+            self.step = step
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(1.0, self.timeout_s / 4)):
+            idle = time.monotonic() - self.last_beat
+            if idle > self.timeout_s:
+                self._fire(idle)
+
+    def _fire(self, idle: float) -> None:
+        header = (f"[rank {self.rank}] watchdog: no progress for {idle:.0f} s (train.hang_timeout_s = "
+                  f"{self.timeout_s:g}) in step {self.step}; last phase / collective entered: {self.phase}. "
+                  f"Python stacks of every thread follow; exiting with code {EXIT_HANG} so the launcher "
+                  "can restart from the newest checkpoint.\n")
+        sys.stderr.write(header)
+        sys.stderr.flush()
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        try:
+            path = self.run_dir / f"hang-rank{self.rank}.txt"
+            if self.run_dir.is_dir():
+                with path.open("w") as fh:
+                    fh.write(header)
+                    fh.flush()
+                    faulthandler.dump_traceback(file=fh, all_threads=True)
+        except OSError:
+            pass
+        sys.stderr.flush()
+        os._exit(EXIT_HANG)
