@@ -59,6 +59,8 @@ def slurm_script(args: argparse.Namespace, overrides: list[str]) -> str:
         "set -euo pipefail\n" + activate +
         'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
         "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}\n"
+        "# Restarted workers must not reuse the previous round's rendezvous keys (pytorch#135712).\n"
+        "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1\n"
         "srun --ntasks-per-node=1 --kill-on-bad-exit=1 torchrun \\\n"
         f"  --nnodes {args.nodes} --nproc-per-node {args.gpus_per_node} \\\n"
         f"  --rdzv-backend c10d --rdzv-endpoint \"$HEAD:{args.port}\" --rdzv-id \"$SLURM_JOB_ID\" \\\n"

@@ -19,6 +19,8 @@ Fault injection (tests and scripts/chaos.py), from the environment so configs st
   SCALETRAIN_FAULT_NAN_STEPS="5,9"   gradients of rank 0 become NaN at these steps (1-based),
                                      once per process
   SCALETRAIN_FAULT_SLEEP="1:3:30"    rank 1 sleeps 30 s inside step 3
+  SCALETRAIN_FAULT_KILL="2:5:FILE"   rank 2 SIGKILLs itself inside step 5 unless FILE exists
+                                     (it creates FILE first, so a restarted job runs clean)
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import faulthandler
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -71,6 +74,11 @@ class Injector:
         if spec:
             r, step, seconds = spec.split(":")
             self.sleep = (int(r), int(step), float(seconds))
+        self.kill: tuple[int, int, Path] | None = None
+        spec = os.environ.get("SCALETRAIN_FAULT_KILL", "")
+        if spec:
+            r, step, marker = spec.split(":", 2)
+            self.kill = (int(r), int(step), Path(marker))
 
     def after_backward(self, step: int, parts: list[nn.Module]) -> None:
         """Apply the faults planned for optimizer step `step` (1-based) on this rank."""
@@ -84,6 +92,9 @@ class Injector:
                         return
         if self.sleep and self.sleep[0] == self.rank and self.sleep[1] == step:
             time.sleep(self.sleep[2])
+        if self.kill and self.kill[0] == self.rank and self.kill[1] == step and not self.kill[2].exists():
+            self.kill[2].write_text(f"rank {self.rank} killed itself at step {step}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Watchdog:
