@@ -4,8 +4,10 @@ Numerics (train.nan_policy): after backward the trainer already computes the glo
 norm (over every shard and stage) and needs the loss for logging, so one host sync per step
 checks both for NaN/Inf *before* the optimizer step:
   - "skip": drop the update (gradients zeroed, optimizer and weights untouched), count it;
-  - "rollback": reload the newest complete checkpoint and continue, skipping the offending
-    batch when the loader reaches it again (the skipped positions are part of the state);
+  - "rollback": reload the newest complete checkpoint and run again. The first time a batch
+    fails it is retried (a transient fault then costs only the lost steps and the run stays
+    identical to a clean one); if the same batch fails again it is skipped when the loader
+    reaches it (bad data). The skipped positions are part of the checkpointed state;
   - "abort": stop with a report (step, sample ids of this rank's batch, first non-finite
     tensor) and exit code 3.
 
@@ -18,7 +20,9 @@ from the newest checkpoint. Peers blocked in a collective with the stuck rank ti
 Fault injection (tests and scripts/chaos.py), from the environment so configs stay clean:
   SCALETRAIN_FAULT_NAN_STEPS="5,9"   gradients of rank 0 become NaN at these steps (1-based),
                                      once per process
-  SCALETRAIN_FAULT_SLEEP="1:3:30"    rank 1 sleeps 30 s inside step 3
+  SCALETRAIN_FAULT_NAN_SAMPLES="17"  rank 0's gradients become NaN whenever sample 17 is in its
+                                     batch (persistent, like bad data)
+  SCALETRAIN_FAULT_SLEEP="1:3:30[:FILE]"  rank 1 sleeps 30 s inside step 3 (once, if FILE given)
   SCALETRAIN_FAULT_KILL="2:5:FILE"   rank 2 SIGKILLs itself inside step 5 unless FILE exists
                                      (it creates FILE first, so a restarted job runs clean)
 """
@@ -69,21 +73,24 @@ class Injector:
     def __init__(self, rank: int):
         self.rank = rank
         self.nan_steps = _parse_steps(os.environ.get("SCALETRAIN_FAULT_NAN_STEPS", ""))
-        self.sleep: tuple[int, int, float] | None = None
+        self.nan_samples = _parse_steps(os.environ.get("SCALETRAIN_FAULT_NAN_SAMPLES", ""))
+        self.sleep: tuple[int, int, float, Path | None] | None = None
         spec = os.environ.get("SCALETRAIN_FAULT_SLEEP", "")
         if spec:
-            r, step, seconds = spec.split(":")
-            self.sleep = (int(r), int(step), float(seconds))
+            r, step, seconds, *marker = spec.split(":", 3)
+            self.sleep = (int(r), int(step), float(seconds), Path(marker[0]) if marker else None)
         self.kill: tuple[int, int, Path] | None = None
         spec = os.environ.get("SCALETRAIN_FAULT_KILL", "")
         if spec:
             r, step, marker = spec.split(":", 2)
             self.kill = (int(r), int(step), Path(marker))
 
-    def after_backward(self, step: int, parts: list[nn.Module]) -> None:
-        """Apply the faults planned for optimizer step `step` (1-based) on this rank."""
-        if step in self.nan_steps and self.rank == 0:
-            self.nan_steps.discard(step)  # a fault happens once: a rolled-back step reruns clean
+    def after_backward(self, step: int, parts: list[nn.Module], sample_ids: list[int]) -> None:
+        """Apply the faults planned for optimizer step `step` (1-based) on this rank, whose
+        batch held `sample_ids`."""
+        bad_data = self.rank == 0 and bool(self.nan_samples.intersection(sample_ids))
+        if (step in self.nan_steps and self.rank == 0) or bad_data:
+            self.nan_steps.discard(step)  # a step fault happens once: a rolled-back step reruns clean
             for part in parts:
                 for p in part.parameters():
                     if p.grad is not None:
@@ -91,7 +98,11 @@ class Injector:
                         local.fill_(float("nan"))
                         return
         if self.sleep and self.sleep[0] == self.rank and self.sleep[1] == step:
-            time.sleep(self.sleep[2])
+            marker = self.sleep[3]
+            if marker is None or not marker.exists():
+                if marker is not None:
+                    marker.write_text(f"rank {self.rank} hung at step {step}\n")
+                time.sleep(self.sleep[2])
         if self.kill and self.kill[0] == self.rank and self.kill[1] == step and not self.kill[2].exists():
             self.kill[2].write_text(f"rank {self.rank} killed itself at step {step}\n")
             os.kill(os.getpid(), signal.SIGKILL)

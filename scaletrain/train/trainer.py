@@ -113,6 +113,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, self.rank)
         self.step = 0
         self.skip_positions: set[tuple[int, int]] = set()  # (epoch, position) of batches a rollback skips
+        self.failed_positions: set[tuple[int, int]] = set()  # batches that failed once (retried first)
         self.nonfinite_steps, self.rollbacks = 0, []
         self.injector = Injector(self.rank)
         self.watchdog = Watchdog(0, self.rank, self.run_dir)  # armed in fit()
@@ -273,7 +274,7 @@ class Trainer:
             loss = self._forward_loss(inputs, targets)
             (loss / accum).backward()
             loss_sum += loss.detach()
-        self.injector.after_backward(self.step + 1, self.parts)
+        self.injector.after_backward(self.step + 1, self.parts, sample_ids)
         self.watchdog.beat("all-reduce of the gradient norm (clipping)")
         grad_norm = clip_grad_norm(self.parts, self.cfg.optim.grad_clip,
                                    self.meshes.pp.get_group() if self.pipeline is not None else None)
@@ -305,18 +306,21 @@ class Trainer:
             self.watchdog.beat("checkpoint wait (rollback)")
             self.checkpointer.wait()
             latest = self.checkpointer.latest()
-            if sum(r["step"] == step for r in self.rollbacks) >= 3:
-                raise NumericsError(report + f". Step {step} failed again after 3 rollbacks that skipped its "
-                                    "batches: the weights or the optimizer state are the problem, not the data.")
+            if sum(r["step"] == step for r in self.rollbacks) >= 4:
+                raise NumericsError(report + f". Step {step} failed 4 times, also after its batches were skipped: "
+                                    "the weights or the optimizer state are the problem, not the data.")
             if latest is None:
                 raise NumericsError(report + ". train.nan_policy = 'rollback' but there is no checkpoint yet; "
                                     "set checkpoint.interval, or use 'skip'.")
-            self.skip_positions.update(positions)
+            # First failure of these batches: retry them (transient fault); a repeat: skip them.
+            repeat = [p for p in positions if p in self.failed_positions]
+            self.skip_positions.update(repeat)
+            self.failed_positions.update(positions)
             skip = set(self.skip_positions)
             self.optimizer.zero_grad(set_to_none=True)
             self._load(latest)
             self.skip_positions |= skip
-            self.rollbacks.append({"step": step, "to": self.step, "positions": [list(p) for p in positions]})
+            self.rollbacks.append({"step": step, "to": self.step, "skipped": [list(p) for p in repeat]})
             return None
         raise NumericsError(report + " (train.nan_policy = 'abort'; 'skip' drops such steps, 'rollback' "
                             "reloads the last checkpoint and skips the batch).")
@@ -360,8 +364,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 result = self.train_step()
                 if result is None:
-                    progress.note(f"non-finite step: rolled back to step {self.step} from the newest checkpoint; "
-                                  "its batch will be skipped")
+                    progress.note(f"non-finite step: rolled back to step {self.step} from the newest checkpoint "
+                                  "(a batch that fails twice is skipped)")
                     continue
                 loss, grad_norm = result
                 loss_value = float(loss)  # host sync: the step is done when its loss is known

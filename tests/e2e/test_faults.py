@@ -56,19 +56,37 @@ def test_abort_reports_and_keeps_checkpoints(tmp_path, data_cache):
     assert [s for s, _ in ckpts] == [4]
 
 
-def test_rollback_reloads_and_skips_the_batch(tmp_path, data_cache):
+def test_rollback_retries_a_transient_fault_exactly(tmp_path, data_cache):
+    """A one-off NaN at step 6: reload the step-4 checkpoint and redo steps 5-6 with the same
+    batches, so the run ends exactly like a clean one."""
     run = tmp_path / "rollback"
     proc = _train(run, data_cache, "rollback")
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in lines if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 5, 6, 7, 8, 9, 10]  # step 5 redone from step 4
-    assert train[4]["loss"] == train[5]["loss"]  # the redo is exact (deterministic CPU)
-    clean_skip = _train(tmp_path / "skip", data_cache, "skip")  # same fault, no rollback
-    assert clean_skip.returncode == 0
-    # After the rollback, step 6 reads the batch after the offending one: a different loss.
-    assert train[6]["loss"] != _losses(tmp_path / "skip")[5][1]
-    assert all(math.isfinite(r["loss"]) for r in train)
+    clean = _train(tmp_path / "clean", data_cache, "rollback", nan_steps="")
+    assert clean.returncode == 0
+    assert [loss for _, loss, _ in _losses(run)] == [loss for _, loss, _ in _losses(tmp_path / "clean")]
+
+
+def test_rollback_skips_a_batch_that_fails_twice(tmp_path, data_cache):
+    """Bad data: a sample that always produces NaN gradients. The first failure is retried,
+    the second skips the batch, and training continues past it."""
+    probe = _train(tmp_path / "probe", data_cache, "abort")  # learn the sample ids of step 6
+    bad = probe.stderr.split("sample ids [")[1].split(",")[0]
+    env = cli_env()
+    env["SCALETRAIN_FAULT_NAN_SAMPLES"] = bad
+    run = tmp_path / "bad"
+    cmd = [sys.executable, "-m", "scaletrain", *debug_train_args(run, data_cache, STEPS, *ARGS,
+                                                                   "--train.nan_policy", "rollback")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    train = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in train if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 5, 5, 6, 7, 8, 9, 10]  # two rollbacks to step 4, then past it
+    assert all(math.isfinite(r["loss"]) for r in train if r["kind"] == "train")
+    assert _losses(run)[5][2] == 2  # two non-finite steps counted
 
 
 def test_rollback_without_checkpoint_aborts(tmp_path, data_cache):
