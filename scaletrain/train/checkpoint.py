@@ -99,6 +99,16 @@ def has_key(ckpt: Path, key: str) -> bool:
     return key in dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
 
 
+def _damaged(path: Path) -> bool:
+    """Whether the committed checkpoint at `path` fails verification (missing marker, files
+    missing or of the wrong size)."""
+    try:
+        verify_checkpoint(path)
+        return False
+    except CheckpointError:
+        return True
+
+
 def read_marker(ckpt: Path) -> dict[str, Any]:
     """The marker JSON of a checkpoint folder; CheckpointError if missing or unreadable."""
     marker = Path(ckpt) / MARKER
@@ -174,6 +184,13 @@ class Checkpointer:
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{step_dir_name(step)}"
         if self.rank == 0:
+            if final.exists() and _damaged(final):
+                # Resuming skipped this damaged checkpoint; move it aside (kept for inspection)
+                # so the re-run step can commit a good one under its name.
+                aside = final.with_name(f"damaged-{final.name}-{int(time.time())}")
+                final.replace(aside)
+                warnings.warn(f"moved damaged checkpoint {final} to {aside} before saving step {step} again",
+                              stacklevel=2)
             if final.exists():
                 raise CheckpointError(f"checkpoint {final} already exists; refusing to overwrite it.")
             self.root.mkdir(parents=True, exist_ok=True)
