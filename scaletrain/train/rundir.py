@@ -6,12 +6,27 @@ tokenizer/ (HF tokenizer files), metrics.jsonl, tb/, loss.png and checkpoints/st
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 from scaletrain.config.schema import CheckpointConfig, Config
-from scaletrain.errors import CheckpointError
+from scaletrain.errors import CheckpointError, ConfigError
 from scaletrain.train.checkpoint import Checkpointer, verify_checkpoint
+
+
+def check_writable(run_dir: Path) -> None:
+    """ConfigError unless `run_dir` is (or can be created as) a writable folder."""
+    run_dir = Path(run_dir)
+    probe = run_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"--run-dir {run_dir} cannot be created: {probe} is a file, not a folder. "
+                          "Choose another --run-dir.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--run-dir {run_dir} is not writable ({probe} does not allow writing). "
+                          "Choose a folder you can write to.")
 
 
 def resolve_resume(run_dir: Path, resume: str, overwrite: bool) -> Path | None:

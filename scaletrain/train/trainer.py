@@ -35,7 +35,7 @@ from scaletrain.train.peaks import device_peak_flops
 from scaletrain.train.faults import Injector, Watchdog, first_nonfinite, is_finite
 from scaletrain.train.progress import Progress
 from scaletrain.train.reduce import clip_grad_norm, global_mean
-from scaletrain.train.rundir import clear_run_dir, resolve_resume
+from scaletrain.train.rundir import check_writable, clear_run_dir, resolve_resume
 from scaletrain.train.runinfo import run_info_header, write_run_info
 
 
@@ -62,6 +62,7 @@ class Trainer:
         from scaletrain.plan.memcheck import check_fits, estimate_for_config  # the planner's memory model
 
         self.memory_estimate = (estimate_for_config if force else check_fits)(cfg, self.env.world_size, self.env.device)
+        check_writable(self.run_dir)
         resume_from = resolve_resume(self.run_dir, resume, overwrite)  # every rank checks alike
         init_distributed(self.env)
         self.rank, self.device = self.env.rank, self.env.device

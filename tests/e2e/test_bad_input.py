@@ -74,6 +74,33 @@ def test_missing_corpus(tmp_path, data_cache):
                              "--data.path", str(tmp_path / "missing")), needle=str(tmp_path / "missing"))
 
 
+def test_empty_corpus_and_binary_files(tmp_path, data_cache):
+    """A text corpus of only empty and binary files is an error that counts what was skipped."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "empty.txt").write_text("")
+    (corpus / "blob.bin").write_bytes(b"\x00\x01binary")
+    _fails(*debug_train_args(tmp_path / "r", tmp_path / "cache", 4, "--data.source", "text", "--data.path",
+                             str(corpus)), needle="2 files read, 1 skipped as binary/non-UTF-8, 1 empty")
+    assert not (tmp_path / "r").exists()
+
+
+def test_unwritable_run_folder(tmp_path, data_cache):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    _fails(*debug_train_args(afile / "run", data_cache, 4), needle="is a file, not a folder")
+    assert afile.read_text() == "keep me"
+
+
+def test_checkpoint_tokenizer_mismatch(small_run, tmp_path, data_cache):
+    """Resuming a byte-tokenizer run with a BPE tokenizer is refused; the checkpoints stay."""
+    before = sorted(p.name for p in (small_run / "checkpoints").iterdir())
+    _fails(*debug_train_args(small_run, data_cache, 8, "--resume", "auto", "--tokenizer.kind", "bpe",
+                             "--tokenizer.vocab_size", "300", "--data.max_documents", "50"),
+           needle="different tokenizer")
+    assert sorted(p.name for p in (small_run / "checkpoints").iterdir()) == before
+
+
 def test_generate_and_export_errors(small_run, tmp_path):
     _fails("generate", "--run", str(tmp_path), "--prompt", "x", needle="not a scaletrain run folder")
     out = tmp_path / "occupied"
