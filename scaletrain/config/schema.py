@@ -96,6 +96,7 @@ class CheckpointConfig:
     keep: int = 3  # complete checkpoints kept (oldest deleted first); 0 = keep all
     save_final: bool = True
     async_save: bool = False  # stage to CPU and write in a background thread; training continues meanwhile
+    verify: str = "checksum"  # before resuming: "checksum" (sizes + sha256 of every file) | "size" (fast)
 
 
 @dataclass

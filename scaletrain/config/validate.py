@@ -18,6 +18,7 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.nan_policy": ("skip", "rollback", "abort"),
+    "checkpoint.verify": ("checksum", "size"),
     "metrics.progress": ("auto", "rich", "plain", "none"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b"),
     "parallel.ac": ("none", "full", "selective"),

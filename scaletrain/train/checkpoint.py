@@ -161,11 +161,12 @@ class Checkpointer:
         return sorted(out)
 
     def latest(self) -> Path | None:
-        """Newest checkpoint that verifies (sizes match the marker); a damaged one is skipped
-        with a warning naming it, and the previous one is used."""
+        """Newest checkpoint that verifies (file sizes, and sha256 when checkpoint.verify =
+        "checksum"); a damaged one is skipped with a warning naming the bad file, and the
+        previous one is used."""
         for _, path in reversed(self.complete_steps()):
             try:
-                verify_checkpoint(path)
+                verify_checkpoint(path, checksums=self.cfg.verify == "checksum")
                 return path
             except CheckpointError as e:
                 warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)

@@ -29,7 +29,8 @@ def check_writable(run_dir: Path) -> None:
                           "Choose a folder you can write to.")
 
 
-def resolve_resume(run_dir: Path, resume: str, overwrite: bool) -> Path | None:
+def resolve_resume(run_dir: Path, resume: str, overwrite: bool,
+                   cfg: CheckpointConfig | None = None) -> Path | None:
     """Check what may be done with `run_dir` and return the checkpoint to resume from.
 
     `resume` is "auto" (newest complete checkpoint, or a fresh start when there is none),
@@ -42,7 +43,7 @@ def resolve_resume(run_dir: Path, resume: str, overwrite: bool) -> Path | None:
         return ckpt
     exists = run_dir.exists() and any(run_dir.iterdir())
     if resume == "auto" and not overwrite:
-        return Checkpointer(run_dir, CheckpointConfig()).latest() if exists else None
+        return Checkpointer(run_dir, cfg or CheckpointConfig()).latest() if exists else None
     if exists and not overwrite:
         n = len(Checkpointer(run_dir, CheckpointConfig()).complete_steps())
         raise CheckpointError(

@@ -63,7 +63,7 @@ class Trainer:
 
         self.memory_estimate = (estimate_for_config if force else check_fits)(cfg, self.env.world_size, self.env.device)
         check_writable(self.run_dir)
-        resume_from = resolve_resume(self.run_dir, resume, overwrite)  # every rank checks alike
+        resume_from = resolve_resume(self.run_dir, resume, overwrite, cfg.checkpoint)  # every rank checks alike
         init_distributed(self.env)
         self.rank, self.device = self.env.rank, self.env.device
         self.meshes = build_meshes(self.dims, self.device.type) if self.env.distributed else None

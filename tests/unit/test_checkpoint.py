@@ -82,3 +82,33 @@ def test_resolve_resume_rules(tmp_path):
     assert resolve_resume(run, "never", True) is None  # --overwrite permits a fresh start
     with pytest.raises(CheckpointError, match="no COMPLETE marker"):
         resolve_resume(run, str(tmp_path / "nope"), False)
+
+
+def test_bit_flipped_newest_is_skipped_on_resume(tmp_path):
+    """checkpoint.verify = "checksum" (default): a same-size corruption of the newest checkpoint
+    is caught by resume, which warns naming the file and falls back to the previous one; the
+    fast "size" mode does not read the data and would take it."""
+    ck = Checkpointer(tmp_path, CheckpointConfig(keep=0))
+    first = ck.save(1, _state(1.0), {})
+    newest = ck.save(2, _state(2.0), {})
+    data = next(f for f in newest.iterdir() if f.suffix == ".distcp")
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match=f"{data.name} fails its sha256"):
+        assert resolve_resume(tmp_path, "auto", False, CheckpointConfig()) == first
+    assert resolve_resume(tmp_path, "auto", False, CheckpointConfig(verify="size")) == newest
+
+
+def test_damaged_checkpoint_is_moved_aside_when_its_step_is_saved_again(tmp_path):
+    ck = Checkpointer(tmp_path, CheckpointConfig(keep=0))
+    ck.save(1, _state(1.0), {})
+    bad = ck.save(2, _state(2.0), {})
+    data = next(f for f in bad.iterdir() if f.suffix == ".distcp")
+    data.write_bytes(data.read_bytes()[:10])  # truncated
+    with pytest.warns(UserWarning, match="truncated"):
+        assert ck.latest().name == "step-00000001"
+    with pytest.warns(UserWarning, match="moved damaged checkpoint"):
+        again = ck.save(2, _state(2.5), {})
+    verify_checkpoint(again, checksums=True)
+    assert any(p.name.startswith("damaged-step-00000002") for p in tmp_path.joinpath("checkpoints").iterdir())
