@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 from conftest import run_cli, run_torchrun
 from scaletrain.train.metrics import read_metrics
