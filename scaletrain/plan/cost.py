@@ -175,9 +175,39 @@ def axis_link(layout: Layout, axes: tuple[str, ...], hw: Hardware) -> tuple[floa
     return min(hw.intra_bw, k * hw.inter_bw), hw.inter_latency
 
 
+def cpu_model(hw: Hardware) -> dict | None:
+    """The measured CPU execution model of a calibrated CPU profile, else None (every GPU and
+    catalog entry: their predictions never touch the CPU terms)."""
+    return hw.cpu if hw.calibrated and hw.cpu else None
+
+
+def _nearest_rate(points: list, key: tuple[float, ...]) -> float:
+    """Rate of the measured point nearest to `key` in log space (points: [*key, rate])."""
+    def dist(pt):
+        return sum(math.log(max(a, 1.0) / max(b, 1.0)) ** 2 for a, b in zip(pt[:-1], key))
+    return float(min(points, key=dist)[-1])
+
+
+def _log_interp(points: list, x: float) -> float:
+    """Piecewise-linear in log x through measured [x, rate] points, flat outside them."""
+    pts = sorted(points)
+    if x <= pts[0][0]:
+        return float(pts[0][1])
+    for (x0, r0), (x1, r1) in zip(pts, pts[1:]):
+        if x <= x1:
+            f = math.log(x / x0) / math.log(x1 / x0) if x1 > x0 else 1.0
+            return float(r0 + f * (r1 - r0))
+    return float(pts[-1][1])
+
+
 def gemm_time(m: float, n: float, k: float, peak: float, hw: Hardware, p: Params = PARAMS) -> float:
     """One [m,k]x[k,n] GEMM: 2mnk / (peak * eff), eff = eff_max * x / (x + half_dim) with
-    x = min(m, n, k) (tile/wave under-utilisation of thin GEMMs), floored by the HBM roofline."""
+    x = min(m, n, k) (tile/wave under-utilisation of thin GEMMs), floored by the HBM roofline.
+    A calibrated CPU profile instead uses the rate measured at the nearest (m, n, k) (forward +
+    both backward GEMMs of that linear, so 3 x this time is the measured fwd+bwd time)."""
+    cpu = cpu_model(hw)
+    if cpu and cpu.get("gemm"):
+        return 2 * m * n * k / _nearest_rate(cpu["gemm"], (m, n, k))
     eff_max = hw.matmul_eff_max if hw.matmul_eff_max is not None else p.matmul_eff_max
     x = min(m, n, k)
     eff = eff_max * x / (x + p.matmul_half_dim)
@@ -277,10 +307,17 @@ def estimate(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), 
     gemm_ffn = (n_ffn - 1) * gemm_time(T, m.ffn_dim / tp, m.dim, lin_peak, hw, p)
     gemm = gemm_attn + gemm_ffn + gemm_time(T, m.dim, m.ffn_dim / tp, lin_peak, hw, p)
     f = forward_flops_per_layer(m, w.seq_len, causal=True)
+    cpu = cpu_model(hw)
     attn_rate = peak * (hw.attn_eff or p.attn_eff) * (1.0 if hw.calibrated else p.attn_eff_scale)
+    if cpu and cpu.get("attention"):  # measured fwd+bwd rate at this sequence length
+        attn_rate = _log_interp(cpu["attention"], s_local)
     attn = layout.micro_batch * (f["attn_scores"] + f["attn_values"]) / (tp * cp) / attn_rate
     passes = p.elementwise_passes_fused if stack.fused else p.elementwise_passes_eager
-    elem = passes * activation_bytes_per_layer(m, layout.micro_batch, s_local, act_bytes, "none") / tp / hw.hbm_bw
+    elem_bytes = passes * activation_bytes_per_layer(m, layout.micro_batch, s_local, act_bytes, "none") / tp
+    elem_bw = hw.hbm_bw
+    if cpu and cpu.get("elementwise"):  # measured layer elementwise chain, in these byte units
+        elem_bw = _log_interp(cpu["elementwise"], elem_bytes)
+    elem = elem_bytes / elem_bw
     fwd = gemm + attn + elem / 3
     bwd = 2 * gemm + p.attn_bwd_ratio * attn + 2 * elem / 3
     # selective = parallel/ac.py checkpoints each block's attention module (wq/wk/wv, SDPA, wo)
@@ -317,10 +354,17 @@ def estimate(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), 
         host *= 1.3
     gpu_layer = layer_compute + sum(exposed_layer.values())
     host_exposed_layer = max(0.0, host - gpu_layer)  # the CPU cannot run ahead of a too-fast GPU
+    if cpu and cpu.get("ops"):  # one core runs dispatch and compute in sequence: nothing hides
+        ops = cpu["ops"]
+        n_ops = ops["fwd_per_layer"] + ops["bwd_per_layer"]
+        n_ops += {"none": 0.0, "selective": 0.5, "full": 1.0}[layout.ac] * ops["fwd_per_layer"]
+        if stack.fused:  # not measured: the GPU ratio of fused to eager launches
+            n_ops *= p.ops_per_layer_fused / p.ops_per_layer_eager
+        host_exposed_layer = n_ops * cpu["op_s"]
 
     # --- output head + loss (last stage) per micro-batch ---
     head = 3 * gemm_time(T, m.vocab_size / tp, m.dim, peak, hw, p)
-    head += 6 * T * m.vocab_size / tp * 4 / hw.hbm_bw  # fp32 softmax cross-entropy passes
+    head += 6 * T * m.vocab_size / tp * 4 / (elem_bw if cpu else hw.hbm_bw)  # fp32 softmax cross-entropy passes
     stage_time = layers_stage * gpu_layer + head  # per micro-batch, the slowest (last) stage
     # --- pipeline: m micro-batches + (pp-1)/v bubble ---
     t = StepTime()
@@ -341,6 +385,10 @@ def estimate(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), 
         t.exposed["dp_replicate"] = max(0.0, ar - p.dp_overlap * layers_stage * bwd)
     t.overhead = n_micro * layers_stage * host_exposed_layer + p.step_overhead_s
     t.optimizer = local_params * p.optimizer_bytes_per_param / hw.hbm_bw
+    if cpu and cpu.get("ops"):  # counted ops outside the layers x measured seconds per op
+        t.overhead = n_micro * layers_stage * host_exposed_layer + n_micro * cpu["ops"]["fixed"] * cpu["op_s"]
+    if cpu and "optimizer_s_per_param" in cpu:  # measured clip + foreach AdamW
+        t.optimizer = cpu.get("optimizer_fixed_s", 0.0) + local_params * cpu["optimizer_s_per_param"]
 
     mem = estimate_memory(w, layout, hw, stack, p)
     tps = w.global_batch * w.seq_len / t.total / layout.world_size

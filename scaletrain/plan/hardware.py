@@ -48,6 +48,9 @@ class Hardware:
     calibrated: bool = False  # measured by plan/calibrate.py (rates used as measured)
     source: str = ""
     extra: dict = field(default_factory=dict)
+    # Calibrated CPU profiles only: rates measured at the model's shapes (calibrate.cpu_execution_model).
+    # plan/cost.py uses them instead of the GPU-shaped terms iff `calibrated` and non-empty.
+    cpu: dict = field(default_factory=dict)
 
 
 def _peaks(key: str) -> dict[str, float]:

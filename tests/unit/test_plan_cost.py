@@ -102,3 +102,39 @@ def test_catalog_has_sources_and_sane_units():
         assert hw.source and hw.peak_flops["bf16"] > 1e14
         assert 10 * GB < hw.hbm_bytes < 300 * GB and hw.inter_bw <= hw.intra_bw
         assert math.isfinite(hw.attn_eff) and 0 < hw.attn_eff < 1
+
+
+# A measured CPU execution model as `plan calibrate` writes it on a CPU (calibrate.cpu_execution_model).
+_CPU = {"gemm": [[1024, 64, 64, 5e10], [4096, 64, 64, 8e10], [1024, 512, 64, 4e10]],
+        "attention": [[128, 1e10], [256, 2e10]], "elementwise": [[1e6, 5e9], [1e8, 1e10]],
+        "ops": {"fwd_per_layer": 80, "bwd_per_layer": 140, "fixed": 50}, "op_s": 5e-6,
+        "optimizer_fixed_s": 1e-4, "optimizer_s_per_param": 5e-9}
+
+
+def _cpu_hw(**kw):
+    import dataclasses
+
+    base = get_hardware("h100_sxm")
+    return dataclasses.replace(base, name="calibrated:cpu:test", calibrated=True, cpu=_CPU, **kw)
+
+
+def test_cpu_model_only_for_calibrated_profiles():
+    import dataclasses
+
+    m = model_config_for("debug")
+    w, lay = Workload(m, 128, 8, "fp32"), Layout(micro_batch=8)
+    gpu = get_hardware("h100_sxm")
+    # the cpu terms are ignored unless the profile is calibrated: a catalog entry is unchanged
+    assert estimate(w, lay, dataclasses.replace(gpu, cpu=_CPU)).time.total == estimate(w, lay, gpu).time.total
+    assert gemm_time(1024, 64, 64, 1e12, gpu) == gemm_time(1024, 64, 64, 1e12, dataclasses.replace(gpu, cpu=_CPU))
+    hw = _cpu_hw()
+    # measured rate at the nearest shape, no efficiency curve, no roofline floor
+    assert gemm_time(4096, 64, 64, 1e12, hw) == pytest.approx(2 * 4096 * 64 * 64 / 8e10)
+    assert gemm_time(1000, 500, 64, 1e12, hw) == pytest.approx(2 * 1000 * 500 * 64 / 4e10)
+    e = estimate(w, lay, hw)
+    # no fixed 20 ms: counted ops x measured seconds per op (2 layers + fixed), and the measured optimizer
+    assert e.time.overhead == pytest.approx((2 * (80 + 140) + 50) * 5e-6)
+    assert e.time.optimizer == pytest.approx(1e-4 + param_counts(m)["total"] * 5e-9)
+    full = estimate(w, Layout(micro_batch=8, ac="full"), hw)
+    assert full.time.overhead == pytest.approx((2 * (80 + 140 + 80) + 50) * 5e-6)
+    assert full.time.compute > e.time.compute
