@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ import torch
 from scaletrain.config.load import config_to_dict, write_config
 from scaletrain.config.schema import Config
 from scaletrain.errors import CheckpointError
-from scaletrain.train.checkpoint import Checkpointer, verify_checkpoint
+from scaletrain.train.checkpoint import Checkpointer
 from scaletrain.train.rundir import latest_checkpoint, load_run_config
 
 MODEL_ONLY = "model"  # marker "contents" of an imported checkpoint (no optimizer state)
@@ -29,23 +28,15 @@ def _tokenizer_dir(run_dir: Path) -> Path:
 
 def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None, device: str = "cpu"):
     """(model in eval mode, tokenizer, config) from a run folder's newest (or given) checkpoint."""
-    import torch.distributed.checkpoint as dcp
-
     from scaletrain.data import load_tokenizer_dir
     from scaletrain.model import build_model
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
-    verify_checkpoint(ckpt)
     model = build_model(cfg.model, device=device, seed=cfg.train.seed)
     state = {"model": model.state_dict()}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
-        try:
-            dcp.load(state, checkpoint_id=str(ckpt))
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {ckpt} does not match the run's model config: {e}") from None
+    Checkpointer.load(ckpt, state)  # verifies the files; DCP reshards from any saved layout
     model.load_state_dict(state["model"])
     model.eval()
     return model, load_tokenizer_dir(_tokenizer_dir(run_dir)), cfg

@@ -31,8 +31,9 @@ from typing import Any
 
 from scaletrain.config.schema import Config
 from scaletrain.errors import CheckpointError, ConfigError
-from scaletrain.plan.cost import Estimate, Layout, Stack, Workload, estimate
+from scaletrain.plan.cost import Estimate, Stack, estimate
 from scaletrain.plan.hardware import CATALOG, GiB, Hardware, get_hardware
+from scaletrain.plan.memcheck import workload_for_config
 
 WARMUP_STEPS = 3
 
@@ -118,24 +119,6 @@ def catalog_for_gpu(name: str, memory_bytes: float | None = None) -> Hardware:
     return cands[0]
 
 
-def _precision(cfg: Config, device: str) -> str:
-    p = cfg.train.precision
-    return ("bf16" if device == "cuda" else "fp32") if p == "auto" else p
-
-
-def layout_for_config(cfg: Config, world_size: int) -> tuple[Workload, Layout]:
-    """The cost model's (workload, layout) for a run config on `world_size` ranks (as memcheck)."""
-    from scaletrain.parallel.dims import resolve_dims
-
-    dims = resolve_dims(cfg.parallel, world_size)
-    par = cfg.parallel
-    n_micro = par.pp_microbatches or dims.pp
-    micro = cfg.data.batch_size // n_micro if dims.pp > 1 and cfg.data.batch_size >= n_micro else cfg.data.batch_size
-    layout = Layout(dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp, dims.cp, par.pp_schedule, 1, micro, par.ac)
-    global_batch = cfg.data.batch_size * cfg.train.grad_accum * dims.dp
-    return Workload(cfg.model, cfg.data.seq_len, global_batch), layout
-
-
 def steady_steps(cfg: Config, train: list[dict], evals: list[dict], warmup: int = WARMUP_STEPS) -> list[dict]:
     """Train records after warm-up, without the steps right after an eval or a checkpoint save."""
     if not train:
@@ -184,8 +167,7 @@ def check_run(run_dir: str | Path, profile: str | None = None, warmup: int = WAR
         raise ConfigError("this run trained on the CPU, which has no catalog entry: a calibrated profile is required. "
                           "Run `scaletrain plan calibrate --out cpu.json` on this machine (with the run's "
                           "OMP_NUM_THREADS) and pass --profile cpu.json.")
-    w, layout = layout_for_config(cfg, world_size)
-    w = Workload(w.model, w.seq_len, w.global_batch, _precision(cfg, device))
+    w, layout = workload_for_config(cfg, world_size, device)
     est: Estimate = estimate(w, layout, hw, Stack(fused=bool(cfg.train.compile)))
 
     baseline = 0.0

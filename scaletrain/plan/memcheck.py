@@ -44,15 +44,9 @@ def device_capacity(device: torch.device, world_size: int) -> float:
     return float(ram) / max(1, local)
 
 
-def _precision(cfg: Config, device: torch.device) -> str:
-    p = cfg.train.precision
-    if p == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return p
-
-
-def estimate_for_config(cfg: Config, world_size: int, device: torch.device) -> MemoryEstimate:
-    """The planner's memory prediction for `cfg` on `world_size` ranks of `device`."""
+def workload_for_config(cfg: Config, world_size: int, device_type: str) -> tuple[Workload, Layout]:
+    """The cost model's (workload, layout) for a run config on `world_size` ranks of a device
+    of `device_type` ("cuda" or "cpu"; precision "auto" resolves as the trainer does)."""
     from scaletrain.parallel.dims import resolve_dims
 
     dims = resolve_dims(cfg.parallel, world_size)
@@ -61,7 +55,15 @@ def estimate_for_config(cfg: Config, world_size: int, device: torch.device) -> M
     micro = cfg.data.batch_size // n_micro if dims.pp > 1 and cfg.data.batch_size >= n_micro else cfg.data.batch_size
     layout = Layout(dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp, dims.cp, par.pp_schedule, 1, micro, par.ac)
     global_batch = cfg.data.batch_size * cfg.train.grad_accum * dims.dp
-    w = Workload(cfg.model, cfg.data.seq_len, global_batch, _precision(cfg, device))
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device_type == "cuda" else "fp32"
+    return Workload(cfg.model, cfg.data.seq_len, global_batch, precision), layout
+
+
+def estimate_for_config(cfg: Config, world_size: int, device: torch.device) -> MemoryEstimate:
+    """The planner's memory prediction for `cfg` on `world_size` ranks of `device`."""
+    w, layout = workload_for_config(cfg, world_size, device.type)
     capacity = device_capacity(device, world_size)
     hw = Hardware(device.type, {}, capacity, 1.0, 1, 1.0, 0.0, 1.0, 0.0)
     mem = estimate_memory(w, layout, hw, Stack())
