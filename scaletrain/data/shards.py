@@ -29,6 +29,7 @@ import numpy as np
 from scaletrain.data.corpus import Doc
 from scaletrain.data.tokenizer import Tokenizer
 from scaletrain.errors import DataError
+from scaletrain.fsutil import fsync_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +107,6 @@ def _write_split(path: str, docs: Sequence[Doc], tokenizer: Tokenizer, dtype: np
             "dtype": dtype.name, "sha256": hasher.hexdigest(), "documents": len(docs)}
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def build_shards(shard_dir: str, train_docs: Sequence[Doc], val_docs: Sequence[Doc], tokenizer: Tokenizer,
                  source_fingerprint: str, stats: dict | None = None, force: bool = False) -> dict:
     """Tokenize the splits into ``shard_dir`` and return its manifest.
@@ -153,13 +146,13 @@ def build_shards(shard_dir: str, train_docs: Sequence[Doc], val_docs: Sequence[D
             json.dump(manifest, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if not force and find_shards(shard_dir, source_fingerprint, tok_fp) is not None:
             return read_manifest(shard_dir)  # another process finished the same build first
         _install(tmp, shard_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when the rename succeeded
-    _fsync_dir(parent)
+    fsync_dir(parent)
     log.info("tokenized %d train + %d val tokens into %s in %.1f s", files["train"]["tokens"],
              files["val"]["tokens"], shard_dir, time.perf_counter() - t0)
     return manifest
@@ -181,14 +174,6 @@ def _install(tmp: str, shard_dir: str) -> None:
         # Another builder renamed its identical folder into place between our two renames.
         if read_manifest(shard_dir) is None:
             raise
-
-
-def _sha256_file(path: str) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(16 * 2**20):
-            hasher.update(block)
-    return hasher.hexdigest()
 
 
 def open_split(shard_dir: str, split: str, verify: str = "auto") -> np.ndarray:
@@ -219,7 +204,7 @@ def open_split(shard_dir: str, split: str, verify: str = "auto") -> np.ndarray:
         raise DataError(f"shard file {path} is {size} bytes but its manifest says {entry['bytes']} "
                         f"(truncated or overwritten). {_REBUILD_HINT}")
     if verify == "full" or (verify == "auto" and size < FULL_VERIFY_MAX_BYTES):
-        if _sha256_file(path) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             raise DataError(f"shard file {path} fails its sha256 checksum (corrupt). {_REBUILD_HINT}")
     dtype = np.dtype(entry["dtype"]).newbyteorder("<")
     if entry["tokens"] == 0:  # mmap cannot map an empty file

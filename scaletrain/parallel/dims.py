@@ -68,6 +68,12 @@ def init_distributed(env: DistEnv) -> None:
     dist.init_process_group(backend="nccl" if env.device.type == "cuda" else "gloo")
 
 
+def barrier() -> None:
+    """Wait for every rank (a no-op without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -19,7 +19,6 @@ checkpoints: it raises CheckpointError naming the folder and the OS error and re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -38,30 +37,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 from scaletrain.config.schema import CheckpointConfig
 from scaletrain.errors import CheckpointError
+from scaletrain.fsutil import fsync_dir, sha256_file
+from scaletrain.parallel.dims import barrier
 
 MARKER = "COMPLETE"
 _PREFIX = "step-"
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _single_process() -> bool:
@@ -132,7 +112,7 @@ def verify_checkpoint(ckpt: Path, checksums: bool = False) -> dict[str, Any]:
             raise CheckpointError(
                 f"checkpoint {ckpt}: file {name} has {f.stat().st_size} bytes, expected {info['bytes']} (truncated?)."
             )
-        if checksums and _sha256(f) != info["sha256"]:
+        if checksums and sha256_file(f) != info["sha256"]:
             raise CheckpointError(f"checkpoint {ckpt}: file {name} fails its sha256 checksum (corrupt).")
     return meta
 
@@ -197,19 +177,19 @@ class Checkpointer:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
-        _barrier()
+        barrier()
         t0 = time.perf_counter()
         if not self.cfg.async_save:
             try:
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
                     dcp.save(state, checkpoint_id=str(tmp))
-                _barrier()  # every rank's shard is on disk before the commit
+                barrier()  # every rank's shard is on disk before the commit
                 if self.rank == 0:
                     self._commit(step, tmp, final, metadata, t0)
             except (Exception, CheckpointException) as e:
                 raise self._failed(step, tmp, e) from None
-            _barrier()
+            barrier()
             return final
 
         # async_save stages (deep-copies to CPU) before it returns; its writer thread runs
@@ -251,7 +231,7 @@ class Checkpointer:
         try:
             path = pending.result()
         finally:
-            _barrier()  # no rank reads checkpoints before rank 0 committed (or gave up)
+            barrier()  # no rank reads checkpoints before rank 0 committed (or gave up)
         return path
 
     def _commit(self, step: int, tmp: Path, final: Path, metadata: dict[str, Any], t0: float) -> None:
@@ -261,7 +241,7 @@ class Checkpointer:
         for f in sorted(tmp.iterdir()):
             with f.open("rb") as fh:
                 os.fsync(fh.fileno())
-            files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+            files[f.name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
         marker = {"step": step, "time": time.time(), "save_seconds": time.perf_counter() - t0,
                   "files": files, **metadata}
         mtmp = tmp / (MARKER + ".tmp")
@@ -270,9 +250,9 @@ class Checkpointer:
             fh.flush()
             os.fsync(fh.fileno())
         mtmp.replace(tmp / MARKER)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         tmp.replace(final)  # the atomic commit
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         self._retain()
 
     def _failed(self, step: int, tmp: Path, exc: BaseException) -> CheckpointError:

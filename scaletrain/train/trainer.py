@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from scaletrain.config.load import config_to_dict, write_config
@@ -24,7 +23,7 @@ from scaletrain.model import Transformer, build_model
 from scaletrain.model.transformer import materialize
 from scaletrain.model.flops import flops_per_token
 from scaletrain.parallel import parallelize
-from scaletrain.parallel.dims import build_meshes, check_layout, init_distributed, read_env, resolve_dims
+from scaletrain.parallel.dims import barrier, build_meshes, check_layout, init_distributed, read_env, resolve_dims
 from scaletrain.train import checkpoint as ckpt_lib
 from scaletrain.train.checkpoint import Checkpointer
 from scaletrain.train import metrics as metrics_lib
@@ -36,11 +35,6 @@ from scaletrain.train.progress import Progress
 from scaletrain.train.reduce import clip_grad_norm, global_mean
 from scaletrain.train.rundir import check_writable, clear_run_dir, resolve_resume
 from scaletrain.train.runinfo import run_info_header, write_run_info
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 class Trainer:
@@ -74,10 +68,10 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         # Data: rank 0 builds shards and tokenizer first, the others then read the cache.
         if self.rank != 0:
-            _barrier()
+            barrier()
         self.data = prepare_data(cfg.data, cfg.tokenizer)
         if self.rank == 0:
-            _barrier()
+            barrier()
         tok = self.data.tokenizer
         if tok.vocab_size > cfg.model.vocab_size:
             raise ConfigError(
@@ -137,7 +131,7 @@ class Trainer:
             write_config(cfg, self.run_dir / "config.toml")
             self._save_tokenizer()
             self.run_info = write_run_info(self.run_dir, {"world_size": self.env.world_size})
-        _barrier()
+        barrier()
         self.metrics = MetricsWriter(self.run_dir, cfg.metrics, self.rank)
 
     # ----------------------------------------------------------------- state
