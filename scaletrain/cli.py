@@ -1,4 +1,4 @@
-"""The one entry point: `scaletrain train | plan | generate | export | import | data | launch`.
+"""The one entry point: `scaletrain train | plan | bench | generate | export | import | data | launch`.
 
 User mistakes (ScaletrainError) print one message on stderr without a traceback and exit 2;
 anything else is a crash with a traceback and exit 1.
@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     from scaletrain.plan.cli import add_plan_parser
 
     add_plan_parser(sub)
+    from scaletrain.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return p
 
 
@@ -132,8 +135,13 @@ def _cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def run(argv: list[str] | None = None) -> int:
     """Parse `argv` and run the command; returns the exit code (raises on crashes)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "ffn"]:
+        from scaletrain.bench.cli import run_ffn_cmd
+
+        return run_ffn_cmd(argv[2:])
     args, rest = _parser().parse_known_args(argv)
-    takes_overrides = args.command in ("train", "data", "launch")
+    takes_overrides = args.command in ("train", "data", "launch", "bench")
     if rest and not takes_overrides:
         _parser().error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "train":
@@ -144,6 +152,10 @@ def run(argv: list[str] | None = None) -> int:
         from scaletrain.launch import run_launch
 
         return run_launch(args, rest)
+    if args.command == "bench":
+        from scaletrain.bench.cli import run_bench_cmd
+
+        return run_bench_cmd(args, rest)
     if args.command == "plan":
         from scaletrain.plan.cli import run_plan
 
