@@ -186,7 +186,6 @@ def test_unknown_flavor_suggests_the_closest_name():
         ({"dim": 60, "n_heads": 4, "n_kv_heads": 4}, "head_dim .* is odd"),
         ({"ffn": "gelu"}, "model.ffn='gelu' is unknown"),
         ({"activation_sparsity": "2:4"}, "needs model.ffn='squared_relu'"),
-        ({"activation_sparsity": "2:4", "ffn": "squared_relu"}, "not implemented yet"),
         ({"activation_sparsity": "1:2"}, "activation_sparsity='1:2' is unknown"),
         ({"n_layers": 0}, "n_layers must be a positive integer"),
         ({"norm_eps": 0.0}, "norm_eps must be > 0"),
