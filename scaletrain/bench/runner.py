@@ -141,6 +141,9 @@ def run_bench(cfg: Config, opts: BenchOptions, run_dir: Path) -> dict[str, Any]:
     trainer.metrics.close()
 
     c = trainer.cfg
+    from scaletrain.train.peaks import device_peak_flops
+
+    bf16_peak = device_peak_flops(device, "bf16")
     return {
         "config": {"model": c.model.flavor, "params": param_counts(c.model)["total"], "seq_len": c.data.seq_len,
                    "batch_size": c.data.batch_size, "grad_accum": c.train.grad_accum,
@@ -153,6 +156,9 @@ def run_bench(cfg: Config, opts: BenchOptions, run_dir: Path) -> dict[str, Any]:
         "tokens_per_step": trainer.tokens_per_step,
         "flops_per_token": trainer.flops_per_token,
         "peak_flops": trainer.peak_flops,
+        # torchtitan divides by the bf16 peak whatever the precision: the number to compare fp8 runs with it
+        "mfu_vs_bf16_peak": (None if not bf16_peak else
+                             stats.tokens_per_s * trainer.flops_per_token / (bf16_peak * trainer.env.world_size)),
         "warmup_steps": opts.warmup,
         "smoke": opts.smoke,
         "build_s": build_s,

@@ -81,6 +81,7 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "fp32" | "bf16" | "fp8" (torchao float8 linears + bf16 autocast)
     fp8_recipe: str = "tensorwise"  # with precision = "fp8": "tensorwise" | "rowwise" scaling
     compile: bool = False  # torch.compile each transformer block
+    sdpa_backend: str = "auto"  # attention kernel: "auto" (torch picks) | "flash" | "cudnn" | "efficient" | "math"
     compile_mode: str = "default"  # torch.compile mode: "default" | "reduce-overhead" (CUDA graphs) | "max-autotune-no-cudagraphs" | "max-autotune"
     deterministic: bool = True  # deterministic algorithms (bit-exact resume on CPU)
     eval_interval: int = 0  # steps between validation passes; 0 = only at the end

@@ -18,6 +18,7 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "fp32", "bf16", "fp8"),
     "train.fp8_recipe": ("tensorwise", "rowwise"),
+    "train.sdpa_backend": ("auto", "flash", "cudnn", "efficient", "math"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"),
     "train.nan_policy": ("skip", "rollback", "abort"),
     "checkpoint.verify": ("checksum", "size"),

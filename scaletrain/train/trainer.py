@@ -22,8 +22,10 @@ from scaletrain.errors import CheckpointError, ConfigError, NumericsError
 from scaletrain.model import Transformer, build_model
 from scaletrain.model.transformer import materialize
 from scaletrain.model.flops import flops_per_token
+from scaletrain.model.sdpa import check_sdpa_backend, sdpa_context
 from scaletrain.parallel import parallelize
 from scaletrain.parallel.dims import barrier, build_meshes, check_layout, init_distributed, read_env, resolve_dims
+from scaletrain.parallel.fp8 import precompute_scales
 from scaletrain.train import checkpoint as ckpt_lib
 from scaletrain.train.checkpoint import Checkpointer
 from scaletrain.train import metrics as metrics_lib
@@ -31,10 +33,24 @@ from scaletrain.train.metrics import MetricsWriter, peak_memory_bytes, plot_loss
 from scaletrain.train.optim import LRSchedule, PartsOptimizer
 from scaletrain.train.peaks import device_peak_flops
 from scaletrain.train.faults import Injector, Watchdog, first_nonfinite, is_finite
+from scaletrain.bench.phases import NullPhases
 from scaletrain.train.progress import Progress
 from scaletrain.train.reduce import clip_grad_norm, global_mean
 from scaletrain.train.rundir import check_writable, clear_run_dir, resolve_resume
 from scaletrain.train.runinfo import run_info_header, write_run_info
+
+
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy (nats/token) of logits [batch, seq, vocab] in fp32.
+    Compiled with the model when train.compile: the fp32 upcast, log-softmax and gather fuse."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def _stacked(*contexts: contextlib.AbstractContextManager) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    for ctx in contexts:
+        stack.enter_context(ctx)
+    return stack
 
 
 class Trainer:
@@ -50,6 +66,7 @@ class Trainer:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         t = cfg.train
         self.env = read_env(t.device)
+        check_sdpa_backend(t.sdpa_backend, self.env.device)
         self.dims = resolve_dims(cfg.parallel, self.env.world_size)  # fails before any PG work
         check_layout(self.dims, cfg.parallel, cfg.model, cfg.data.seq_len, cfg.data.batch_size)
         from scaletrain.plan.memcheck import check_fits, estimate_for_config  # the planner's memory model
@@ -97,7 +114,8 @@ class Trainer:
         else:
             model = build_model(cfg.model, device=self.device, seed=t.seed)
         self.parts = parallelize(model, self.dims, self.meshes, cfg.parallel, compile_blocks=t.compile,
-                                 seq_len=d.seq_len)
+                                 seq_len=d.seq_len, precision=t.precision, fp8_recipe=t.fp8_recipe, device=self.device,
+                                 compile_mode=t.compile_mode)
         if meta_init:
             materialize(self.parts, self.device, t.seed)
         self.model = self.parts[0]
@@ -110,16 +128,18 @@ class Trainer:
         self.failed_positions: set[tuple[int, int]] = set()  # batches that failed once (retried first)
         self.nonfinite_steps, self.rollbacks = 0, []
         self.injector = Injector(self.rank)
+        self.phases = NullPhases()  # `scaletrain bench` swaps in a PhaseTimer (bench/phases.py)
         self.watchdog = Watchdog(0, self.rank, self.run_dir)  # armed in fit()
         if resume_from is not None:
             self._load(resume_from)
 
         precision = t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.precision = precision
-        self.autocast = (
-            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16))
-            if precision == "bf16" else contextlib.nullcontext
-        )
+        amp = ((lambda: torch.autocast(self.device.type, dtype=torch.bfloat16))
+               if precision in ("bf16", "fp8") else contextlib.nullcontext)  # fp8: float8 linears, the rest bf16
+        self.autocast = amp if t.sdpa_backend == "auto" else (lambda: _stacked(amp(), sdpa_context(t.sdpa_backend)))
+        self._loss = (torch.compile(cross_entropy_loss, mode=None if t.compile_mode == "default" else t.compile_mode)
+                      if t.compile else cross_entropy_loss)
         self.tokens_per_step = d.batch_size * d.seq_len * t.grad_accum * self.dims.dp
         self.flops_per_token = flops_per_token(cfg.model, d.seq_len)
         self.peak_flops = device_peak_flops(self.device, precision)
@@ -161,6 +181,8 @@ class Trainer:
             set_model_state_dict(part, mine, options=StateDictOptions(strict=False))
             if optim_sd is not None:
                 set_optimizer_state_dict(part, opt, optim_sd, options=ckpt_lib.FLAT)
+        if self.cfg.train.precision == "fp8":  # float8 scales must describe the loaded weights
+            precompute_scales(self.parts)
 
     def _metadata(self) -> dict[str, Any]:
         return {"model": config_to_dict(self.cfg)["model"], "tokenizer": self.data.tokenizer.fingerprint(),
@@ -219,18 +241,14 @@ class Trainer:
     def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with self.autocast():
             logits = self.model(inputs)  # [batch, seq, vocab]
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return self._loss(logits, targets)
 
     def _build_pipeline(self):
         from scaletrain.parallel.pp import build_pipeline
 
         p = self.cfg.parallel
-
-        def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
         return build_pipeline(self.parts, self.meshes.pp, self.device, p.pp_microbatches or self.dims.pp,
-                              p.pp_schedule, loss_fn, grad_accum=self.cfg.train.grad_accum)
+                              p.pp_schedule, cross_entropy_loss, grad_accum=self.cfg.train.grad_accum)
 
     @property
     def _reports_loss(self) -> bool:
@@ -257,28 +275,38 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         positions: list[tuple[int, int]] = []
         sample_ids: list[int] = []
+        mark = self.phases.mark
         for _ in range(accum):
             inputs, targets = self._batch(self._next_batch(positions, sample_ids))
+            mark("data")
             if self.pipeline is not None:
                 with self.autocast():
                     loss = self.pipeline.step(inputs, targets)  # None except on the last stage
                 if loss is not None:
                     loss_sum += loss
+                mark("pipeline forward+backward")
                 continue
             loss = self._forward_loss(inputs, targets)
+            mark("forward")
             (loss / accum).backward()
             loss_sum += loss.detach()
+            mark("backward")
         self.injector.after_backward(self.step + 1, self.parts, sample_ids)
         self.watchdog.beat("all-reduce of the gradient norm (clipping)")
         grad_norm = clip_grad_norm(self.parts, self.cfg.optim.grad_clip,
                                    self.meshes.pp.get_group() if self.pipeline is not None else None)
+        mark("grad norm + clip")
         self.watchdog.beat("all-reduce of the loss")
         loss = global_mean(loss_sum / accum, self._reports_loss)
         if not is_finite(loss, grad_norm):  # before the update: a bad step never touches the weights
             return self._nonfinite(loss, grad_norm, positions, sample_ids)
+        mark("loss all-reduce + finite check")
         self.watchdog.beat("optimizer step")
         self.optimizer.step()
+        if self.precision == "fp8":  # float8 scales of the FSDP-sharded weights, in one all-reduce
+            precompute_scales(self.parts)
         self.optimizer.zero_grad(set_to_none=True)
+        mark("optimizer")
         self.step += 1
         return loss, grad_norm
 
