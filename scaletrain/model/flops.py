@@ -178,3 +178,130 @@ def activation_bytes_per_layer(
         logsumexp = batch * cfg.n_heads * seq_len * fp32
         total += wo_input + sdpa_inputs_and_output + logsumexp
     return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Saved tensors, as autograd actually holds them (the planner's MEMORY model).
+#
+# `activation_bytes_per_layer` above is the published Korthikanti et al. count; the cost model
+# keeps it as the unit of elementwise HBM traffic (and plan/calibrate.py measures CPU
+# elementwise rates in that unit). The functions below count what this implementation keeps
+# alive, tensor by tensor, checked against the peak live tensor bytes measured on the CPU
+# (plan/memtrace.py, docs/planner.md): the SDPA output is stored [b, s, heads, head_dim], so
+# the attention output fed to wo is a view of it (no extra copy); under tensor parallelism
+# with sequence parallelism (torch DTensor, as in scaletrain and torchtitan) the all-gathered
+# inputs of the column-parallel linears are saved whole by those matmuls, everything else is
+# split over the tp ranks; eager CPU RMSNorm (F.rms_norm has no fused CPU kernel) also saves
+# the normalised x for the weight gradient; a compiled (or hand-fused) SwiGLU recomputes
+# silu(w1 x) in backward instead of saving it.
+# ---------------------------------------------------------------------------------------------
+
+SAVED_AC_MODES = AC_MODES + ("op",)  # "op": torchtitan's op-level selective AC policy
+
+
+def saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype_bytes: int = 2, ac: str = "none", *,
+                           tp: int = 1, fused: bool = False, decomposed_norm: bool = False) -> float:
+    """Bytes ONE transformer layer keeps for backward per rank, per micro-batch.
+
+    With T = batch*seq_len tokens (seq_len: this rank's sequence chunk under context
+    parallelism), B = dtype_bytes, d, q = n_heads*head_dim, f = ffn_dim, h = n_heads:
+
+      ac="none":
+        norm inputs x (layer input) and h (residual)    2*T*d*B/tp   (sequence-parallel shards)
+        1/rms of both norms                             2*T*4/tp     fp32
+        normalised x of both norms (decomposed_norm)    2*T*d*B/tp   CPU eager only
+        wq/wk/wv input and w1/w3 input (norm outputs)   2*T*d*B      all-gathered: not split by tp
+        q (after RoPE), k, v (repeated to h heads), O   4*T*q*B/tp   O is also wo's input (a view)
+        SDPA logsumexp                                  b*h*s*4/tp   fp32
+        SwiGLU w1 out, silu(w1 out), w3 out, w2 input   4*T*f*B/tp   (3*T*f*B/tp when fused:
+                                                                     silu is recomputed)
+        squared ReLU relu(w1 out), w2 input             2*T*f*B/tp
+      ac="selective" (parallel/ac.py: each block's attention module is checkpointed): drops
+        q, k, v, O and logsumexp; the attention's input is kept as the checkpoint saved it, the
+        norm output's sequence shard (T*d*B/tp) instead of the gathered copy.
+      ac="full": the block input only, T*d*B/tp.
+      ac="op" (torchtitan's op-level SAC: inside a checkpointed block the outputs of matmuls
+        and SDPA are saved, except every second matmul): the block input T*d*B/tp, the outputs
+        of wq (T*q*B/tp), wv (T*kv*B/tp), w1 (T*f*B/tp) and w2 (T*d*B: the row-parallel partial
+        sum before its reduce-scatter; plus the reduce-scatter output T*d*B/tp when tp > 1),
+        SDPA's O and logsumexp (T*q*B/tp + b*h*s*4/tp). Everything else (norms, RoPE, SiLU,
+        wk, wo, w3) is recomputed in backward.
+    """
+    if ac not in SAVED_AC_MODES:
+        raise ValueError(f"unknown activation checkpointing mode {ac!r}; choose one of {SAVED_AC_MODES}")
+    _, q_dim, kv_dim = _dims(cfg)
+    T = batch * seq_len
+    B = dtype_bytes
+    d, f = cfg.dim, cfg.ffn_dim
+    block_input = T * d * B / tp
+    if ac == "full":
+        return block_input
+    lse = batch * cfg.n_heads * seq_len * 4 / tp
+    if ac == "op":
+        saved = block_input + T * (q_dim + kv_dim + f) * B / tp + T * d * B + T * q_dim * B / tp + lse
+        return saved + (T * d * B / tp if tp > 1 else 0.0)
+    norms = 2 * T * d * B / tp + 2 * T * 4 / tp + (2 * T * d * B / tp if decomposed_norm else 0.0)
+    if cfg.ffn == "swiglu":
+        ffn = (3 if fused else 4) * T * f * B / tp
+    else:
+        ffn = 2 * T * f * B / tp
+    if ac == "selective":
+        return norms + T * d * B + T * d * B / tp + ffn
+    return norms + 2 * T * d * B + 4 * T * q_dim * B / tp + lse + ffn
+
+
+def head_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype_bytes: int = 2, *, tp: int = 1,
+                          decomposed_norm: bool = False) -> float:
+    """Bytes the final RMSNorm and the output head keep for backward per rank (last stage):
+    the norm's input (T*d*B/tp) and 1/rms (T*4/tp), its normalised x when decomposed
+    (T*d*B/tp), and the head's input, the norm output (all-gathered under TP: T*d*B)."""
+    T = batch * seq_len
+    B = dtype_bytes
+    extra = T * cfg.dim * B / tp if decomposed_norm else 0.0
+    return T * cfg.dim * B / tp + T * 4 / tp + extra + T * cfg.dim * B
+
+
+def loss_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype_bytes: int = 2, *,
+                          compiled: bool = False, vocab_shards: int = 1) -> float:
+    """Peak bytes of the cross-entropy on logits [T, V/vocab_shards] (the loss computed in fp32,
+    `F.cross_entropy(logits.float(), ...)`), reached when its backward starts.
+
+    Eager: the fp32 log-probabilities (saved by log_softmax), NLL's dense gradient and
+    log_softmax's input gradient are alive together: 3 fp32 [T, V] tensors = 12*T*V bytes,
+    whatever the logits' dtype (the compute-dtype logits and their fp32 copy are freed before
+    backward). Compiled (scaletrain compiles the loss with train.compile): one fused kernel
+    saves the logits and writes their gradient: 2*B*T*V bytes. Vocabulary-parallel
+    (`vocab_shards` = tp > 1: torch's `loss_parallel`, used by torchtitan under TP): its fused
+    NLL + log-softmax backward, `(zeros_like(x) + exp(x)) * grad`, holds the saved
+    log-probabilities, the zeros, exp(x) and their sum: 4 fp32 tensors = 16*T*V/tp bytes
+    (torch/distributed/tensor/parallel/loss.py). `vocab_shards` = 1 when every rank computes
+    the loss on replicated logits (scaletrain's parallel/tp.py)."""
+    tv = batch * seq_len * cfg.vocab_size / vocab_shards
+    if vocab_shards > 1:
+        return 16 * tv
+    return 2 * dtype_bytes * tv if compiled else 12 * tv
+
+
+def backward_transient_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype_bytes: int = 2, *,
+                             tp: int = 1) -> float:
+    """Gradient bytes alive on top of the saved tensors while one layer runs its backward:
+    the FFN's gating-product backward holds the gradients of both product inputs (SwiGLU:
+    2*T*f*B/tp; squared ReLU: T*f*B/tp) while the layer's output gradient (T*d*B) is alive."""
+    T = batch * seq_len
+    n = 2 if cfg.ffn == "swiglu" else 1
+    return T * (n * cfg.ffn_dim / tp + cfg.dim) * dtype_bytes
+
+
+def recompute_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype_bytes: int = 2, ac: str = "none", *,
+                    tp: int = 1, decomposed_norm: bool = False) -> float:
+    """Bytes a layer re-materialises in backward under activation checkpointing, beyond what
+    its forward saved: full and op AC recompute the whole layer (its eager "none" set: inside
+    the backward every intermediate the gradient ops need is live, compiled or not), selective
+    recomputes the attention (q, k, v, O, logsumexp and the all-gathered attention input)."""
+    if ac == "none":
+        return 0.0
+    none = saved_activation_bytes(cfg, batch, seq_len, dtype_bytes, "none", tp=tp, decomposed_norm=decomposed_norm)
+    if ac in ("full", "op"):
+        return none - saved_activation_bytes(cfg, batch, seq_len, dtype_bytes, ac, tp=tp)
+    sel = saved_activation_bytes(cfg, batch, seq_len, dtype_bytes, "selective", tp=tp, decomposed_norm=decomposed_norm)
+    return none - sel

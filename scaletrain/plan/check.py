@@ -18,6 +18,14 @@ libraries and the first training step's lazily loaded kernels, which the planner
 model (tensors only) does not describe: the profile's `framework_baseline_bytes` (measured by
 `plan calibrate` in a fresh process, see calibrate.framework_baseline_bytes) is added to the CPU
 memory prediction and shown as its own line.
+
+`--measure-tensors` (`measure_tensor_peaks`) also measures what the memory model actually
+describes, on the CPU: it rebuilds the run's model, data and optimizer from DIR/config.toml
+with the trainer (in a temporary run folder), runs `warmup` + `steps` training steps and
+measures the peak live tensor bytes of the measured steps with plan/memtrace.py (the CPU
+analogue of `torch.cuda.max_memory_allocated`). Under torchrun every rank measures its own
+peak and rank 0 gathers and prints all ranks. That number is compared with the model's
+tensor prediction *without* the fragmentation allowance (allocated, not reserved, bytes).
 """
 
 from __future__ import annotations
@@ -61,6 +69,12 @@ class CheckResult:
     memory_error: float | None
     breakdown: dict[str, float] = field(default_factory=dict)
     time_breakdown: dict[str, float] = field(default_factory=dict)
+    # --measure-tensors: peak live tensor bytes per rank vs the tensors-only prediction
+    predicted_tensor_bytes: float | None = None  # the model's total without the fragmentation allowance
+    measured_tensor_bytes: float | None = None  # max over ranks
+    tensor_error: float | None = None
+    tensor_ranks: list[dict[str, Any]] = field(default_factory=list)  # per rank: memtrace.TensorPeak fields
+    memory_phase: str = ""  # the moment of the step the model puts the peak at
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,8 +163,95 @@ def _profile_baseline(profile: str | None) -> float | None:
     return float(v) if isinstance(v, (int, float)) else None
 
 
-def check_run(run_dir: str | Path, profile: str | None = None, warmup: int = WARMUP_STEPS) -> CheckResult:
-    """Measured vs predicted step time and per-rank peak memory of the run in `run_dir`."""
+def run_stack(cfg: Config) -> Stack:
+    """The cost model's software switches for a scaletrain run: train.compile compiles the
+    blocks and the loss; parallel/tp.py computes the loss on replicated logits."""
+    return Stack(fused=bool(cfg.train.compile), compiled_loss=bool(cfg.train.compile), loss_parallel=False)
+
+
+def _measure_config(cfg: Config, steps: int) -> Config:
+    """The run's config for an in-process re-run: no eval, checkpoints, plots, TensorBoard,
+    progress bar, sample or watchdog; enough steps for the schedule."""
+    cfg.train.steps = max(cfg.train.steps, steps)
+    cfg.train.device = "cpu"  # the live-tensor measurement is the CPU analogue of max_memory_allocated
+    cfg.train.eval_interval = 0
+    cfg.train.sample_tokens = 0
+    cfg.train.hang_timeout_s = 0.0
+    cfg.checkpoint.interval = 0
+    cfg.checkpoint.save_final = False
+    cfg.checkpoint.async_save = False
+    cfg.metrics.tensorboard = False
+    cfg.metrics.plot = False
+    cfg.metrics.progress = "none"
+    return cfg
+
+
+def measure_tensor_peaks(run_dir: str | Path, steps: int = 2, warmup: int = 1,
+                         world_size: int | None = None) -> list[dict[str, Any]]:
+    """Rebuild the run in `run_dir` with the trainer (temporary run folder, same config, this
+    process's ranks), train `warmup` steps (optimizer state, compilation), then measure the
+    peak live tensor bytes of `steps` more (memtrace.TensorMemoryTracker). Returns one dict per
+    rank (rank order; TensorPeak fields + "rank"); under torchrun every rank must call this.
+
+    `world_size` (the run's) must equal this launch's world size: a multi-rank run is measured
+    under `torchrun --nproc-per-node N`, never squeezed into one process."""
+    import gc
+    import os
+    import shutil
+    import tempfile
+
+    from scaletrain.plan.memtrace import TensorMemoryTracker
+    from scaletrain.train.rundir import load_run_config
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size is not None and world_size != launched:
+        raise ConfigError(f"the run in {run_dir} trained on {world_size} rank(s) but this process group has "
+                          f"{launched}; "
+                          f"measure it under the same launch: torchrun --standalone --nproc-per-node {world_size} "
+                          f"-m scaletrain plan check --run-dir {run_dir} --measure-tensors ...")
+    if steps < 1 or warmup < 0:
+        raise ConfigError(f"--measure-steps must be >= 1 and --measure-warmup >= 0, got {steps} and {warmup}.")
+    try:
+        cfg = _measure_config(load_run_config(run_dir), warmup + steps)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    from scaletrain.train.trainer import Trainer
+
+    tmp = tempfile.mkdtemp(prefix="scaletrain-measure-")
+    trainer = None
+    try:
+        trainer = Trainer(cfg, Path(tmp) / "run", resume="never", force=True)
+        for _ in range(warmup):
+            trainer.train_step()
+        gc.collect()
+        tracker = TensorMemoryTracker(trainer.parts, [trainer.optimizer])
+        with tracker:
+            for _ in range(steps):
+                with tracker.step():
+                    trainer.train_step()
+        mine = {"rank": trainer.rank, **tracker.result.to_dict()}
+        if trainer.env.distributed:
+            import torch.distributed as dist
+
+            ranks: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, mine)
+        else:
+            ranks = [mine]
+        return ranks
+    finally:
+        if trainer is not None:
+            trainer.metrics.close()
+            if trainer.env.distributed:
+                from scaletrain.parallel.dims import shutdown_distributed
+
+                shutdown_distributed()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_run(run_dir: str | Path, profile: str | None = None, warmup: int = WARMUP_STEPS,
+              measure_tensors: bool = False, measure_steps: int = 2, measure_warmup: int = 1) -> CheckResult:
+    """Measured vs predicted step time and per-rank peak memory of the run in `run_dir`
+    (with `measure_tensors`, also the peak live tensor bytes of a re-run, per rank)."""
     run_dir = Path(run_dir)
     cfg, train, evals, info = _read_run(run_dir)
     device, gpu_name = _device(cfg, info)
@@ -168,7 +269,7 @@ def check_run(run_dir: str | Path, profile: str | None = None, warmup: int = WAR
                           "Run `scaletrain plan calibrate --out cpu.json` on this machine (with the run's "
                           "OMP_NUM_THREADS) and pass --profile cpu.json.")
     w, layout = workload_for_config(cfg, world_size, device)
-    est: Estimate = estimate(w, layout, hw, Stack(fused=bool(cfg.train.compile)))
+    est: Estimate = estimate(w, layout, hw, run_stack(cfg))
 
     baseline = 0.0
     if device == "cpu":
@@ -182,8 +283,18 @@ def check_run(run_dir: str | Path, profile: str | None = None, warmup: int = WAR
     measured_step = statistics.median(times) if times else None
     mems = [float(r["mem_bytes"]) for r in train if isinstance(r.get("mem_bytes"), (int, float))]
     measured_mem = max(mems) if mems else None
-    pred_mem = est.memory.total + baseline
+    # CUDA mem_bytes is max_memory_allocated: live tensors, so the model without its
+    # fragmentation allowance; CPU mem_bytes is peak RSS: the model's total + the framework.
+    pred_mem = est.memory.total + baseline if device == "cpu" else est.memory.allocated
     t = est.time
+    tensor_ranks: list[dict[str, Any]] = []
+    if measure_tensors and device != "cpu":
+        raise ConfigError("--measure-tensors re-runs a CPU run to measure its live tensor bytes; this run trained on "
+                          "CUDA, whose mem_bytes already is torch.cuda.max_memory_allocated (drop --measure-tensors).")
+    if measure_tensors:
+        tensor_ranks = measure_tensor_peaks(run_dir, measure_steps, measure_warmup, world_size)
+    measured_tensors = max(float(r["peak_bytes"]) for r in tensor_ranks) if tensor_ranks else None
+    pred_tensors = est.memory.allocated
     return CheckResult(
         run_dir=str(run_dir), hardware=hw.name, device=device if not gpu_name else f"cuda ({gpu_name})",
         world_size=world_size, layout=layout.short(), precision=w.precision, compile=bool(cfg.train.compile),
@@ -192,7 +303,9 @@ def check_run(run_dir: str | Path, profile: str | None = None, warmup: int = WAR
         model_peak_bytes=est.memory.total, framework_baseline_bytes=baseline, memory_error=_rel(pred_mem, measured_mem),
         breakdown=est.memory.parts(),
         time_breakdown={"compute": t.compute, **{f"exposed_{k}": v for k, v in t.exposed.items()},
-                        "bubble": t.bubble, "overhead": t.overhead, "optimizer": t.optimizer})
+                        "bubble": t.bubble, "overhead": t.overhead, "optimizer": t.optimizer},
+        predicted_tensor_bytes=pred_tensors if measure_tensors else None, measured_tensor_bytes=measured_tensors,
+        tensor_error=_rel(pred_tensors, measured_tensors), tensor_ranks=tensor_ranks, memory_phase=est.memory.phase)
 
 
 def _pct(x: float | None) -> str:
@@ -202,7 +315,7 @@ def _pct(x: float | None) -> str:
 def format_check(r: CheckResult) -> str:
     """Human-readable measured vs predicted table."""
     ms = lambda v: "n/a" if v is None else f"{1e3 * v:.1f} ms"  # noqa: E731
-    gib = lambda v: "n/a" if v is None else f"{v / GiB:.3f} GiB"  # noqa: E731
+    gib = lambda v: "n/a" if v is None else f"{v / GiB:.3f} GiB" if v >= GiB else f"{v / 2**20:.1f} MiB"  # noqa: E731
     steps = r.steps_used
     span = f"{len(steps)} steps ({steps[0]}-{steps[-1]})" if steps else "no steps"
     lines = [
@@ -210,7 +323,15 @@ def format_check(r: CheckResult) -> str:
         f"{', compiled' if r.compile else ''}; hardware {r.hardware}",
         f"{'':<22}{'measured':>14}{'predicted':>14}{'error':>10}",
         f"{'step time (median)':<22}{ms(r.measured_step_s):>14}{ms(r.predicted_step_s):>14}{_pct(r.step_error):>10}",
-        f"{'peak memory per rank':<22}{gib(r.measured_peak_bytes):>14}{gib(r.predicted_peak_bytes):>14}"
+    ]
+    if r.tensor_ranks:
+        for tr in r.tensor_ranks:
+            label = "peak live tensors" + (f" r{tr['rank']}" if len(r.tensor_ranks) > 1 else "")
+            lines.append(f"{label:<22}{gib(tr['peak_bytes']):>14}{gib(r.predicted_tensor_bytes):>14}"
+                         f"{_pct(_rel(r.predicted_tensor_bytes, tr['peak_bytes'])):>10}")
+    rss = "peak RSS (rank 0)" if r.device == "cpu" else "peak memory per rank"
+    lines += [
+        f"{rss:<22}{gib(r.measured_peak_bytes):>14}{gib(r.predicted_peak_bytes):>14}"
         f"{_pct(r.memory_error):>10}",
         f"step time over {span}, skipping the first {WARMUP_STEPS} and those after eval/checkpoint",
         "predicted time: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in r.time_breakdown.items() if v),
@@ -218,4 +339,13 @@ def format_check(r: CheckResult) -> str:
         + (f" + framework baseline {r.framework_baseline_bytes / GiB:.3f} GiB (CPU peak RSS counts the interpreter "
            f"and torch libraries)" if r.framework_baseline_bytes else ""),
     ]
+    if r.tensor_ranks:
+        lines.append(f"live tensors are compared with the model without its fragmentation allowance "
+                     f"({gib(r.predicted_tensor_bytes)}, peak predicted at the {r.memory_phase}); "
+                     "measured at the peak:")
+        for tr in r.tensor_ranks:
+            parts = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in tr["at_peak"].items() if v)
+            steps = ", ".join(f"{v / 2**20:.1f}" for v in tr["step_peaks"])
+            lines.append(f"  rank {tr['rank']}: {parts} MiB (peak reached by a {tr['phase']} allocation; "
+                         f"per measured step {steps} MiB)")
     return "\n".join(lines)

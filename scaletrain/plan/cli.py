@@ -68,8 +68,17 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default="profile.json", help="calibrate: profile JSON to write")
     p.add_argument("--published", help="validate: CSV of published measurements")
     p.add_argument("--json", help="validate / check: write the results as JSON")
-    p.add_argument("--run", help="check: a run folder written by `scaletrain train`")
+    p.add_argument("--run", "--run-dir", dest="run",
+                   help="check: a run folder written by `scaletrain train` (under torchrun write --run-dir: "
+                        "torchrun takes --run for its own --run-path)")
     p.add_argument("--profile", help="check: calibrated profile JSON or catalog entry (default: the run's GPU)")
+    p.add_argument("--measure-tensors", action="store_true",
+                   help="check: re-run the run's config for a few steps here and measure the peak live tensor "
+                        "bytes per rank (the CPU analogue of CUDA max_memory_allocated; multi-rank runs: launch "
+                        "under torchrun --nproc-per-node N)")
+    p.add_argument("--measure-steps", type=int, default=2, help="check --measure-tensors: steps measured")
+    p.add_argument("--measure-warmup", type=int, default=1,
+                   help="check --measure-tensors: steps run first, not measured (optimizer state, compile)")
     return p
 
 
@@ -198,7 +207,12 @@ def _check(args) -> int:
 
     if not args.run:
         raise ConfigError("plan check needs --run DIR (a run folder written by `scaletrain train`).")
-    result = check_run(args.run, args.profile)
+    import os
+
+    result = check_run(args.run, args.profile, measure_tensors=args.measure_tensors,
+                       measure_steps=args.measure_steps, measure_warmup=args.measure_warmup)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 prints every rank's numbers
+        return 0
     print(format_check(result))
     if args.json:
         out = Path(args.json)

@@ -13,7 +13,9 @@ import math
 from dataclasses import dataclass, field
 
 from scaletrain.config.schema import ModelConfig
-from scaletrain.model.flops import activation_bytes_per_layer, flops_per_token, forward_flops_per_layer, param_counts
+from scaletrain.model.flops import (activation_bytes_per_layer, backward_transient_bytes, flops_per_token,
+                                    forward_flops_per_layer, head_activation_bytes, loss_activation_bytes,
+                                    param_counts, recompute_bytes, saved_activation_bytes)
 from scaletrain.plan.hardware import Hardware
 
 MESH_ORDER = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # outermost -> innermost
@@ -52,6 +54,10 @@ class Stack:
     tp_overlap: bool = False  # async TP / TP comm overlap hides TP collectives behind GEMMs
     reshard_after_forward: bool | None = None  # FSDP: None = True unless pp > 1
     fsdp: bool = True  # shard weights/grads/optimizer over dp_shard*cp (False: Megatron-style DDP)
+    # Loss: a vocabulary-parallel cross-entropy under TP (torchtitan loss_parallel, Megatron) or
+    # one on replicated logits (scaletrain's parallel/tp.py); compiled with the model or eager.
+    loss_parallel: bool = True
+    compiled_loss: bool = False  # scaletrain with train.compile (torchtitan compiles blocks only)
 
 
 @dataclass(frozen=True)
@@ -103,10 +109,17 @@ class Memory:
     activations: float = 0.0
     buffers: float = 0.0
     fragmentation: float = 0.0
+    phase: str = ""  # where the peak is: "loss" (start of backward), "layer backward" or "optimizer step"
 
     @property
     def total(self) -> float:
         return self.weights + self.grads + self.optimizer + self.activations + self.buffers + self.fragmentation
+
+    @property
+    def allocated(self) -> float:
+        """Live tensor bytes at the peak (CUDA max_memory_allocated, memtrace on the CPU):
+        the total without the caching allocator's fragmentation allowance."""
+        return self.total - self.fragmentation
 
     def parts(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in ("weights", "grads", "optimizer", "activations", "buffers", "fragmentation")}
@@ -240,52 +253,84 @@ def stage_params(m: ModelConfig, layout: Layout) -> tuple[float, float]:
     return float(max(first, last)), float(layer)
 
 
+def is_cpu(hw: Hardware) -> bool:
+    """The device runs PyTorch's CPU kernels: memcheck's "cpu" device or a calibrated CPU profile."""
+    return hw.name == "cpu" or hw.name.startswith("calibrated:cpu") or bool(cpu_model(hw))
+
+
 def estimate_memory(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), p: Params | None = None) -> Memory:
-    """Peak bytes per GPU: FSDP shards fp32 weights, fp32 grads and Adam (m, v) over
-    dp_shard*cp; TP/PP split the model; activations per flops.activation_bytes_per_layer."""
+    """Peak bytes per GPU (the worst pipeline stage). State: fp32 weights and Adam (m, v),
+    FSDP-sharded over dp_shard*cp, split by TP/PP. On top of it the peak of the step is
+    the largest of three moments (docs/planner.md "Memory per GPU"): the start of backward
+    (all saved activations + the cross-entropy's tensors), one layer's backward (saved
+    activations + what AC recomputes + the layer's gradient transients) and the optimizer step
+    (all gradients + the optimizer's temporaries; activations freed). Saved tensors per layer
+    from flops.saved_activation_bytes."""
     p = p or PARAMS
     m = w.model
-    act_bytes = 4 if w.precision == "fp32" else 2
+    B = 4 if w.precision == "fp32" else 2
+    tp, pp = layout.tp, layout.pp
     shard = layout.dp_shard * layout.cp if stack.fsdp else 1
-    p_stage, p_layer = stage_params(m, layout)
-    local = p_stage / layout.tp
-    reshard = stack.reshard_after_forward if stack.reshard_after_forward is not None else layout.pp == 1
-    mem = Memory()
-    mem.weights = 4 * local / shard
-    mem.grads = 4 * local / shard
-    mem.optimizer = 8 * local / shard
-    # FSDP all-gathered low-precision copies: two layers (current + prefetch) when resharding,
-    # the whole stage when not; unsharded grads of one layer wait for their reduce-scatter.
-    low_precision = act_bytes < 4
-    if shard > 1 or low_precision:
-        gathered = 2 * p_layer / layout.tp if reshard else local
-        mem.buffers += act_bytes * gathered + 4 * p_layer / layout.tp
-    # Activations of the first stage: micro-batches in flight x layers per stage.
-    s_local = w.seq_len // layout.cp
-    per_layer = activation_bytes_per_layer(m, layout.micro_batch, s_local, act_bytes, layout.ac) / layout.tp
-    layers = m.n_layers / layout.pp
-    if layout.pp == 1:
-        in_flight = 1.0
-    elif layout.pp_schedule == "gpipe":
-        in_flight = float(max(1, w.global_batch // (layout.dp * layout.micro_batch)))
-    else:  # 1f1b: pp micro-batches; interleaved: x (1 + (pp-1)/(pp*v)) (Narayanan et al. 2021)
-        in_flight = layout.pp * (1 + (layout.pp - 1) / (layout.pp * layout.virtual_stages)) \
-            if layout.virtual_stages > 1 else float(layout.pp)
-    mem.activations = per_layer * layers * in_flight
-    if layout.ac != "none":  # backward re-materialises one layer's full activations
-        mem.activations += activation_bytes_per_layer(m, layout.micro_batch, s_local, act_bytes, "none") / layout.tp
-    # Logits (compute dtype) + fp32 softmax and its gradient, on the last stage.
-    tokens = layout.micro_batch * s_local
-    logits = tokens * m.vocab_size / layout.tp * (act_bytes + 8)
-    if layout.pp > 1:
-        last_act = per_layer * layers * 1 + logits  # the last stage holds one micro-batch
-        mem.activations = max(mem.activations, last_act)
+    wrapped = stack.fsdp and layout.dp * layout.cp > 1  # FSDP2 units (replicate-only HSDP too)
+    reshard = stack.reshard_after_forward if stack.reshard_after_forward is not None else pp == 1
+    cpu = is_cpu(hw)
+    decomposed = cpu and not stack.fused  # eager CPU RMSNorm saves the normalised x too
+    mb, s_local = layout.micro_batch, w.seq_len // layout.cp
+    n_micro = max(1, w.global_batch // (layout.dp * mb))
+    accumulate = n_micro > 1 or pp > 1  # earlier micro-batches' gradients are alive all step
+    c = param_counts(m)
+    p_layer = float(c["attention_per_layer"] + c["ffn_per_layer"] + c["norm_per_layer"])
+    L_s = m.n_layers / pp
+    saved = saved_activation_bytes(m, mb, s_local, B, layout.ac, tp=tp, fused=stack.fused, decomposed_norm=decomposed)
+    recompute = recompute_bytes(m, mb, s_local, B, layout.ac, tp=tp, decomposed_norm=decomposed)
+    transient = backward_transient_bytes(m, mb, s_local, B, tp=tp)
+    head = head_activation_bytes(m, mb, s_local, B, tp=tp, decomposed_norm=cpu)  # the final norm is never compiled
+    loss = loss_activation_bytes(m, mb, s_local, B, compiled=stack.compiled_loss,
+                                 vocab_shards=tp if stack.loss_parallel else 1)
+    boundary = 2 * mb * s_local * m.dim * B if pp > 1 else 0.0  # received activation + its gradient
+    head_params = float((c["output"] or c["embedding"]) + c["final_norm"])
+    # (layers, micro-batches in flight, holds the head, parameters, FSDP root-unit parameters)
+    if pp == 1:
+        stages = [(L_s, 1.0, True, float(c["total"]), float(c["embedding"] + c["output"] + c["final_norm"]))]
     else:
-        mem.activations += logits
-    if layout.tp > 1:  # sequence-parallel all-gather output buffers
-        mem.buffers += 2 * tokens * m.dim * act_bytes
-    mem.fragmentation = p.fragmentation * mem.total
-    return mem
+        if layout.pp_schedule == "gpipe":
+            first = last = float(n_micro)
+        else:  # 1f1b: pp micro-batches; interleaved: x (1 + (pp-1)/(pp*v)) (Narayanan et al. 2021)
+            v = layout.virtual_stages
+            first = pp * (1 + (pp - 1) / (pp * v)) if v > 1 else float(pp)
+            last = 1.0
+        stages = [(L_s, first, False, L_s * p_layer + c["embedding"], float(c["embedding"])),
+                  (L_s, last, True, L_s * p_layer + head_params, head_params)]
+    best = None
+    for layers, in_flight, has_head, p_stage, p_root in stages:
+        local = p_stage / tp
+        weights, states, grads_all = 4 * local / shard, 8 * local / shard, 4 * local / shard
+        # foreach AdamW (the trainer's choice on the CPU) holds one fp32 temporary per parameter
+        # (sqrt of the second moment); the fused CUDA kernel none.
+        opt_temp = 4 * local / shard if cpu else 0.0
+        if wrapped:  # all-gathered copies: current + prefetched layer (all when not resharding) + the root unit
+            gathered = B * ((2 * p_layer if reshard else layers * p_layer) + p_root) / tp
+        elif B < 4:  # bf16 copies of every weight, saved for backward (autocast; Megatron's bf16 params)
+            gathered = B * local
+        else:
+            gathered = 0.0
+        acts = saved * layers * in_flight + boundary
+        # the head's saved tensors are freed once its backward is done, before any layer's
+        head_acts = head * in_flight if has_head else 0.0
+        grads_layer = grads_all if accumulate else 4 * (p_layer + (head_params if has_head else 0.0)) / tp
+        # full/op AC re-materialise the whole layer before its FFN backward runs: both at once;
+        # selective recomputes the attention only after the FFN's backward has freed its part
+        extra = max(recompute, transient) if layout.ac == "selective" else recompute + transient
+        phases = [("layer backward", grads_layer, gathered, acts + extra),
+                  ("optimizer step", grads_all, opt_temp, 0.0)]
+        if has_head:
+            phases.append(("loss", grads_all if accumulate else 0.0, gathered, acts + head_acts + loss))
+        name, g, buf, a = max(phases, key=lambda ph: ph[1] + ph[2] + ph[3])
+        mem = Memory(weights=weights, grads=g, optimizer=states, activations=a, buffers=buf, phase=name)
+        if best is None or mem.total > best.total:
+            best = mem
+    best.fragmentation = p.fragmentation * best.total
+    return best
 
 
 def estimate(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), p: Params | None = None) -> Estimate:
@@ -320,8 +365,11 @@ def estimate(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), 
     elem = elem_bytes / elem_bw
     fwd = gemm + attn + elem / 3
     bwd = 2 * gemm + p.attn_bwd_ratio * attn + 2 * elem / 3
-    # selective = parallel/ac.py checkpoints each block's attention module (wq/wk/wv, SDPA, wo)
-    recompute = {"none": 0.0, "selective": gemm_attn + attn, "full": fwd}[layout.ac]
+    # selective = parallel/ac.py checkpoints each block's attention module (wq/wk/wv, SDPA, wo);
+    # op = torchtitan's op-level SAC: every elementwise op and every second matmul (wk, wo, w3)
+    op_sac = gemm_time(T, kv / tp, m.dim, lin_peak, hw, p) + gemm_time(T, m.dim, q / tp, lin_peak, hw, p) \
+        + (gemm_time(T, m.ffn_dim / tp, m.dim, lin_peak, hw, p) if n_ffn == 3 else 0.0) + elem / 3
+    recompute = {"none": 0.0, "selective": gemm_attn + attn, "full": fwd, "op": op_sac}[layout.ac]
     layer_compute = fwd + bwd + recompute
 
     # --- communication per layer per micro-batch ---
@@ -329,7 +377,7 @@ def estimate(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), 
     if tp > 1:  # sequence parallel: 2 all-gathers + 2 reduce-scatters forward, the same backward
         bw, lat = axis_link(layout, ("tp",), hw)
         one = collective_time("all_gather", T * m.dim * act_bytes, tp, bw, lat, p)
-        n_coll = 8 + (2 if layout.ac == "full" else 0)
+        n_coll = 8 + (2 if layout.ac in ("full", "op") else 0)  # the recompute re-gathers its inputs
         comm = n_coll * one
         exposed_layer["tp"] = max(0.0, comm - 3 * gemm) if stack.tp_overlap else comm
     if cp > 1:  # ring attention: K and V chunks pass cp-1 hops forward; K,V,dK,dV backward
@@ -350,14 +398,14 @@ def estimate(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), 
 
     layers_stage = m.n_layers / pp
     host = (p.ops_per_layer_fused if stack.fused else p.ops_per_layer_eager) * hw.host_overhead_s
-    if layout.ac == "full":  # the recomputed forward re-launches its ~1/3 of the layer's kernels
+    if layout.ac in ("full", "op"):  # the recomputed forward re-launches its ~1/3 of the layer's kernels
         host *= 1.3
     gpu_layer = layer_compute + sum(exposed_layer.values())
     host_exposed_layer = max(0.0, host - gpu_layer)  # the CPU cannot run ahead of a too-fast GPU
     if cpu and cpu.get("ops"):  # one core runs dispatch and compute in sequence: nothing hides
         ops = cpu["ops"]
         n_ops = ops["fwd_per_layer"] + ops["bwd_per_layer"]
-        n_ops += {"none": 0.0, "selective": 0.5, "full": 1.0}[layout.ac] * ops["fwd_per_layer"]
+        n_ops += {"none": 0.0, "selective": 0.5, "full": 1.0, "op": 1.0}[layout.ac] * ops["fwd_per_layer"]
         if stack.fused:  # not measured: the GPU ratio of fused to eager launches
             n_ops *= p.ops_per_layer_fused / p.ops_per_layer_eager
         host_exposed_layer = n_ops * cpu["op_s"]

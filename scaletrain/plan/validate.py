@@ -10,6 +10,8 @@ TP communication overlap (AsyncTP, --tp-comm-overlap, NeMo recipes).
 
 from __future__ import annotations
 
+import re
+
 import csv
 import json
 import statistics
@@ -120,6 +122,8 @@ def predict_row(row: dict) -> RowResult:
         vp = 2  # torchtitan's interleaved 1F1B default: 2 stages per rank
     ac_raw = (row.get("act_recompute") or "none").lower()
     ac = "full" if ac_raw.startswith("full") else "selective" if ac_raw.startswith("selective") else "none"
+    if ac == "selective" and re.search(r"\bop\b", ac_raw):
+        ac = "op"  # torchtitan's op-level SAC: saves matmul outputs except every second mm (cost.py "op")
     prec_raw = row.get("precision", "").lower()
     precision = "fp8" if ("fp8" in prec_raw or "float8" in prec_raw) else "fp16" if hw_name == "v100_32gb" else "bf16"
     megatron = any(k in text for k in ("megatron", "nemo"))

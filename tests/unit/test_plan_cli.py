@@ -100,3 +100,22 @@ def test_validate_writes_per_row_json(tmp_path, capsys):
         assert {"row_id", "predicted_tokens_per_s_per_gpu", "measured_tokens_per_s_per_gpu", "rel_error", "skipped"} <= set(obj)
     assert any(o["skipped"] for o in res) and any(o["rel_error"] is not None for o in res)
     assert "median |rel error|" in capsys.readouterr().out
+
+
+def test_validate_maps_recompute_text_to_the_ac_policy():
+    """torchtitan's op-level SAC rows get the cost model's "op" policy, Megatron's selective
+    (attention core) rows the "selective" one, full recompute "full"."""
+    if not DEV_CSV.is_file():
+        pytest.skip(f"published data set {DEV_CSV} not present on this machine")
+    from scaletrain.plan.validate import predict_row
+
+    rows = list(csv.DictReader(DEV_CSV.open()))
+    seen = {}
+    for row in rows:
+        r = predict_row(row)
+        if r.layout:
+            seen.setdefault((row.get("act_recompute") or "none").lower(), set()).add(r.layout.split("ac=")[-1])
+    assert seen["selective op"] == {"op"} and seen["selective (op, config default)"] == {"op"}
+    assert all(v == {"full"} for k, v in seen.items() if k.startswith("full"))
+    assert all(v == {"selective"} for k, v in seen.items() if k.startswith("selective") and " op" not in k
+               and "(op" not in k)

@@ -138,3 +138,115 @@ def test_cpu_model_only_for_calibrated_profiles():
     full = estimate(w, Layout(micro_batch=8, ac="full"), hw)
     assert full.time.overhead == pytest.approx((2 * (80 + 140 + 80) + 50) * 5e-6)
     assert full.time.compute > e.time.compute
+
+
+# ---- memory: saved tensors and the three candidate peaks (docs/planner.md "Memory per GPU") ----
+
+
+def _cpu_device():
+    from scaletrain.plan.hardware import Hardware
+
+    return Hardware("cpu", {"fp32": 1e11}, 64 * GB, 1e10, 1, 1e10, 0.0, 1e10, 0.0)
+
+
+def test_saved_activation_bytes_by_hand():
+    from scaletrain.model.flops import (backward_transient_bytes, head_activation_bytes, loss_activation_bytes,
+                                        recompute_bytes, saved_activation_bytes)
+
+    m = model_config_for("debug")  # d 64, q 64 (4 heads x 16), kv 32, f 192, vocab 512
+    b, s, B = 2, 128, 4
+    T = b * s  # 256 tokens
+    norms = 2 * T * 64 * B + 2 * T * 4  # inputs x and h + 1/rms
+    linear_in = 2 * T * 64 * B  # wq/wk/wv and w1/w3 inputs
+    attn = 4 * T * 64 * B + b * 4 * s * 4  # q, k, v (repeated), O (= wo's input, a view) + logsumexp
+    ffn = 4 * T * 192 * B  # w1 out, silu, w3 out, w2 input
+    none = norms + linear_in + attn + ffn
+    assert none == 1_316_864
+    assert saved_activation_bytes(m, b, s, B) == none
+    assert saved_activation_bytes(m, b, s, B, decomposed_norm=True) == none + 2 * T * 64 * B  # CPU eager RMSNorm
+    assert saved_activation_bytes(m, b, s, B, fused=True) == none - T * 192 * B  # silu recomputed
+    # TP 2 with sequence parallelism: the all-gathered linear inputs are saved whole
+    assert saved_activation_bytes(m, b, s, B, tp=2) == (norms + attn + ffn) / 2 + linear_in
+    sel = norms + T * 64 * B + T * 64 * B + ffn
+    assert saved_activation_bytes(m, b, s, B, "selective") == sel
+    assert saved_activation_bytes(m, b, s, B, "full") == T * 64 * B
+    assert saved_activation_bytes(m, b, s, B, "full", tp=2) == T * 64 * B / 2
+    # torchtitan op SAC: block input + wq, wv, w1, w2 outputs + O and logsumexp
+    assert saved_activation_bytes(m, b, s, B, "op") == T * (64 + 64 + 32 + 192 + 64 + 64) * B + b * 4 * s * 4
+    assert head_activation_bytes(m, b, s, B) == 2 * T * 64 * B + T * 4
+    assert head_activation_bytes(m, b, s, B, decomposed_norm=True) == 3 * T * 64 * B + T * 4
+    tv = T * 512
+    assert loss_activation_bytes(m, b, s, B) == 12 * tv  # 3 fp32 [T, V]: log-probs, NLL grad, its grad
+    assert loss_activation_bytes(m, b, s, 2) == 12 * tv  # whatever the logits dtype
+    assert loss_activation_bytes(m, b, s, B, compiled=True) == 2 * B * tv  # logits + their gradient
+    assert loss_activation_bytes(m, b, s, 2, vocab_shards=2) == 16 * tv / 2  # torch loss_parallel
+    assert backward_transient_bytes(m, b, s, B) == T * (2 * 192 + 64) * B
+    assert recompute_bytes(m, b, s, B, "none") == 0
+    assert recompute_bytes(m, b, s, B, "full") == none - T * 64 * B
+    assert recompute_bytes(m, b, s, B, "selective") == attn
+    with pytest.raises(ValueError, match="activation checkpointing"):
+        saved_activation_bytes(m, b, s, B, "some")
+
+
+def test_memory_peak_is_the_largest_of_loss_layer_and_optimizer_moments():
+    from scaletrain.model.flops import (backward_transient_bytes, head_activation_bytes, loss_activation_bytes,
+                                        recompute_bytes, saved_activation_bytes)
+
+    m = model_config_for("debug")
+    c = param_counts(m)
+    P, p_layer = c["total"], c["attention_per_layer"] + c["ffn_per_layer"] + c["norm_per_layer"]
+    head_params = (c["output"] or c["embedding"]) + c["final_norm"]
+    cpu = _cpu_device()
+    w = Workload(m, 128, 2, "fp32")
+    # no AC: the start of backward (all saved tensors + the final norm/head + 3 fp32 [T, V]) wins;
+    # no gradient exists yet in a one-micro-batch step; eager CPU RMSNorm keeps the normalised x
+    mem = estimate_memory(w, Layout(micro_batch=2), cpu)
+    acts = 2 * saved_activation_bytes(m, 2, 128, 4, decomposed_norm=True)
+    assert mem.phase == "loss" and mem.grads == 0 and mem.buffers == 0
+    assert mem.activations == pytest.approx(acts + head_activation_bytes(m, 2, 128, 4, decomposed_norm=True)
+                                            + loss_activation_bytes(m, 2, 128, 4))
+    assert (mem.weights, mem.optimizer) == (4 * P, 8 * P)
+    assert mem.allocated == pytest.approx(mem.total - mem.fragmentation)
+    # full AC: one layer's backward, re-materialising it, with the head's and that layer's gradients
+    full = estimate_memory(w, Layout(micro_batch=2, ac="full"), cpu)
+    assert full.phase == "layer backward"
+    assert full.grads == pytest.approx(4 * (p_layer + head_params))
+    recompute = recompute_bytes(m, 2, 128, 4, "full", decomposed_norm=True)
+    assert full.activations == pytest.approx(2 * 2 * 128 * 64 * 4 + recompute + backward_transient_bytes(m, 2, 128, 4))
+    # tiny activations: the optimizer step (all gradients + foreach AdamW's fp32 temporary) wins
+    opt = estimate_memory(Workload(m, 8, 1, "fp32"), Layout(micro_batch=1), cpu)
+    assert opt.phase == "optimizer step" and opt.activations == 0
+    assert (opt.grads, opt.buffers) == (4 * P, 4 * P)
+    # the same on a GPU: fused AdamW (no temporary), fused RMSNorm kernel (no normalised x)
+    gpu = estimate_memory(Workload(m, 8, 1, "fp32"), Layout(micro_batch=1), get_hardware("h100_sxm"))
+    assert gpu.buffers == 0
+    g = estimate_memory(w, Layout(micro_batch=2), get_hardware("h100_sxm"))
+    assert g.activations == pytest.approx(mem.activations - 5 * 2 * 128 * 64 * 4)  # 2 norms x 2 layers + final
+    # gradient accumulation: earlier micro-batches' gradients are alive at every moment
+    acc = estimate_memory(Workload(m, 128, 4, "fp32"), Layout(micro_batch=2), cpu)
+    assert acc.grads == 4 * P
+
+
+def test_fsdp_gathered_units_and_loss_switches():
+    m = model_config_for("debug")
+    c = param_counts(m)
+    p_layer = c["attention_per_layer"] + c["ffn_per_layer"] + c["norm_per_layer"]
+    cpu = _cpu_device()
+    w = Workload(m, 128, 4, "fp32")
+    mem = estimate_memory(w, Layout(dp_shard=2, micro_batch=2), cpu)
+    # current + prefetched layer and the root unit (embedding, output, final norm) all-gathered
+    assert mem.buffers == pytest.approx(4 * (2 * p_layer + c["embedding"] + c["output"] + c["final_norm"]))
+    assert mem.weights == pytest.approx(4 * c["total"] / 2)
+    # replicate-only (HSDP with shard 1) is FSDP2 too: the same gathered copies
+    rep = estimate_memory(w, Layout(dp_replicate=2, micro_batch=2), cpu)
+    assert rep.buffers == mem.buffers and rep.weights == 4 * c["total"]
+    # scaletrain computes the loss on replicated logits under TP; a compiled loss keeps 2 tensors
+    tp = Layout(tp=2, micro_batch=2)
+    w2 = Workload(m, 128, 2, "fp32")
+    par = estimate_memory(w2, tp, cpu, Stack(loss_parallel=True))
+    rep_logits = estimate_memory(w2, tp, cpu, Stack(loss_parallel=False))
+    T, V = 256, 512
+    assert rep_logits.activations - par.activations == pytest.approx(12 * T * V - 16 * T * V / 2)
+    comp = estimate_memory(w2, Layout(micro_batch=2), cpu, Stack(fused=True, compiled_loss=True))
+    eager = estimate_memory(w2, Layout(micro_batch=2), cpu, Stack(fused=True))
+    assert eager.activations - comp.activations == pytest.approx(12 * T * V - 8 * T * V)

@@ -20,12 +20,17 @@ def test_small_config_fits_on_cpu():
     assert est.predicted_bytes == pytest.approx(sum(est.breakdown.values()))
 
 
-def test_debug_model_state_is_16_bytes_per_param_in_fp32():
+def test_debug_model_state_bytes_per_param_in_fp32():
+    """fp32 weights 4 B + AdamW moments 8 B per parameter always; the 4 B of gradients only
+    where they are alive at the peak moment: not at the start of backward of a one-micro-batch
+    step (the debug model's peak), all of them with gradient accumulation."""
     cfg = load_config(None)
     from scaletrain.model.flops import param_counts
 
     p = param_counts(cfg.model)["total"]
     b = estimate_for_config(cfg, 1, CPU).breakdown
+    assert b["weights"] + b["optimizer"] == pytest.approx(12 * p) and b["grads"] == 0
+    b = estimate_for_config(load_config(None, {"train.grad_accum": "2"}), 1, CPU).breakdown
     assert b["weights"] + b["grads"] + b["optimizer"] == pytest.approx(16 * p)
 
 
