@@ -1,7 +1,7 @@
 """precision = "fp8" on a CUDA GPU (compute capability >= 8.9; run on the H100): the loss curve
 of a small model over a few dozen steps stays with bf16's, for both recipes.
 
-Without a CUDA device the whole folder is skipped (tests/gpu/conftest.py; SCALETRAIN_REQUIRE_GPU=1
+Without a CUDA device the whole folder is skipped (tests/conftest.py; SCALETRAIN_REQUIRE_GPU=1
 makes that a failure); on a GPU, a missing torchao or a GPU below sm_89 fails these tests. On the offline GPU
 machine, install torchao first: `scripts/gpu_wheels.sh` here, then
 `pip install --no-deps --target /tmp/site .wheels/*.whl` and `PYTHONPATH=/tmp/site` there.
