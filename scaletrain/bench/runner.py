@@ -11,7 +11,6 @@ neither perturbs the throughput window, which runs without them.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,18 +36,11 @@ class BenchOptions:
 
 
 def bench_config(cfg: Config, opts: BenchOptions) -> Config:
-    """A copy of `cfg` for benchmarking: enough steps, no checkpoints, evaluation, plots,
-    TensorBoard, samples or progress bar (they are not part of a training step)."""
-    cfg = copy.deepcopy(cfg)
-    cfg.train.steps = opts.warmup + opts.steps + opts.phase_steps + opts.profile_steps
-    cfg.train.eval_interval = 0
-    cfg.train.sample_tokens = 0
-    cfg.checkpoint.interval = 0
-    cfg.checkpoint.save_final = False
-    cfg.metrics.tensorboard = False
-    cfg.metrics.plot = False
-    cfg.metrics.progress = "none"
-    return cfg
+    """A copy of `cfg` for benchmarking: enough steps, and nothing that is not part of a
+    training step (checkpoints, evaluation, plots, TensorBoard, samples, progress bar)."""
+    from scaletrain.train.rundir import steps_only_config
+
+    return steps_only_config(cfg, opts.warmup + opts.steps + opts.phase_steps + opts.profile_steps)
 
 
 def check_bench_dir(run_dir: Path) -> None:
@@ -80,6 +72,18 @@ def _one_step(trainer) -> tuple[float, float]:
     return time.perf_counter() - t0, loss
 
 
+def _timed_steps(trainer, n: int, times: list[float], losses: list[float]) -> float:
+    """Run `n` steps, appending each step's seconds and loss; returns the wall seconds of all
+    `n` with the device synchronised at the end."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        dt, loss = _one_step(trainer)
+        times.append(dt)
+        losses.append(loss)
+    _sync(trainer.device)
+    return time.perf_counter() - t0
+
+
 def run_bench(cfg: Config, opts: BenchOptions, run_dir: Path) -> dict[str, Any]:
     """Build the trainer for `cfg` and measure it; returns a JSON-ready result dict (rates are
     global over all ranks, memory is this rank's; times in seconds, memory in bytes)."""
@@ -100,21 +104,9 @@ def run_bench(cfg: Config, opts: BenchOptions, run_dir: Path) -> dict[str, Any]:
 
     times: list[float] = []
     losses: list[float] = []
-    t_warm = time.perf_counter()
-    for _ in range(opts.warmup):
-        dt, loss = _one_step(trainer)
-        times.append(dt)
-        losses.append(loss)
-    _sync(device)
-    warmup_s = time.perf_counter() - t_warm
+    warmup_s = _timed_steps(trainer, opts.warmup, times, losses)
     reset_peak_memory(device)
-    t_window = time.perf_counter()
-    for _ in range(opts.steps):
-        dt, loss = _one_step(trainer)
-        times.append(dt)
-        losses.append(loss)
-    _sync(device)
-    window_s = time.perf_counter() - t_window
+    window_s = _timed_steps(trainer, opts.steps, times, losses)
     peak_alloc, peak_reserved = peak_memory_bytes(device), peak_reserved_bytes(device)
 
     stats = steady_state(times, opts.warmup, trainer.tokens_per_step, trainer.flops_per_token,

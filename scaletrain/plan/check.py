@@ -172,17 +172,10 @@ def run_stack(cfg: Config) -> Stack:
 def _measure_config(cfg: Config, steps: int) -> Config:
     """The run's config for an in-process re-run: no eval, checkpoints, plots, TensorBoard,
     progress bar, sample or watchdog; enough steps for the schedule."""
-    cfg.train.steps = max(cfg.train.steps, steps)
+    from scaletrain.train.rundir import steps_only_config
+
+    cfg = steps_only_config(cfg, max(cfg.train.steps, steps))
     cfg.train.device = "cpu"  # the live-tensor measurement is the CPU analogue of max_memory_allocated
-    cfg.train.eval_interval = 0
-    cfg.train.sample_tokens = 0
-    cfg.train.hang_timeout_s = 0.0
-    cfg.checkpoint.interval = 0
-    cfg.checkpoint.save_final = False
-    cfg.checkpoint.async_save = False
-    cfg.metrics.tensorboard = False
-    cfg.metrics.plot = False
-    cfg.metrics.progress = "none"
     return cfg
 
 

@@ -6,6 +6,8 @@ tokenizer/ (HF tokenizer files), metrics.jsonl, tb/, loss.png and checkpoints/st
 
 from __future__ import annotations
 
+import copy
+
 import os
 import shutil
 from pathlib import Path
@@ -83,3 +85,21 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
             f"run folder {run_dir} holds no complete checkpoint; train it (checkpoint.save_final = true) first."
         )
     return ckpt
+
+
+def steps_only_config(cfg: Config, steps: int) -> Config:
+    """A copy of `cfg` that trains `steps` steps and does nothing else: no evaluation, samples,
+    checkpoints, TensorBoard, plots, progress bar or hang watchdog. For in-process re-runs that
+    measure a config (`scaletrain bench`, `plan check --measure-tensors`)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.train.steps = steps
+    cfg.train.eval_interval = 0
+    cfg.train.sample_tokens = 0
+    cfg.train.hang_timeout_s = 0.0
+    cfg.checkpoint.interval = 0
+    cfg.checkpoint.save_final = False
+    cfg.checkpoint.async_save = False
+    cfg.metrics.tensorboard = False
+    cfg.metrics.plot = False
+    cfg.metrics.progress = "none"
+    return cfg
