@@ -89,8 +89,11 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         if "sample" in summary:
             print("sample:\n" + summary["sample"])
         gib = 2**30
-        print(f"peak memory per rank: measured {summary['measured_peak_bytes'] / gib:.2f} GiB, "
-              f"planner predicted {summary['predicted_peak_bytes'] / gib:.2f} GiB")
+        cpu = summary.get("device") == "cpu"  # CPU: the measurement is the process peak RSS, not tensors
+        print(f"peak memory per rank: measured {summary['measured_peak_bytes'] / gib:.2f} GiB"
+              f"{' (process peak RSS: interpreter and libraries included)' if cpu else ''}, "
+              f"planner predicted {summary['predicted_peak_bytes'] / gib:.2f} GiB of tensors"
+              f"{' (compare live tensors with: scaletrain plan check --measure-tensors)' if cpu else ''}")
         print(f"run folder: {run_dir}")
     return 0
 

@@ -408,7 +408,7 @@ class Trainer:
             self.checkpointer.wait()  # the final checkpoint is committed before the summary
         summary.update(nonfinite_steps=self.nonfinite_steps, rollbacks=self.rollbacks, final_step=self.step, final_loss=loss_value if summary["start_step"] < t.steps else None,
                        predicted_peak_bytes=self.memory_estimate.predicted_bytes,
-                       measured_peak_bytes=peak_memory_bytes(self.device))
+                       measured_peak_bytes=peak_memory_bytes(self.device), device=self.device.type)
         self._finish(summary)
         return summary
 
