@@ -63,7 +63,9 @@ def _sync(device: torch.device) -> None:
 
 
 def _one_step(trainer) -> tuple[float, float]:
-    """Run one training step; returns (seconds, loss). The loss read is the host sync."""
+    """Run one training step; returns (host seconds, loss). The step's host sync is the trainer's
+    finite check before the optimizer; the optimizer's device work overlaps the next step's host
+    work, so single-step times are host intervals and the window (synchronised) is the measure."""
     t0 = time.perf_counter()
     result = trainer.train_step()
     if result is None:

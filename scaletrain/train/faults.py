@@ -63,6 +63,11 @@ def is_finite(*values: torch.Tensor) -> bool:
     return math.isfinite(float(torch.stack([v.detach().float().reshape(()) for v in values]).sum()))
 
 
+def host_values(*values: torch.Tensor) -> tuple[float, ...]:
+    """These scalar tensors as Python floats, in one device-to-host copy (one host sync)."""
+    return tuple(torch.stack([v.detach().float().reshape(()) for v in values]).cpu().tolist())
+
+
 def _parse_steps(text: str) -> set[int]:
     return {int(s) for s in text.replace(" ", "").split(",") if s}
 

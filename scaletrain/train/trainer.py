@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from scaletrain.train import metrics as metrics_lib
 from scaletrain.train.metrics import MetricsWriter, peak_memory_bytes, plot_loss, reset_peak_memory
 from scaletrain.train.optim import LRSchedule, PartsOptimizer
 from scaletrain.train.peaks import device_peak_flops
-from scaletrain.train.faults import Injector, Watchdog, first_nonfinite, is_finite
+from scaletrain.train.faults import Injector, Watchdog, first_nonfinite, host_values, is_finite
 from scaletrain.bench.phases import NullPhases
 from scaletrain.train.progress import Progress
 from scaletrain.train.reduce import clip_grad_norm, global_mean
@@ -264,9 +265,10 @@ class Trainer:
                 sample_ids.extend(int(i) for i in self.loader.last_sample_ids)
                 return batch
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def train_step(self) -> tuple[float, float] | None:
         """One optimizer step over `grad_accum` micro-batches; returns (mean loss over the
-        global batch, global grad norm), or None when the step was rolled back."""
+        global batch, global grad norm) as host floats, or None when the step was rolled back.
+        The optimizer's kernels may still be running on the device when it returns."""
         for part in self.parts:
             part.train()
         self.schedule.set_for_step(self.step + 1)
@@ -298,7 +300,10 @@ class Trainer:
         mark("grad norm + clip")
         self.watchdog.beat("all-reduce of the loss")
         loss = global_mean(loss_sum / accum, self._reports_loss)
-        if not is_finite(loss, grad_norm):  # before the update: a bad step never touches the weights
+        # The step's only host sync, before the update (a bad step never touches the weights);
+        # none after it, so the host prepares the next step while the optimizer runs.
+        values = host_values(loss, grad_norm)
+        if not all(math.isfinite(v) for v in values):
             return self._nonfinite(loss, grad_norm, positions, sample_ids)
         mark("loss all-reduce + finite check")
         self.watchdog.beat("optimizer step")
@@ -308,17 +313,17 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         mark("optimizer")
         self.step += 1
-        return loss, grad_norm
+        return values
 
     def _nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor, positions: list[tuple[int, int]],
-                   sample_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+                   sample_ids: list[int]) -> tuple[float, float] | None:
         """Apply train.nan_policy to a step whose loss or global gradient norm is NaN/Inf."""
         policy, step = self.cfg.train.nan_policy, self.step + 1
         self.nonfinite_steps += 1
         if policy == "skip":
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            return loss, grad_norm
+            return float(loss), float(grad_norm)
         culprit = first_nonfinite(self.parts) or ("the loss" if not is_finite(loss) else "a gradient on another rank")
         report = (f"non-finite {'loss' if not is_finite(loss) else 'gradient norm'} at step {step} "
                   f"(loss {float(loss)}, grad norm {float(grad_norm)}); rank {self.rank}'s batch had sample ids "
@@ -390,7 +395,7 @@ class Trainer:
                                   "(a batch that fails twice is skipped)")
                     continue
                 loss, grad_norm = result
-                loss_value = float(loss)  # host sync: the step is done when its loss is known
+                loss_value = float(loss)  # a host float already (train_step's one sync)
                 dt = time.perf_counter() - t0
                 record = self._record(loss_value, float(grad_norm), dt)
                 record["nonfinite_steps"] = self.nonfinite_steps
