@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
-from scaletrain.bench.phases import PhaseTimer
+from scaletrain.bench.phases import NullPhases, PhaseTimer
 from scaletrain.bench.stats import check_counts, steady_state
 from scaletrain.config.schema import Config
 from scaletrain.errors import ConfigError, NumericsError
+from scaletrain.train.peaks import device_peak_flops
 
 BENCH_MARKER = ".scaletrain-bench"  # a folder holding this file is a disposable bench folder
 
@@ -123,8 +124,6 @@ def run_bench(cfg: Config, opts: BenchOptions, run_dir: Path) -> dict[str, Any]:
             timer.end_step()
             losses.append(loss)
         phases = timer.summary()
-        from scaletrain.bench.phases import NullPhases
-
         trainer.phases = NullPhases()
     tax: dict[str, Any] = {}
     if opts.profile_steps:
@@ -135,8 +134,6 @@ def run_bench(cfg: Config, opts: BenchOptions, run_dir: Path) -> dict[str, Any]:
     trainer.metrics.close()
 
     c = trainer.cfg
-    from scaletrain.train.peaks import device_peak_flops
-
     bf16_peak = device_peak_flops(device, "bf16")
     return {
         "config": {"model": c.model.flavor, "params": param_counts(c.model)["total"], "seq_len": c.data.seq_len,

@@ -30,7 +30,6 @@ Fault injection (tests and scripts/chaos.py), from the environment so configs st
 from __future__ import annotations
 
 import faulthandler
-import math
 import os
 import signal
 import sys
@@ -56,11 +55,6 @@ def first_nonfinite(parts: list[nn.Module]) -> str | None:
             if not bool(torch.isfinite(local).all()):
                 return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
     return None
-
-
-def is_finite(*values: torch.Tensor) -> bool:
-    """One host sync: are all these (scalar) tensors finite?"""
-    return math.isfinite(float(torch.stack([v.detach().float().reshape(()) for v in values]).sum()))
 
 
 def host_values(*values: torch.Tensor) -> tuple[float, ...]:

@@ -33,7 +33,7 @@ from scaletrain.train import metrics as metrics_lib
 from scaletrain.train.metrics import MetricsWriter, peak_memory_bytes, plot_loss, reset_peak_memory
 from scaletrain.train.optim import LRSchedule, PartsOptimizer
 from scaletrain.train.peaks import device_peak_flops
-from scaletrain.train.faults import Injector, Watchdog, first_nonfinite, host_values, is_finite
+from scaletrain.train.faults import Injector, Watchdog, first_nonfinite, host_values
 from scaletrain.bench.phases import NullPhases
 from scaletrain.train.progress import Progress
 from scaletrain.train.reduce import clip_grad_norm, global_mean
@@ -304,7 +304,7 @@ class Trainer:
         # none after it, so the host prepares the next step while the optimizer runs.
         values = host_values(loss, grad_norm)
         if not all(math.isfinite(v) for v in values):
-            return self._nonfinite(loss, grad_norm, positions, sample_ids)
+            return self._nonfinite(values[0], values[1], positions, sample_ids)
         mark("loss all-reduce + finite check")
         self.watchdog.beat("optimizer step")
         self.optimizer.step()
@@ -315,18 +315,20 @@ class Trainer:
         self.step += 1
         return values
 
-    def _nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor, positions: list[tuple[int, int]],
+    def _nonfinite(self, loss: float, grad_norm: float, positions: list[tuple[int, int]],
                    sample_ids: list[int]) -> tuple[float, float] | None:
-        """Apply train.nan_policy to a step whose loss or global gradient norm is NaN/Inf."""
+        """Apply train.nan_policy to a step whose loss or global gradient norm (host floats, from
+        the step's one sync) is NaN/Inf."""
         policy, step = self.cfg.train.nan_policy, self.step + 1
         self.nonfinite_steps += 1
         if policy == "skip":
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            return float(loss), float(grad_norm)
-        culprit = first_nonfinite(self.parts) or ("the loss" if not is_finite(loss) else "a gradient on another rank")
-        report = (f"non-finite {'loss' if not is_finite(loss) else 'gradient norm'} at step {step} "
-                  f"(loss {float(loss)}, grad norm {float(grad_norm)}); rank {self.rank}'s batch had sample ids "
+            return loss, grad_norm
+        bad_loss = not math.isfinite(loss)
+        culprit = first_nonfinite(self.parts) or ("the loss" if bad_loss else "a gradient on another rank")
+        report = (f"non-finite {'loss' if bad_loss else 'gradient norm'} at step {step} "
+                  f"(loss {loss}, grad norm {grad_norm}); rank {self.rank}'s batch had sample ids "
                   f"{sample_ids[:16]}{' ...' if len(sample_ids) > 16 else ''}; first non-finite tensor on this rank: "
                   f"{culprit}")
         if policy == "rollback":
