@@ -336,8 +336,13 @@ def framework_baseline_bytes() -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def _collectives(dev: torch.device) -> dict:
-    """All-reduce bandwidth when more than one rank is present; nothing otherwise."""
+def _collectives(dev: torch.device, iters: int = 10, warmup: int = 2) -> dict:
+    """All-reduce bus bandwidth (bytes/s) when more than one rank is present; nothing otherwise.
+
+    Every rank issues the same number of collectives (a fixed count, never a time budget: a
+    rank that stopped early would leave the others waiting in a collective it never joins),
+    times them with the wall clock (the process CPU clock does not count waiting on peers or
+    gloo's worker threads), and the slowest rank's time is the measurement."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
@@ -345,7 +350,17 @@ def _collectives(dev: torch.device) -> dict:
     n = 8 * 2**20
     buf = torch.ones(n, device=dev)
     ws = dist.get_world_size()
-    t = _bench(lambda: dist.all_reduce(buf), budget_s=1.0)
+    for _ in range(warmup):
+        dist.all_reduce(buf)
+    _sync()
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        dist.all_reduce(buf)
+    _sync()
+    elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=dev)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    t = float(elapsed.item()) / iters
     bus = 2 * (ws - 1) / ws * 4 * n / t
     return {"intra_bw": bus, "inter_bw": bus, "intra_latency": 20e-6, "inter_latency": 20e-6}
 

@@ -39,9 +39,9 @@ from typing import Any
 
 from scaletrain.config.schema import Config
 from scaletrain.errors import CheckpointError, ConfigError
-from scaletrain.plan.cost import Estimate, Stack, estimate
+from scaletrain.plan.cost import Estimate, estimate
 from scaletrain.plan.hardware import CATALOG, GiB, Hardware, get_hardware
-from scaletrain.plan.memcheck import workload_for_config
+from scaletrain.plan.memcheck import run_stack, workload_for_config
 
 WARMUP_STEPS = 3
 
@@ -161,12 +161,6 @@ def _profile_baseline(profile: str | None) -> float | None:
         return None  # get_hardware already raised a clear error for a bad file
     v = raw.get("framework_baseline_bytes")
     return float(v) if isinstance(v, (int, float)) else None
-
-
-def run_stack(cfg: Config) -> Stack:
-    """The cost model's software switches for a scaletrain run: train.compile compiles the
-    blocks and the loss; parallel/tp.py computes the loss on replicated logits."""
-    return Stack(fused=bool(cfg.train.compile), compiled_loss=bool(cfg.train.compile), loss_parallel=False)
 
 
 def _measure_config(cfg: Config, steps: int) -> Config:

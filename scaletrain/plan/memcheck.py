@@ -61,12 +61,19 @@ def workload_for_config(cfg: Config, world_size: int, device_type: str) -> tuple
     return Workload(cfg.model, cfg.data.seq_len, global_batch, precision), layout
 
 
+def run_stack(cfg: Config) -> Stack:
+    """The cost model's software switches for a scaletrain run: train.compile compiles the
+    blocks and the loss; parallel/tp.py computes the loss on replicated logits (no
+    vocabulary-parallel loss), so TP ranks hold the whole [tokens, vocab] loss buffers."""
+    return Stack(fused=bool(cfg.train.compile), compiled_loss=bool(cfg.train.compile), loss_parallel=False)
+
+
 def estimate_for_config(cfg: Config, world_size: int, device: torch.device) -> MemoryEstimate:
     """The planner's memory prediction for `cfg` on `world_size` ranks of `device`."""
     w, layout = workload_for_config(cfg, world_size, device.type)
     capacity = device_capacity(device, world_size)
     hw = Hardware(device.type, {}, capacity, 1.0, 1, 1.0, 0.0, 1.0, 0.0)
-    mem = estimate_memory(w, layout, hw, Stack())
+    mem = estimate_memory(w, layout, hw, run_stack(cfg))
     return MemoryEstimate(mem.total, mem.parts(), capacity, mem.total <= capacity)
 
 

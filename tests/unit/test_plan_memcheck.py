@@ -7,7 +7,7 @@ import torch
 
 from scaletrain.config.load import load_config
 from scaletrain.errors import ConfigError
-from scaletrain.plan.hardware import GiB
+from scaletrain.plan.hardware import GiB, Hardware
 from scaletrain.plan.memcheck import check_fits, device_capacity, estimate_for_config
 
 CPU = torch.device("cpu")
@@ -70,3 +70,22 @@ def test_sharding_over_ranks_lowers_the_estimate():
     one = estimate_for_config(cfg, 1, CPU).breakdown["optimizer"]
     eight = estimate_for_config(cfg, 8, CPU).breakdown["optimizer"]
     assert eight == pytest.approx(one / 8)
+
+
+def test_memcheck_uses_the_runs_own_stack():
+    """The pre-flight check predicts what `plan check` predicts for the same run: scaletrain's
+    TP keeps replicated logits (whole 12 T V loss buffers per rank, not /tp) and train.compile
+    compiles the loss (2 B T V instead of 12 T V)."""
+    from scaletrain.plan.cost import Stack, estimate_memory
+    from scaletrain.plan.memcheck import run_stack, workload_for_config
+
+    cfg = load_config(None, {"parallel.tp": "2", "parallel.dp_shard": "1"})
+    assert run_stack(cfg) == Stack(fused=False, compiled_loss=False, loss_parallel=False)
+    w, layout = workload_for_config(cfg, 2, "cpu")
+    hw = Hardware("cpu", {}, 1e12, 1.0, 1, 1.0, 0.0, 1.0, 0.0)
+    own = estimate_memory(w, layout, hw, run_stack(cfg)).total
+    vocab_parallel = estimate_memory(w, layout, hw, Stack(loss_parallel=True)).total
+    assert estimate_for_config(cfg, 2, CPU).predicted_bytes == pytest.approx(own)
+    assert own > vocab_parallel  # the replicated loss is larger than the vocabulary-parallel one
+    compiled = load_config(None, {"train.compile": "true"})
+    assert run_stack(compiled).compiled_loss and run_stack(compiled).fused
