@@ -54,7 +54,9 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seq-len", default="8192", help="tokens per sequence")
     p.add_argument("--global-batch-tokens", default="4M", help="tokens per optimizer step (e.g. 16M)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp8", "fp16", "fp32"])
-    p.add_argument("--compile", action="store_true", help="assume torch.compile (fused elementwise kernels)")
+    p.add_argument("--compile", action="store_true",
+                   help="search: assume torch.compile (fused elementwise kernels); calibrate (CPU): also time the "
+                        "compiled block and loss at each measured shape (10-20 s of compilation each)")
     p.add_argument("--async-tp", action="store_true", help="assume TP communication overlapped with GEMMs")
     p.add_argument("--top", type=int, default=5, help="layouts shown")
     p.add_argument("--write-config", help="write the winner as a scaletrain config TOML")
@@ -172,14 +174,14 @@ def _calibrate(args) -> int:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         try:
-            prof = calibrate(model)
+            prof = calibrate(model, compile=args.compile)
         finally:
             rank = dist.get_rank()
             dist.destroy_process_group()
         if rank != 0:
             return 0
     else:
-        prof = calibrate(model)
+        prof = calibrate(model, compile=args.compile)
     write_profile(prof, args.out)
     print(f"{prof['name']}: matmul peak {prof['peak_flops']} FLOP/s, attention eff {prof['attn_eff']:.2f}, "
           f"memory bw {prof['hbm_bw'] / 1e9:.1f} GB/s, op overhead {prof['host_overhead_s'] * 1e6:.1f} us")

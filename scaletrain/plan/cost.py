@@ -16,6 +16,7 @@ from scaletrain.config.schema import ModelConfig
 from scaletrain.model.flops import (activation_bytes_per_layer, backward_transient_bytes, flops_per_token,
                                     forward_flops_per_layer, head_activation_bytes, loss_activation_bytes,
                                     param_counts, recompute_bytes, saved_activation_bytes)
+from scaletrain.plan.cpu_measured import block_seconds, head_seconds, measured_block_key
 from scaletrain.plan.hardware import Hardware
 
 MESH_ORDER = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # outermost -> innermost
@@ -371,6 +372,9 @@ def estimate(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), 
         + (gemm_time(T, m.ffn_dim / tp, m.dim, lin_peak, hw, p) if n_ffn == 3 else 0.0) + elem / 3
     recompute = {"none": 0.0, "selective": gemm_attn + attn, "full": fwd, "op": op_sac}[layout.ac]
     layer_compute = fwd + bwd + recompute
+    block_key = measured_block_key(cpu, layout.ac, stack.fused, tp, cp)
+    if block_key:  # the real block, measured: recompute and dispatch included (cpu_measured.py)
+        layer_compute = block_seconds(cpu["blocks"][block_key], T, s_local)
 
     # --- communication per layer per micro-batch ---
     exposed_layer: dict[str, float] = {}
@@ -409,10 +413,16 @@ def estimate(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), 
         if stack.fused:  # not measured: the GPU ratio of fused to eager launches
             n_ops *= p.ops_per_layer_fused / p.ops_per_layer_eager
         host_exposed_layer = n_ops * cpu["op_s"]
+    if block_key:  # the measured block already includes its dispatch
+        host_exposed_layer = 0.0
 
     # --- output head + loss (last stage) per micro-batch ---
     head = 3 * gemm_time(T, m.vocab_size / tp, m.dim, peak, hw, p)
     head += 6 * T * m.vocab_size / tp * 4 / (elem_bw if cpu else hw.hbm_bw)  # fp32 softmax cross-entropy passes
+    head_key = "head_compiled" if stack.compiled_loss else "head"
+    head_measured = bool(cpu and tp == 1 and cpu.get(head_key))
+    if head_measured:  # final norm + head + the trainer's loss, measured (cpu_measured.py)
+        head = head_seconds(cpu[head_key], T)
     stage_time = layers_stage * gpu_layer + head  # per micro-batch, the slowest (last) stage
     # --- pipeline: m micro-batches + (pp-1)/v bubble ---
     t = StepTime()
@@ -434,7 +444,8 @@ def estimate(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), 
     t.overhead = n_micro * layers_stage * host_exposed_layer + p.step_overhead_s
     t.optimizer = local_params * p.optimizer_bytes_per_param / hw.hbm_bw
     if cpu and cpu.get("ops"):  # counted ops outside the layers x measured seconds per op
-        t.overhead = n_micro * layers_stage * host_exposed_layer + n_micro * cpu["ops"]["fixed"] * cpu["op_s"]
+        fixed_ops = max(0, cpu["ops"]["fixed"] - (cpu.get("head_ops", 0) if head_measured else 0))
+        t.overhead = n_micro * layers_stage * host_exposed_layer + n_micro * fixed_ops * cpu["op_s"]
     if cpu and "optimizer_s_per_param" in cpu:  # measured clip + foreach AdamW
         t.optimizer = cpu.get("optimizer_fixed_s", 0.0) + local_params * cpu["optimizer_s_per_param"]
 

@@ -73,6 +73,15 @@ def test_calibrate_then_plan_with_the_profile(tmp_path, capsys):
     assert r.returncode == 0, r.stderr
     data = json.loads(prof.read_text())
     assert data["calibrated"] and data["hbm_bw"] > 0 and data["peak_flops"]["fp32"] > 0
+    # the measured real block per AC mode at seq 128 / 256 (debug: max_seq_len 256) x 1024 / 4096
+    # tokens, and the head + loss; compiled ones only with --compile
+    cpu = data["cpu"]
+    assert set(cpu["blocks"]) == {"none", "full", "selective"} and "head_compiled" not in cpu
+    for points in cpu["blocks"].values():
+        assert sorted((t, s) for t, s, _ in points) == [(1024, 128), (1024, 256), (4096, 128), (4096, 256)]
+        assert all(sec > 0 for _, _, sec in points)
+    assert [t for t, _ in cpu["head"]] == [1024, 4096]
+    assert 0 < cpu["head_ops"] <= cpu["ops"]["fixed"]  # the ops outside the layers include the head
     from scaletrain.cli import run
 
     assert run(["plan", "--model", "debug", "--gpus", "1", "--gpu", str(prof), "--seq-len", "256",
