@@ -244,9 +244,10 @@ def block_timings(model: ModelConfig, token_counts: tuple[int, ...] = (1024, 409
     cases so that a slow spell of a shared machine touches every case alike; each timed call
     follows an untimed call of the same case, so its data is in cache as in a training run
     that repeats one step (a small model's whole step fits in the L3 cache: timed right after
-    other cases, the debug block read 14-18 ms against 12-14 ms inside a training run). Points above the
-    first token count are skipped when the first takes more than `slow_s` (a model too big to
-    time quickly). Time compiled variants in a call of their own, after the eager ones."""
+    other cases, the debug block read 14-18 ms against 12-14 ms inside a training run).
+    Points above the first token count are skipped when the first takes more than `slow_s` (a
+    model too big to time quickly). Time compiled variants in a call of their own, after the
+    eager ones."""
     from scaletrain.model.transformer import build_model, rope_cos_sin
     from scaletrain.parallel.ac import apply_ac
 
