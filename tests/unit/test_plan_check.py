@@ -52,19 +52,29 @@ def test_cpu_run_without_profile_exits_2(run_dir):
     assert "Traceback" not in r.stderr
 
 
-def test_bad_run_folders_exit_2(run_dir, profile, tmp_path):
+def _main_exit(capsys, *argv: str) -> tuple[int, str]:
+    """Exit code and stderr of `scaletrain ARGV` run in this process (the CLI's own main)."""
+    from scaletrain.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    return e.value.code, capsys.readouterr().err
+
+
+def test_bad_run_folders_exit_2(run_dir, profile, tmp_path, capsys):
+    # one through the installed entry point (a fresh process, no traceback), the rest in-process
     r = run_cli("plan", "check", "--run", str(tmp_path / "missing"), "--profile", str(profile), check=False)
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
     no_metrics = tmp_path / "no_metrics"
     no_metrics.mkdir()
     shutil.copy(run_dir / "config.toml", no_metrics / "config.toml")
-    r = run_cli("plan", "check", "--run", str(no_metrics), "--profile", str(profile), check=False)
-    assert r.returncode == 2 and "no metrics file" in r.stderr and "Traceback" not in r.stderr
+    code, err = _main_exit(capsys, "plan", "check", "--run", str(no_metrics), "--profile", str(profile))
+    assert code == 2 and "no metrics file" in err and "Traceback" not in err
     (no_metrics / "metrics.jsonl").write_text('{"step": 1, "kind": "eval", "val_loss": 5.0}\n')
-    r = run_cli("plan", "check", "--run", str(no_metrics), "--profile", str(profile), check=False)
-    assert r.returncode == 2 and "no training steps" in r.stderr
-    r = run_cli("plan", "check", check=False)
-    assert r.returncode == 2 and "--run" in r.stderr
+    code, err = _main_exit(capsys, "plan", "check", "--run", str(no_metrics), "--profile", str(profile))
+    assert code == 2 and "no training steps" in err
+    code, err = _main_exit(capsys, "plan", "check")
+    assert code == 2 and "--run" in err
 
 
 def test_steady_steps_skip_warmup_and_steps_after_eval_or_checkpoint():
