@@ -38,6 +38,16 @@ def run_cli(*args: str, check: bool = True, timeout: float = 600, **popen) -> su
     return proc
 
 
+def main_exit(capsys, *args: str) -> tuple[int, str]:
+    """Exit code and stderr of `scaletrain ARGS` run in this process through the CLI's own
+    `main` (error printing and exit codes as in a fresh process, without its ~3 s start-up)."""
+    from scaletrain.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    return e.value.code, capsys.readouterr().err
+
+
 def debug_train_args(run_dir: Path, data_cache: Path, steps: int = 30, *extra: str) -> list[str]:
     """CLI args training the debug preset quickly and quietly (no TB / plot unless asked)."""
     return ["train", "--config", str(DEBUG_CONFIG), "--run-dir", str(run_dir),

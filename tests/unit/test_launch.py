@@ -3,7 +3,7 @@ and bad input (exit 2, nothing written)."""
 
 from __future__ import annotations
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, main_exit, run_cli
 
 ANCHOR = str(ROOT / "configs" / "anchor_1b.toml")
 
@@ -20,7 +20,7 @@ def test_slurm_script_has_rendezvous_and_overrides(tmp_path):
     assert text.rstrip().endswith("--resume auto --parallel.tp 2")
 
 
-def test_slurm_rejects_bad_layout_and_keys(tmp_path):
+def test_slurm_rejects_bad_layout_and_keys(tmp_path, capsys):
     out = tmp_path / "job.sbatch"
     base = ("launch", "slurm", "--config", ANCHOR, "--run-dir", str(tmp_path / "run"), "--out", str(out))
     cases = [
@@ -30,8 +30,11 @@ def test_slurm_rejects_bad_layout_and_keys(tmp_path):
         (("--nodes", "1", "--parallel.dp_shrd", "8"), "Did you mean 'dp_shard'"),
         (("--nodes", "0",), "must be >= 1"),
     ]
-    for extra, message in cases:
-        proc = run_cli(*base, *extra, check=False)
-        assert proc.returncode == 2, proc.stderr
-        assert message in proc.stderr
+    proc = run_cli(*base, *cases[0][0], check=False)  # one through a fresh process: no traceback
+    assert proc.returncode == 2 and cases[0][1] in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+    for extra, message in cases[1:]:  # the rest through the same main(), in this process
+        code, err = main_exit(capsys, *base, *extra)
+        assert code == 2, err
+        assert message in err
         assert not out.exists()

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import debug_train_args, run_cli
+from conftest import debug_train_args, main_exit, run_cli
 
 # A small synthetic CPU profile (the fields `plan calibrate` writes), so the test needs no
 # microbenchmarks: 50 GFLOP/s fp32, 10 GB/s memory, 5 us per op, 0.3 GiB framework RSS.
@@ -52,15 +52,6 @@ def test_cpu_run_without_profile_exits_2(run_dir):
     assert "Traceback" not in r.stderr
 
 
-def _main_exit(capsys, *argv: str) -> tuple[int, str]:
-    """Exit code and stderr of `scaletrain ARGV` run in this process (the CLI's own main)."""
-    from scaletrain.cli import main
-
-    with pytest.raises(SystemExit) as e:
-        main(list(argv))
-    return e.value.code, capsys.readouterr().err
-
-
 def test_bad_run_folders_exit_2(run_dir, profile, tmp_path, capsys):
     # one through the installed entry point (a fresh process, no traceback), the rest in-process
     r = run_cli("plan", "check", "--run", str(tmp_path / "missing"), "--profile", str(profile), check=False)
@@ -68,12 +59,12 @@ def test_bad_run_folders_exit_2(run_dir, profile, tmp_path, capsys):
     no_metrics = tmp_path / "no_metrics"
     no_metrics.mkdir()
     shutil.copy(run_dir / "config.toml", no_metrics / "config.toml")
-    code, err = _main_exit(capsys, "plan", "check", "--run", str(no_metrics), "--profile", str(profile))
+    code, err = main_exit(capsys, "plan", "check", "--run", str(no_metrics), "--profile", str(profile))
     assert code == 2 and "no metrics file" in err and "Traceback" not in err
     (no_metrics / "metrics.jsonl").write_text('{"step": 1, "kind": "eval", "val_loss": 5.0}\n')
-    code, err = _main_exit(capsys, "plan", "check", "--run", str(no_metrics), "--profile", str(profile))
+    code, err = main_exit(capsys, "plan", "check", "--run", str(no_metrics), "--profile", str(profile))
     assert code == 2 and "no training steps" in err
-    code, err = _main_exit(capsys, "plan", "check")
+    code, err = main_exit(capsys, "plan", "check")
     assert code == 2 and "--run" in err
 
 
