@@ -18,6 +18,7 @@ machine is averaged with the others instead of being reproduced. Seconds through
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -45,16 +46,27 @@ def _fit(rows: list[list[float]], ys: list[float]) -> list[float]:
     return best
 
 
+@functools.lru_cache(maxsize=64)
+def _block_law(points: tuple[tuple[float, ...], ...]) -> tuple[float, ...]:
+    """(c, a, b) of one measured series, fitted once (the search prices thousands of layouts)."""
+    return tuple(_fit([[1.0, t, t * s] for t, s, _ in points], [sec for _, _, sec in points]))
+
+
+@functools.lru_cache(maxsize=64)
+def _head_law(points: tuple[tuple[float, ...], ...]) -> tuple[float, ...]:
+    return tuple(_fit([[1.0, t] for t, _ in points], [sec for _, sec in points]))
+
+
 def block_seconds(points: list, tokens: float, seq: float) -> float:
     """Forward + backward seconds of one block on `tokens` tokens of sequence length `seq`,
     from measured [tokens, seq, seconds] points."""
-    c, a, b = _fit([[1.0, t, t * s] for t, s, _ in points], [sec for _, _, sec in points])
+    c, a, b = _block_law(tuple(tuple(p) for p in points))
     return c + a * tokens + b * tokens * seq
 
 
 def head_seconds(points: list, tokens: float) -> float:
     """Final norm + head + loss forward + backward seconds on `tokens` tokens."""
-    c, a = _fit([[1.0, t] for t, _ in points], [sec for _, sec in points])
+    c, a = _head_law(tuple(tuple(p) for p in points))
     return c + a * tokens
 
 
