@@ -1,14 +1,15 @@
 """Microbenchmarks of the present machine -> a hardware profile (JSON) the planner can use.
 
-Measures, each for a fixed small time budget or call count: matmul FLOP/s at the model's shapes (scaled down to fit), causal SDPA attention,
-memory bandwidth (a large tensor copy), the host cost of one small op (the framework tax),
-and, only when torch.distributed is initialised with more than one rank, all-reduce
-bandwidth; on the CPU also `framework_baseline_bytes`, the peak RSS of a fresh process
-that imported torch and the trainer and ran one tiny step, and the `cpu` block (the measured CPU
-execution model, calibrate_cpu.py: rates at the model's shapes and the real block and head
-timed per AC mode, compiled too with `compile`; used by cost.py for calibrated CPU profiles
-only). A CPU calibration takes ~30 s for `debug`, ~1-3 min for `cpu_demo`, more with
-`compile` the first time (10-20 s of compilation per shape).
+Measures, each for a fixed small time budget or call count: matmul FLOP/s at the model's
+shapes (scaled down to fit), causal SDPA attention, memory bandwidth (a large tensor copy),
+the host cost of one small op (the framework tax), and, only when torch.distributed is
+initialised with more than one rank, all-reduce bandwidth; on the CPU also
+`framework_baseline_bytes`, the peak RSS of a fresh process that imported torch and the
+trainer and ran one tiny step, and the `cpu` block (the measured CPU execution model,
+calibrate_cpu.py: rates at the model's shapes and the real block and head timed per AC
+mode, compiled too with `compile`; used by cost.py for calibrated CPU profiles only). A CPU
+calibration takes ~30 s for `debug`, ~1-3 min for `cpu_demo`, more with `compile` the first
+time (10-20 s of compilation per shape).
 The profile's fields are those of `hardware.Hardware`; `calibrated` marks it so
 the cost model uses the measured attention rate as is.
 """
