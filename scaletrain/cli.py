@@ -11,10 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from scaletrain.errors import NumericsError, ScaletrainError
-
-EXIT_USER_ERROR = 2
-EXIT_NUMERICS = 3  # non-finite training under train.nan_policy = "abort" (scaletrain/train/faults.py)
+from scaletrain.errors import EXIT_INTERRUPTED, EXIT_NUMERICS, EXIT_USER_ERROR, NumericsError, ScaletrainError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -179,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         code = EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        code = 130
+        code = EXIT_INTERRUPTED
     finally:
         from scaletrain.parallel.dims import shutdown_distributed
 

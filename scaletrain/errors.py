@@ -1,4 +1,4 @@
-"""scaletrain's error hierarchy.
+"""scaletrain's error hierarchy and process exit codes.
 
 Every user mistake (bad config, impossible layout, missing or corrupt files, incompatible
 checkpoint) raises a subclass of :class:`ScaletrainError`. The CLI prints its message
@@ -31,3 +31,13 @@ class NumericsError(Exception):
     """Training produced a non-finite loss or gradient under train.nan_policy = "abort" (or a
     rollback had nothing to roll back to). Not a user error: the CLI prints the report and
     exits 3."""
+
+
+# Process exit codes: the one table (docs: README "Contract"). Launchers (Slurm scripts, the
+# torchrun wrapper) rely on them: 2 and 3 repeat when retried, 4 and 5 are worth a restart.
+EXIT_OK = 0
+EXIT_USER_ERROR = 2  # a ScaletrainError: one message on stderr, nothing written lost
+EXIT_NUMERICS = 3  # non-finite training under train.nan_policy = "abort" (train/faults.py)
+EXIT_HANG = 4  # a rank stopped by the hang watchdog (train.hang_timeout_s)
+EXIT_PREEMPTED = 5  # stopped by SIGTERM/SIGUSR1 after saving a checkpoint; resume with --resume auto
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), after saving a checkpoint when training

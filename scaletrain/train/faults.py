@@ -40,8 +40,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-EXIT_NUMERICS = 3
-EXIT_HANG = 4
+from scaletrain.errors import EXIT_HANG
+
 
 
 def first_nonfinite(parts: list[nn.Module]) -> str | None:
