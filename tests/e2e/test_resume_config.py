@@ -55,3 +55,16 @@ def test_unknown_cli_key_suggests_the_flag(tmp_path, capsys):
     code, out, err = main_run(capsys, "train", "--run-dir", str(tmp_path / "r"), "--train.stepz", "3")
     assert code == 2 and "Did you mean '--train.steps'?" in err, err
     assert not (tmp_path / "r").exists()
+
+
+def test_warnings_are_one_line_on_rank_0(capsys, monkeypatch):
+    """The CLI's warning format: scaletrain's own as `warning: ...`, a library's naming it; no
+    source line; nothing from the other ranks of a torchrun job."""
+    from scaletrain.cli import _warning_line
+
+    _warning_line(UserWarning("checkpoint skipped"), UserWarning, "/src/scaletrain/train/rundir.py", 48)
+    _warning_line(FutureWarning("old API"), FutureWarning, "/v/lib/python3.11/site-packages/torch/x.py", 7)
+    monkeypatch.setenv("RANK", "1")
+    _warning_line(UserWarning("again"), UserWarning, "/src/scaletrain/train/rundir.py", 48)
+    assert capsys.readouterr().err.splitlines() == ["warning: checkpoint skipped",
+                                                    "warning (torch, FutureWarning): old API"]
