@@ -139,7 +139,7 @@ def _cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
     from scaletrain.data import prepare_data
 
     cfg = load_config(args.config, overrides)
-    data = prepare_data(cfg.data, cfg.tokenizer)
+    data = prepare_data(cfg.data, cfg.tokenizer, note=lambda msg: print(f"data: {msg}", flush=True))
     print(f"shards in {data.shard_dir}: {data.manifest['total_tokens']:,} tokens "
           f"(tokenizer vocab {data.tokenizer.vocab_size})")
     return 0

@@ -78,7 +78,8 @@ def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, force: bool = F
     def build(replace: bool) -> dict:
         c = get_corpus()
         note(f"tokenizing {len(c.train) + len(c.val):,} documents into shards in {shard_dir} ...")
-        return build_shards(shard_dir, c.train, c.val, tokenizer, source_fp, stats=c.stats.as_dict(), force=replace)
+        return build_shards(shard_dir, c.train, c.val, tokenizer, source_fp, stats=c.stats.as_dict(), force=replace,
+                            note=note)
 
     if built:
         manifest = build(force)

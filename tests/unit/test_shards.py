@@ -203,3 +203,16 @@ def test_prepare_data_tells_its_progress_on_a_cold_cache(tmp_path):
     notes.clear()
     prepare_data(cfg, bpe, note=notes.append)
     assert notes == []
+
+
+def test_tokenizing_reports_how_far_it_got(tmp_path, monkeypatch):
+    """A long tokenization tells `note` its progress between chunks (here every chunk)."""
+    from scaletrain.data import shards
+
+    monkeypatch.setattr(shards, "_CHUNK_CHARS", 1000)
+    docs = [Doc(f"d{i}", "The quick brown fox. " * 30) for i in range(4)]  # 630 chars each: 2 per chunk
+    notes: list[str] = []
+    entry = shards._write_split(str(tmp_path / "train.bin"), docs, ByteTokenizer(), np.dtype(np.uint16),
+                                note=notes.append, every_s=0.0)
+    assert notes == ["tokenized 2 of 4 train documents (1,262 tokens) ..."]
+    assert entry["documents"] == 4
