@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from scaletrain.errors import EXIT_INTERRUPTED, EXIT_NUMERICS, EXIT_USER_ERROR, NumericsError, ScaletrainError
@@ -71,13 +72,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from scaletrain.config import load_config
+    from scaletrain.train.rundir import train_config
     from scaletrain.train.trainer import Trainer
 
-    cfg = load_config(args.config, overrides)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     run_dir = Path(args.run_dir or Path("runs") / (Path(args.config).stem if args.config else "default"))
+    cfg, notes = train_config(args.config, overrides, run_dir, args.resume, args.overwrite)
+    if rank0 and notes:
+        print("\n".join(notes), flush=True)
     summary = Trainer(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, force=args.force).fit()
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank0:
         if "initial_val_loss" in summary:
             print(f"val_loss: {summary['initial_val_loss']:.4f} at step 0 -> "
                   f"{summary['final_val_loss']:.4f} at step {summary['final_step']}")
@@ -85,14 +89,22 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
             print(f"val_loss: {summary['final_val_loss']:.4f} at step {summary['final_step']}")
         if "sample" in summary:
             print("sample:\n" + summary["sample"])
-        gib = 2**30
-        cpu = summary.get("device") == "cpu"  # CPU: the measurement is the process peak RSS, not tensors
-        print(f"peak memory per rank: measured {summary['measured_peak_bytes'] / gib:.2f} GiB"
-              f"{' (process peak RSS: interpreter and libraries included)' if cpu else ''}, "
-              f"planner predicted {summary['predicted_peak_bytes'] / gib:.2f} GiB of tensors"
-              f"{' (compare live tensors with: scaletrain plan check --measure-tensors)' if cpu else ''}")
+        print(_memory_line(summary, run_dir))
         print(f"run folder: {run_dir}")
     return 0
+
+
+def _memory_line(summary: dict, run_dir: Path) -> str:
+    """The closing memory line (rank 0's measurement). On CUDA both numbers are tensor bytes
+    (the allocator's peak vs the planner's), so they are compared; on CPU the measurement is
+    the whole process's peak RSS, which says nothing about the tensor prediction, so the two
+    are not set side by side as if they were."""
+    gib = 2**30
+    measured, predicted = summary["measured_peak_bytes"] / gib, summary["predicted_peak_bytes"] / gib
+    if summary.get("device") == "cuda":
+        return f"peak tensor memory (rank 0): measured {measured:.2f} GiB, planner predicted {predicted:.2f} GiB"
+    return (f"peak process RSS (rank 0): {measured:.2f} GiB, the whole process, not comparable with the planner's "
+            f"{predicted:.2f} GiB of tensors (tensors vs tensors: scaletrain plan check --run {run_dir} --measure-tensors)")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -109,8 +121,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from scaletrain.export.runio import export_run
 
-    out = export_run(args.run, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite)
-    print(f"wrote Hugging Face model to {out}")
+    out, ckpt, step = export_run(args.run, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite)
+    print(f"exported step {step} ({ckpt}) as a Hugging Face model to {out}")
     return 0
 
 
@@ -127,15 +139,30 @@ def _cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
     from scaletrain.data import prepare_data
 
     cfg = load_config(args.config, overrides)
-    data = prepare_data(cfg.data, cfg.tokenizer)
+    data = prepare_data(cfg.data, cfg.tokenizer, note=lambda msg: print(f"data: {msg}", flush=True))
     print(f"shards in {data.shard_dir}: {data.manifest['total_tokens']:,} tokens "
           f"(tokenizer vocab {data.tokenizer.vocab_size})")
     return 0
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.showwarning` for the CLI: each warning as one line on stderr, like the errors
+    (`warning: ...`; a library's warning names the library), without the source line. Under
+    torchrun only rank 0 prints them: the ranks see the same run and would repeat each other."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    parts = Path(filename).parts
+    lib = next((parts[i + 1] for i, p in enumerate(parts[:-1]) if p in ("site-packages", "dist-packages")), None)
+    if lib is None and "scaletrain" not in parts:
+        lib = Path(filename).stem  # the standard library or a script
+    origin = "" if lib in (None, "scaletrain") else f" ({lib}, {category.__name__})"
+    print(f"warning{origin}: {message}", file=file or sys.stderr, flush=True)
+
+
 def run(argv: list[str] | None = None) -> int:
     """Parse `argv` and run the command; returns the exit code (raises on crashes)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.showwarning = _warning_line
     if argv[:2] == ["bench", "ffn"]:
         from scaletrain.bench.cli import run_ffn_cmd
 

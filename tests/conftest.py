@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -48,6 +49,17 @@ def main_exit(capsys, *args: str) -> tuple[int, str]:
     return e.value.code, capsys.readouterr().err
 
 
+def main_run(capsys, *args: str) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of `scaletrain ARGS` run in this process through `main`
+    (like `main_exit`, for commands whose normal output is checked too)."""
+    from scaletrain.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
 def debug_train_args(run_dir: Path, data_cache: Path, steps: int = 30, *extra: str) -> list[str]:
     """CLI args training the debug preset quickly and quietly (no TB / plot unless asked)."""
     return ["train", "--config", str(DEBUG_CONFIG), "--run-dir", str(run_dir),
@@ -63,6 +75,23 @@ def run_torchrun(nproc: int, *args: str, timeout: float = 600) -> subprocess.Com
     env = cli_env()
     env["OMP_NUM_THREADS"] = "1"
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+
+
+def truncate_one_file(ckpt: Path) -> None:
+    """Cut a data file of checkpoint folder `ckpt` to 10 bytes (a disk that lost its end)."""
+    data = next(p for p in sorted(ckpt.iterdir()) if p.suffix == ".distcp")
+    data.write_bytes(data.read_bytes()[:10])
+
+
+def train_losses(run: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every training line of RUN/metrics.jsonl in file order, repeats included."""
+    lines = (json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip())
+    return [(r["step"], r["loss"]) for r in lines if r.get("kind") == "train"]
+
+
+def damaged_copies(run: Path, step: int) -> list[str]:
+    """Folders a damaged checkpoint of `step` was moved aside to."""
+    return [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(f"damaged-step-{step:08d}")]
 
 
 GPU_TESTS = ROOT / "tests" / "gpu"

@@ -26,9 +26,10 @@ _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
 
-def _did_you_mean(name: str, options: typing.Iterable[str]) -> str:
+def _did_you_mean(name: str, options: typing.Iterable[str], spell: typing.Callable[[str], str] = str) -> str:
+    """' Did you mean X?' for the option closest to `name` (written as `spell(option)`), or ''."""
     close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return f" Did you mean '{close[0]}'?" if close else ""
+    return f" Did you mean '{spell(close[0])}'?" if close else ""
 
 
 def _field_types(node_cls: type) -> dict[str, type]:
@@ -127,33 +128,35 @@ def _nest(flat: dict[str, str]) -> dict[str, dict[str, Any]]:
     return nested
 
 
-def _check_keys(raw: dict[str, Any], origin: str) -> None:
+def _check_keys(raw: dict[str, Any], origin: str, cli: bool = False) -> None:
+    """Unknown sections and keys are errors with a suggestion spelled as the user wrote it:
+    `--train.steps` for a command-line override (`cli`), `train.steps` / `[train]` in TOML."""
     sections = section_types()
     for section, table in raw.items():
         if section not in sections:
-            raise ConfigError(
-                f"unknown config section '{section}' in {origin}.{_did_you_mean(section, sections)}"
-                f" Sections: {', '.join(sections)}."
-            )
+            spell = (lambda s: " ".join(f"--{s}.{key}" for key in table)) if cli else (lambda s: f"[{s}]")
+            raise ConfigError(f"unknown config section '{section}' in {origin}."
+                              f"{_did_you_mean(section, sections, spell)} Sections: {', '.join(sections)}.")
         if not isinstance(table, dict):
             raise ConfigError(f"'{section}' in {origin} must be a table ([{section}]).")
         fields = _field_types(sections[section])
         for key in table:
             if key not in fields:
-                raise ConfigError(
-                    f"unknown key '{section}.{key}' in {origin}.{_did_you_mean(key, fields)}"
-                )
+                spell = lambda k: f"{'--' if cli else ''}{section}.{k}"  # noqa: E731
+                raise ConfigError(f"unknown key '{section}.{key}' in {origin}.{_did_you_mean(key, fields, spell)}")
 
 
-def build_config(toml: dict[str, Any] | None = None, overrides: dict[str, str] | None = None) -> Config:
-    """Assemble a Config from parsed TOML and flat dotted overrides, then validate it."""
+def build_config(toml: dict[str, Any] | None = None, overrides: dict[str, str] | None = None,
+                 toml_origin: str = "the config file") -> Config:
+    """Assemble a Config from parsed TOML and flat dotted overrides, then validate it.
+    `toml_origin` names where the TOML came from in error messages (e.g. its path)."""
     from scaletrain.config.validate import validate_config
     from scaletrain.model.flavors import FLAVORS, model_config_for
 
     toml = toml or {}
     cli = _nest(overrides or {})
-    _check_keys(toml, "the config file")
-    _check_keys(cli, "the command line")
+    _check_keys(toml, toml_origin)
+    _check_keys(cli, "the command line", cli=True)
     cfg = Config()
     sections = section_types()
     for section, node_cls in sections.items():
@@ -177,7 +180,7 @@ def load_config(path: str | Path | None, overrides: list[str] | dict[str, str] |
     toml = read_toml(path) if path is not None else {}
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
-    return build_config(toml, overrides)
+    return build_config(toml, overrides, str(path) if path is not None else "the config file")
 
 
 def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:

@@ -104,7 +104,7 @@ class CheckpointConfig:
 
 @dataclass
 class MetricsConfig:
-    log_interval: int = 1  # steps between log lines (metrics.jsonl gets every step)
+    log_interval: int = 0  # steps between log lines; 0 = auto, ~50 lines per run (metrics.jsonl gets every step)
     tensorboard: bool = True
     plot: bool = True  # loss-curve PNG at the end
     progress: str = "auto"  # "auto" (live bar on a TTY) | "rich" | "plain" | "none"

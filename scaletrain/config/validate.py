@@ -82,7 +82,8 @@ def validate_config(cfg: Config) -> None:
     c = cfg.checkpoint
     _require(c.interval >= 0, f"checkpoint.interval must be >= 0 (0 = only the final), got {c.interval}.")
     _require(c.keep >= 0, f"checkpoint.keep must be >= 0 (0 = keep all), got {c.keep}.")
-    _require(cfg.metrics.log_interval >= 1, f"metrics.log_interval must be >= 1, got {cfg.metrics.log_interval}.")
+    _require(cfg.metrics.log_interval >= 0,
+             f"metrics.log_interval must be >= 0 (0 = auto, about 50 lines per run), got {cfg.metrics.log_interval}.")
 
     p = cfg.parallel
     for name in ("dp_replicate", "tp", "pp", "cp"):

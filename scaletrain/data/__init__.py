@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,31 +44,42 @@ class PreparedData:
 
 
 def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, force: bool = False,
-                 verify: str = "auto") -> PreparedData:
+                 verify: str = "auto", note: Callable[[str], None] | None = None) -> PreparedData:
     """Corpus -> tokenizer -> shards, each cached; returns the mapped token streams.
 
     ``force`` re-tokenizes even when valid shards exist. ``verify`` is passed to ``open_split``
     ("auto": sha256 for files < 256 MB). Cached shards that fail verification are rebuilt once,
     with a warning; a DataError explains any bad input (missing path, empty corpus, ...).
+    ``note(message)`` is told what is being built (reading the corpus, training the tokenizer,
+    tokenizing) and when the data is ready, so a cold cache is not a silent wait; a warm cache
+    tells it nothing.
     """
     t0 = time.perf_counter()
+    note = note or (lambda msg: None)
     source_fp = corpus_fingerprint(data_cfg)
     corpus: list[Corpus] = []  # loaded at most once, and only when something must be built
 
     def get_corpus() -> Corpus:
         if not corpus:
+            note(f"reading the {data_cfg.source!r} corpus ...")
+            start = time.perf_counter()
             corpus.append(load_corpus(data_cfg))
+            c = corpus[0]
+            note(f"read {len(c.train):,} train + {len(c.val):,} validation documents in "
+                 f"{time.perf_counter() - start:.1f} s")
         return corpus[0]
 
     tokenizer = build_tokenizer(tok_cfg, data_cfg.cache_dir, train_docs_fn=lambda: get_corpus().train,
-                                source_fingerprint=source_fp)
+                                source_fingerprint=source_fp, note=note)
     shard_dir = shard_dir_for(data_cfg.cache_dir, source_fp, tokenizer.fingerprint())
     manifest = None if force else find_shards(shard_dir, source_fp, tokenizer.fingerprint())
     built = manifest is None
 
     def build(replace: bool) -> dict:
         c = get_corpus()
-        return build_shards(shard_dir, c.train, c.val, tokenizer, source_fp, stats=c.stats.as_dict(), force=replace)
+        note(f"tokenizing {len(c.train) + len(c.val):,} documents into shards in {shard_dir} ...")
+        return build_shards(shard_dir, c.train, c.val, tokenizer, source_fp, stats=c.stats.as_dict(), force=replace,
+                            note=note)
 
     if built:
         manifest = build(force)
@@ -83,6 +95,9 @@ def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, force: bool = F
              "built": built, "seconds": round(time.perf_counter() - t0, 3)}
     log.info("data ready in %.1f s (%s): %d train / %d val tokens, vocab %d, %s", stats["seconds"],
              "built" if built else "cached", len(train), len(val), tokenizer.vocab_size, shard_dir)
+    if built:
+        note(f"ready in {stats['seconds']:.1f} s: {len(train):,} train + {len(val):,} validation tokens "
+             f"(tokenizer vocab {tokenizer.vocab_size})")
     return PreparedData(tokenizer, shard_dir, manifest, train, val, stats)
 
 

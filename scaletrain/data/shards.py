@@ -22,6 +22,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from typing import Sequence
 
 import numpy as np
@@ -88,10 +89,13 @@ def _chunks(docs: Sequence[Doc], max_chars: int):
         yield docs[start:]
 
 
-def _write_split(path: str, docs: Sequence[Doc], tokenizer: Tokenizer, dtype: np.dtype) -> dict:
-    """Tokenize ``docs`` into ``path`` (each doc then eos); returns its manifest entry."""
+def _write_split(path: str, docs: Sequence[Doc], tokenizer: Tokenizer, dtype: np.dtype,
+                 note: Callable[[str], None] | None = None, every_s: float = 10.0) -> dict:
+    """Tokenize ``docs`` into ``path`` (each doc then eos); returns its manifest entry.
+    ``note`` is told how far it got at most every ``every_s`` seconds."""
     eos = np.array([tokenizer.eos_id], dtype=dtype)
-    hasher, tokens = hashlib.sha256(), 0
+    hasher, tokens, done = hashlib.sha256(), 0, 0
+    last = time.perf_counter()
     with open(path, "wb") as f:
         for chunk in _chunks(docs, _CHUNK_CHARS):
             parts = []
@@ -101,6 +105,11 @@ def _write_split(path: str, docs: Sequence[Doc], tokenizer: Tokenizer, dtype: np
             f.write(arr.data)
             hasher.update(arr.data)
             tokens += arr.size
+            done += len(chunk)
+            if note and done < len(docs) and time.perf_counter() - last >= every_s:
+                split = os.path.splitext(os.path.basename(path))[0]
+                note(f"tokenized {done:,} of {len(docs):,} {split} documents ({tokens:,} tokens) ...")
+                last = time.perf_counter()
         f.flush()
         os.fsync(f.fileno())
     return {"file": os.path.basename(path), "tokens": tokens, "bytes": tokens * dtype.itemsize,
@@ -108,12 +117,14 @@ def _write_split(path: str, docs: Sequence[Doc], tokenizer: Tokenizer, dtype: np
 
 
 def build_shards(shard_dir: str, train_docs: Sequence[Doc], val_docs: Sequence[Doc], tokenizer: Tokenizer,
-                 source_fingerprint: str, stats: dict | None = None, force: bool = False) -> dict:
+                 source_fingerprint: str, stats: dict | None = None, force: bool = False,
+                 note: Callable[[str], None] | None = None) -> dict:
     """Tokenize the splits into ``shard_dir`` and return its manifest.
 
     A no-op (nothing read or written) when ``shard_dir`` already holds shards of the same
     source and tokenizer fingerprints, unless ``force``. ``stats`` (corpus counts) is stored
-    in the manifest so later loads can report it without reading the corpus.
+    in the manifest so later loads can report it without reading the corpus. ``note`` (a
+    progress callback) hears how far tokenizing got every few seconds.
     """
     tok_fp = tokenizer.fingerprint()
     if not force:
@@ -127,7 +138,7 @@ def build_shards(shard_dir: str, train_docs: Sequence[Doc], val_docs: Sequence[D
     os.makedirs(tmp)
     try:
         dtype = token_dtype(tokenizer.vocab_size)
-        files = {split: _write_split(os.path.join(tmp, f"{split}.bin"), docs, tokenizer, dtype)
+        files = {split: _write_split(os.path.join(tmp, f"{split}.bin"), docs, tokenizer, dtype, note)
                  for split, docs in (("train", train_docs), ("val", val_docs))}
         manifest = {
             "format_version": FORMAT_VERSION,

@@ -244,13 +244,14 @@ def _training_texts(docs, max_chars: int) -> list[str]:
 
 
 def build_tokenizer(tok_cfg: TokenizerConfig, cache_dir: str, train_docs_fn: Callable[[], list] | None = None,
-                    source_fingerprint: str | None = None) -> Tokenizer:
+                    source_fingerprint: str | None = None, note: Callable[[str], None] | None = None) -> Tokenizer:
     """The tokenizer of ``tok_cfg``.
 
     ``bpe`` is trained on up to ``tok_cfg.train_chars`` characters of ``train_docs_fn()`` (a list
     of Doc, called only when training is needed) and cached as
     ``cache_dir/tokenizers/bpe-<key>/tokenizer.json`` with key = (source_fingerprint,
-    vocab_size, train_chars); a second call loads it without touching the corpus.
+    vocab_size, train_chars); a second call loads it without touching the corpus. ``note``
+    (a progress callback) is told when training starts and ends.
     """
     if tok_cfg.kind == "byte":
         return ByteTokenizer()
@@ -270,11 +271,15 @@ def build_tokenizer(tok_cfg: TokenizerConfig, cache_dir: str, train_docs_fn: Cal
             return load_tokenizer_dir(folder)
         except DataError as e:
             log.warning("cached BPE in %s is unreadable (%s); training it again", folder, e)
-    t0 = time.perf_counter()
     texts = _training_texts(train_docs_fn(), tok_cfg.train_chars)
+    t0 = time.perf_counter()
+    if note:
+        note(f"training a BPE tokenizer (vocab {tok_cfg.vocab_size}) on {sum(map(len, texts)):,} characters ...")
     tok = train_bpe(texts, tok_cfg.vocab_size)
     log.info("trained BPE (vocab %d) on %d chars in %.1f s -> %s", tok.vocab_size,
              sum(map(len, texts)), time.perf_counter() - t0, folder)
+    if note:
+        note(f"trained the tokenizer in {time.perf_counter() - t0:.1f} s")
     tok.save(folder)  # concurrent trainers write identical files; each write is atomic
     return tok
 

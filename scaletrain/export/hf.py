@@ -113,8 +113,8 @@ def export_hf(
 
     Writes model.safetensors, config.json and every `tokenizer_files` entry (file name ->
     text or bytes) into a temporary sibling folder, then renames it into place, so `out_dir`
-    is never left half-written. Raises CheckpointError if `out_dir` exists and is not empty
-    (unless overwrite=True), or if keys are missing/unexpected; ConfigError for a model that
+    is never left half-written; its folder and files get the modes the umask gives new files.
+    Raises CheckpointError if `out_dir` exists and is not empty (unless overwrite=True), or if keys are missing/unexpected; ConfigError for a model that
     HF Llama cannot express (squared-ReLU FFN). DTensors must be gathered by the caller
     (e.g. `full_tensor()`) first. Returns the output folder.
     """
@@ -155,6 +155,13 @@ def export_hf(
         for name, content in files.items():
             path = tmp / name
             path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+        # mkdtemp makes the folder 0700 and safetensors writes 0600: give the export the modes
+        # every other new file gets (0666 / 0777 less the umask), so others on a shared cluster
+        # can read it when the umask says so.
+        mask = _umask()
+        for path in tmp.iterdir():
+            path.chmod(0o666 & ~mask)
+        tmp.chmod(0o777 & ~mask)
         if out.exists():
             # Move the old folder aside first, so a crash leaves either the old or the new one.
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -167,6 +174,13 @@ def export_hf(
         if tmp.exists():
             shutil.rmtree(tmp)
     return out
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it; it is restored at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def import_hf(src_dir: str | Path, allow_pickle: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

@@ -13,7 +13,7 @@ import torch
 from scaletrain.config.load import config_to_dict, write_config
 from scaletrain.config.schema import Config
 from scaletrain.errors import CheckpointError
-from scaletrain.train.checkpoint import Checkpointer
+from scaletrain.train.checkpoint import Checkpointer, read_marker
 from scaletrain.train.rundir import latest_checkpoint, load_run_config
 
 MODEL_ONLY = "model"  # marker "contents" of an imported checkpoint (no optimizer state)
@@ -43,15 +43,22 @@ def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None, de
 
 
 def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None,
-               overwrite: bool = False) -> Path:
-    """Write a run's checkpoint as HF Llama safetensors + config.json + tokenizer files."""
+               overwrite: bool = False) -> tuple[Path, Path, int]:
+    """Write a run's checkpoint (default: its newest good one) as HF Llama safetensors +
+    config.json + tokenizer files; returns (output folder, checkpoint folder, its step).
+    An occupied `out` is refused before the model is loaded, unless `overwrite`."""
     from scaletrain.export.hf import export_hf
 
-    model, _, cfg = load_run_model(run_dir, checkpoint)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise CheckpointError(f"{out} exists and is not empty; choose a new --out folder, or pass --overwrite "
+                              "to replace it.")
+    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    model, _, cfg = load_run_model(run_dir, ckpt)
     tok_dir = _tokenizer_dir(Path(run_dir))
     files = {f.name: f.read_bytes() for f in sorted(tok_dir.iterdir()) if f.is_file()}
     export_hf(model.state_dict(), cfg.model, out, tokenizer_files=files, overwrite=overwrite)
-    return Path(out)
+    return out, ckpt, int(read_marker(ckpt)["step"])
 
 
 def import_run(src: str | Path, run_dir: str | Path, allow_pickle: bool = False) -> Path:

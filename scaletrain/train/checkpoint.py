@@ -79,11 +79,11 @@ def has_key(ckpt: Path, key: str) -> bool:
     return key in dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
 
 
-def _damaged(path: Path) -> bool:
+def _damaged(path: Path, checksums: bool = False) -> bool:
     """Whether the committed checkpoint at `path` fails verification (missing marker, files
-    missing or of the wrong size)."""
+    missing or of the wrong size, and a wrong sha256 when `checksums`)."""
     try:
-        verify_checkpoint(path)
+        verify_checkpoint(path, checksums)
         return False
     except CheckpointError:
         return True
@@ -152,6 +152,12 @@ class Checkpointer:
                 warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
         return None
 
+    def has_good(self, step: int) -> bool:
+        """Whether a checkpoint of `step` is committed and verifies as `latest()` checks it. A
+        damaged one does not count: saving `step` again moves it aside and replaces it."""
+        path = self.root / step_dir_name(step)
+        return path.is_dir() and not _damaged(path, checksums=self.cfg.verify == "checksum")
+
     def save(self, step: int, state: dict[str, Any], metadata: dict[str, Any]) -> Path:
         """Write `state` (model/optim/train state dicts) for optimizer step `step`; returns the
         folder it is committed to. `metadata` (JSON-able) is stored in the marker.
@@ -165,7 +171,7 @@ class Checkpointer:
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{step_dir_name(step)}"
         if self.rank == 0:
-            if final.exists() and _damaged(final):
+            if final.exists() and _damaged(final, checksums=self.cfg.verify == "checksum"):
                 # Resuming skipped this damaged checkpoint; move it aside (kept for inspection)
                 # so the re-run step can commit a good one under its name.
                 aside = final.with_name(f"damaged-{final.name}-{int(time.time())}")

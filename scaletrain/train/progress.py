@@ -1,7 +1,8 @@
 """Live progress of a training run: step, loss, tok/s, MFU and ETA.
 
 Modes (MetricsConfig.progress): "rich" draws a live bar on stdout, "plain" prints one
-`format_log_line` (+ ETA) every `log_interval` steps and at the last step, "none" prints
+`format_log_line` (+ ETA) every `log_interval` steps (0 = `auto_log_interval`: about 50
+lines per run) and at the last step, "none" prints
 nothing, "auto" is rich when stdout is a terminal and plain otherwise (log files, CI,
 SLURM). Everything goes to stdout so that logs and bar interleave in one stream. Only
 rank 0 prints.
@@ -9,6 +10,7 @@ rank 0 prints.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections import deque
@@ -18,6 +20,16 @@ from typing import Any
 from scaletrain.train.metrics import format_log_line, format_mfu
 
 MODES = ("auto", "rich", "plain", "none")
+
+
+def auto_log_interval(total_steps: int, lines: int = 50) -> int:
+    """Steps between log lines for about `lines` lines per run: total_steps / lines rounded
+    to the nearest (in log scale) 1, 2 or 5 x 10^k, at least 1. 100 steps -> 2, 3,000 -> 50."""
+    target = total_steps / lines
+    if target <= 1:
+        return 1
+    nice = [m * 10**k for k in range(int(math.log10(target)) + 2) for m in (1, 2, 5)]
+    return min(nice, key=lambda n: abs(math.log(n / target)))
 
 
 def format_eta(seconds: float | None) -> str:
@@ -47,7 +59,7 @@ class Progress:
             mode = "rich" if sys.stdout.isatty() else "plain"
         self.mode = mode
         self.total_steps = total_steps
-        self.log_interval = max(1, log_interval)
+        self.log_interval = log_interval if log_interval > 0 else auto_log_interval(total_steps)
         self._clock = clock
         self._step_times: deque[float] = deque(maxlen=window)  # seconds per step
         self._last_step = start_step

@@ -7,7 +7,7 @@ tokenizer/ (HF tokenizer files), metrics.jsonl, tb/, loss.png and checkpoints/st
 from __future__ import annotations
 
 import copy
-
+import json
 import os
 import shutil
 from pathlib import Path
@@ -75,6 +75,44 @@ def load_run_config(run_dir: str | Path) -> Config:
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a scaletrain run folder (no config.toml). Pass the --run-dir of a training run.")
     return config_from_dict(read_toml(path))
+
+
+def train_config(config_path: str | None, overrides: list[str], run_dir: Path, resume: str,
+                 overwrite: bool) -> tuple[Config, list[str]]:
+    """The config a `train` command runs with, and lines saying where it came from.
+
+    Continuing an existing run folder (`resume` is "auto" or a checkpoint, no `overwrite`, and
+    RUN/config.toml exists): without `config_path` the run's own config.toml is the base, so a
+    bare `--resume auto` trains what the run was training; with `config_path` that file is the
+    base. Either way `--section.key` `overrides` go on top, and every key whose value differs
+    from the run's config.toml gets a line `  section.key: old -> new`. Changes that cannot
+    resume (model shape, tokenizer, data) are refused later, when the checkpoint is loaded.
+    Otherwise `config_path` (or the defaults) plus `overrides`, and no lines."""
+    from scaletrain.config.load import config_to_dict, load_config, read_toml
+
+    run_toml = Path(run_dir) / "config.toml"
+    if resume == "never" or overwrite or not run_toml.is_file():
+        return load_config(config_path, overrides), []
+    cfg = load_config(config_path if config_path is not None else run_toml, overrides)
+    old, new = (_flat(config_to_dict(c)) for c in (load_run_config(run_dir), cfg))
+    changes = [f"  {key}: {_toml_value(old.get(key))} -> {_toml_value(value)}"
+               for key, value in new.items() if old.get(key) != value]
+    if config_path is None:
+        head = f"config: using {run_toml}" + (f" with {len(changes)} change(s):" if changes else "")
+    elif changes:
+        head = f"config: {config_path} differs from {run_toml} in {len(changes)} key(s), applied:"
+    else:
+        return cfg, []
+    return cfg, [head, *changes]
+
+
+def _flat(tree: dict[str, dict]) -> dict[str, object]:
+    return {f"{section}.{key}": value for section, node in tree.items() for key, value in node.items()}
+
+
+def _toml_value(value: object) -> str:
+    """A config value spelled as in TOML (strings quoted, true/false)."""
+    return json.dumps(value)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path:

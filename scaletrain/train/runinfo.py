@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shlex
 import socket
 import subprocess
 import sys
@@ -122,14 +123,54 @@ def hardware_info() -> dict[str, Any]:
     }
 
 
+def _proc_cmdline(pid: int) -> list[str] | None:
+    """The argv of process `pid` from /proc (Linux), or None where it cannot be read."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]] or None
+
+
+def _as_typed(cmdline: list[str]) -> list[str]:
+    """`cmdline` as a user types it: an entry-point script the interpreter runs (the kernel
+    turns `scaletrain ...` into `/venv/bin/python /venv/bin/scaletrain ...`) becomes its name."""
+    if (len(cmdline) > 1 and Path(cmdline[0]).name.startswith("python")
+            and Path(cmdline[1]).name in ("scaletrain", "torchrun")):
+        return [Path(cmdline[1]).name, *cmdline[2:]]
+    return cmdline
+
+
+def typed_command(orig_argv: list[str], environ: dict[str, str], parent_cmdline: list[str] | None) -> str:
+    """The command line the user typed to start this run, as one shell-quoted string.
+
+    `orig_argv` is this process's own (`sys.orig_argv`: interpreter, `-m scaletrain` or the
+    `scaletrain` script, arguments). A torchrun worker (TORCHELASTIC_RUN_ID is set) was started
+    by the torchrun agent, whose command (`parent_cmdline`, from /proc) is what the user typed.
+    Where that cannot be read, the command is rebuilt from the environment as
+    `torchrun --nnodes N --nproc-per-node G -m scaletrain ARGS` (rendezvous options unknown)."""
+    if "TORCHELASTIC_RUN_ID" not in environ:
+        return shlex.join(_as_typed(orig_argv))
+    if parent_cmdline and ("torch.distributed.run" in parent_cmdline
+                           or Path(_as_typed(parent_cmdline)[0]).name == "torchrun"):
+        return shlex.join(_as_typed(parent_cmdline))
+    args = orig_argv[orig_argv.index("scaletrain") + 1:] if "scaletrain" in orig_argv else orig_argv[1:]
+    nodes = int(environ.get("WORLD_SIZE", 1)) // max(1, int(environ.get("LOCAL_WORLD_SIZE", 1)))
+    return shlex.join(["torchrun", "--nnodes", str(nodes), "--nproc-per-node",
+                       environ.get("LOCAL_WORLD_SIZE", "1"), "-m", "scaletrain", *args])
+
+
 def collect_run_info(source_dir: Path | None = None) -> dict[str, Any]:
     """Everything that identifies a run's environment, as a JSON-ready dict:
-    `git` (revision, dirty), `versions`, `hardware`, `hostname`, `argv`, `time_utc`."""
+    `git` (revision, dirty), `versions`, `hardware`, `hostname`, `command` (as the user typed
+    it, see `typed_command`), `argv` (this process's sys.argv), `time_utc`."""
     return {
         "git": git_info(source_dir),
         "versions": package_versions(),
         "hardware": hardware_info(),
         "hostname": socket.gethostname(),
+        "command": typed_command(list(getattr(sys, "orig_argv", sys.argv)), dict(os.environ),
+                                 _proc_cmdline(os.getppid())),
         "argv": list(sys.argv),
         "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -150,7 +191,8 @@ def write_run_info(run_dir: str | Path, extra: dict[str, Any] | None = None) -> 
 
 
 def run_info_header(info: dict[str, Any]) -> str:
-    """Four lines for the top of a run log: revision, libraries, devices, command."""
+    """Lines for the top of a run log: revision, libraries, devices, the world size and layout
+    (parallel degrees) when recorded, and the command."""
     git = info.get("git", {})
     dirty = {True: " (dirty)", False: " (clean)"}.get(git.get("dirty"), "")
     v = info.get("versions", {})
@@ -167,10 +209,15 @@ def run_info_header(info: dict[str, Any]) -> str:
         device = "cpu"
     ram = hw.get("ram_bytes")
     ram_text = f"{ram / 2**30:.1f} GiB" if ram else "unknown"
-    return "\n".join([
+    lines = [
         f"scaletrain rev {git.get('revision', 'unknown')}{dirty} | host {info.get('hostname')}"
         f" | {info.get('time_utc')}",
         libs,
         f"device {device} | cpu {hw.get('cpu_model')} x {hw.get('cpu_usable')} | ram {ram_text}",
-        f"cmd {' '.join(info.get('argv', []))}",
-    ])
+    ]
+    if "world_size" in info:
+        layout = info.get("layout") or {}
+        degrees = " x ".join(f"{name} {degree}" for name, degree in layout.items())
+        lines.append(f"world {info['world_size']}" + (f": {degrees}" if degrees else ""))
+    lines.append(f"cmd {info.get('command') or ' '.join(info.get('argv', []))}")
+    return "\n".join(lines)

@@ -7,6 +7,7 @@ checkpoints. Only rank 0 prints or writes run files; every rank takes part in ch
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -87,7 +88,7 @@ class Trainer:
         # Data: rank 0 builds shards and tokenizer first, the others then read the cache.
         if self.rank != 0:
             barrier()
-        self.data = prepare_data(cfg.data, cfg.tokenizer)
+        self.data = prepare_data(cfg.data, cfg.tokenizer, note=self._data_note if self.rank == 0 else None)
         if self.rank == 0:
             barrier()
         tok = self.data.tokenizer
@@ -131,6 +132,7 @@ class Trainer:
         self.injector = Injector(self.rank)
         self.phases = NullPhases()  # `scaletrain bench` swaps in a PhaseTimer (bench/phases.py)
         self.watchdog = Watchdog(0, self.rank, self.run_dir)  # armed in fit()
+        self.resumed_from = resume_from
         if resume_from is not None:
             self._load(resume_from)
 
@@ -151,7 +153,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_config(cfg, self.run_dir / "config.toml")
             self._save_tokenizer()
-            self.run_info = write_run_info(self.run_dir, {"world_size": self.env.world_size})
+            self.run_info = write_run_info(self.run_dir, {"world_size": self.env.world_size,
+                                                          "layout": dataclasses.asdict(self.dims)})
         barrier()
         self.metrics = MetricsWriter(self.run_dir, cfg.metrics, self.rank)
 
@@ -227,6 +230,27 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         self.watchdog.beat("checkpoint save (DCP collectives)")
         return self.checkpointer.save(self.step, self._state(), self._metadata())
+
+    def _save_and_note(self, progress: Progress, wait: bool = False) -> None:
+        """Save a checkpoint of this step and say so (step, folder, seconds). With
+        checkpoint.async_save the seconds are the staging copy and the files are written in
+        the background, unless `wait` (the final save), which includes the commit."""
+        t0 = time.perf_counter()
+        path = self.save_checkpoint()
+        if wait:
+            self.checkpointer.wait()
+        seconds = time.perf_counter() - t0
+        if self.cfg.checkpoint.async_save and not wait:
+            progress.note(f"checkpoint step {self.step}: state staged in {seconds:.1f} s, "
+                          f"writing {path} in the background")
+        else:
+            progress.note(f"saved checkpoint step {self.step} to {path} in {seconds:.1f} s")
+
+    def _data_note(self, msg: str) -> None:
+        """Rank 0's data-preparation progress (tokenizer training, sharding) on stdout, before
+        the run's progress display starts; silent with metrics.progress = "none"."""
+        if self.cfg.metrics.progress != "none":
+            print(f"data: {msg}", flush=True)
 
     # ------------------------------------------------------------------ loop
     def _batch(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -386,7 +410,7 @@ class Trainer:
                       log_interval=self.cfg.metrics.log_interval) as progress:
             progress.note(run_info_header(self.run_info) if self.rank == 0 else "")
             if self.step:
-                progress.note(f"resumed at step {self.step} from {self.run_dir / 'checkpoints'}")
+                progress.note(f"resumed at step {self.step} from {self.resumed_from}")
             if self.step == 0 and t.eval_interval:
                 summary["initial_val_loss"] = self._eval_and_log(progress)
             while self.step < t.steps:
@@ -406,12 +430,14 @@ class Trainer:
                 if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.steps:
                     self._eval_and_log(progress)
                 if c.interval and self.step % c.interval == 0 and self.step < t.steps:
-                    self.save_checkpoint()
+                    self._save_and_note(progress)
             summary["final_val_loss"] = self._eval_and_log(progress)
             self.watchdog.beat("checkpoint wait")
             self.checkpointer.wait()
-            if c.save_final and not (self.checkpointer.root / ckpt_lib.step_dir_name(self.step)).exists():
-                self.save_checkpoint()
+            # A good checkpoint of this step may exist (a resume at the final step); a damaged
+            # one does not count: the save moves it aside and commits a verified one.
+            if c.save_final and not self.checkpointer.has_good(self.step):
+                self._save_and_note(progress, wait=True)
             self.checkpointer.wait()  # the final checkpoint is committed before the summary
         summary.update(nonfinite_steps=self.nonfinite_steps, rollbacks=self.rollbacks, final_step=self.step, final_loss=loss_value if summary["start_step"] < t.steps else None,
                        predicted_peak_bytes=self.memory_estimate.predicted_bytes,

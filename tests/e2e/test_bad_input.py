@@ -53,7 +53,7 @@ def test_vocab_smaller_than_tokenizer(tmp_path, data_cache):
 
 
 @pytest.mark.parametrize("extra,needle", [
-    (["--train.stepz", "3"], "Did you mean 'steps'"),
+    (["--train.stepz", "3"], "Did you mean '--train.steps'?"),
     (["--optim.lr", "-1"], "optim.lr must be > 0"),
     (["--data.seq_len", "4096"], "exceeds model.max_seq_len"),
 ])

@@ -32,8 +32,8 @@ def test_cli_flavor_switch_keeps_explicit_keys(tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--trian.steps", "3"], "Did you mean 'train'"),
-    (["--train.step", "3"], "Did you mean 'steps'"),
+    (["--trian.steps", "3"], "Did you mean '--train.steps'?"),
+    (["--train.step", "3"], "Did you mean '--train.steps'?"),
     (["--train.steps", "many"], "train.steps must be an integer"),
     (["--optim.lr", "-1e-3"], "optim.lr must be > 0"),
     (["--data.seq_len", "100000"], "data.seq_len = 100000 exceeds model.max_seq_len"),
@@ -56,8 +56,12 @@ def test_toml_type_errors_and_syntax(tmp_path):
         load_config(_toml(tmp_path, '[train]\nsteps = "10"\n'))
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(_toml(tmp_path, "[train\nsteps = 1\n"))
-    with pytest.raises(ConfigError, match="unknown config section 'modle'.*Did you mean 'model'"):
+    with pytest.raises(ConfigError, match=r"unknown config section 'modle'.*Did you mean '\[model\]'"):
         load_config(_toml(tmp_path, "[modle]\ndim = 3\n"))
+    # A key of a TOML file is suggested as TOML spells it, and the file is named.
+    toml = _toml(tmp_path, "[train]\nstepz = 3\n")
+    with pytest.raises(ConfigError, match=f"unknown key 'train.stepz' in {toml}. Did you mean 'train.steps'[?]"):
+        load_config(toml)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml")
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -81,6 +83,21 @@ def test_refuses_to_overwrite_unless_asked(tmp_path):
     (tmp_path / "empty").mkdir()
     export_hf(first, cfg, tmp_path / "empty")  # an existing empty folder is fine
     assert (tmp_path / "empty" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("umask,dir_mode,file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_export_follows_the_umask(tmp_path, umask, dir_mode, file_mode):
+    """The exported folder and its files get the modes of any new file (0777/0666 less the
+    umask), not mkdtemp's 0700 or safetensors' 0600."""
+    cfg = model_config_for("debug")
+    old = os.umask(umask)
+    try:
+        out = export_hf(build_model(cfg).state_dict(), cfg, tmp_path / "hf", tokenizer_files={"tokenizer.json": "{}"})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == dir_mode
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {
+        "model.safetensors": file_mode, "config.json": file_mode, "tokenizer.json": file_mode}
 
 
 def test_squared_relu_cannot_be_exported(tmp_path):

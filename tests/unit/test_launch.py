@@ -27,7 +27,7 @@ def test_slurm_rejects_bad_layout_and_keys(tmp_path, capsys):
         (("--nodes", "2", "--parallel.dp_shard", "3"), "parallel degrees multiply to 3"),
         (("--nodes", "2", "--gpus-per-node", "4", "--parallel.tp", "8", "--parallel.dp_shard", "1"), "spans more than one node"),
         (("--nodes", "1", "--gpus-per-node", "6", "--parallel.tp", "3"), "not divisible by parallel.tp = 3"),
-        (("--nodes", "1", "--parallel.dp_shrd", "8"), "Did you mean 'dp_shard'"),
+        (("--nodes", "1", "--parallel.dp_shrd", "8"), "Did you mean '--parallel.dp_shard'?"),
         (("--nodes", "0",), "must be >= 1"),
     ]
     proc = run_cli(*base, *cases[0][0], check=False)  # one through a fresh process: no traceback

@@ -4,7 +4,7 @@ import io
 
 import pytest
 
-from scaletrain.train.progress import Progress, format_eta
+from scaletrain.train.progress import Progress, auto_log_interval, format_eta
 
 
 class FakeClock:
@@ -38,6 +38,16 @@ def test_plain_prints_every_log_interval_with_eta(capsys):
         " | eta 0:00:00",
         "eval: val_loss 4.0000",
     ]
+
+
+def test_auto_log_interval_scales_with_the_run(capsys):
+    """log_interval 0 (the default): about 50 lines, every 1/2/5 x 10^k steps, plus the last."""
+    assert [auto_log_interval(n) for n in (8, 100, 200, 3000, 10_000, 1_234_567)] == [1, 2, 5, 50, 200, 20_000]
+    with Progress(total_steps=3000, mode="plain", rank=0, log_interval=0) as p:
+        for step in range(1, 3001):
+            p.update(step, _record(1.0))
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 60 and lines[0].startswith("step 50/3000") and lines[-1].startswith("step 3000/3000")
 
 
 def test_eta_uses_recent_window_and_skipped_steps():

@@ -5,9 +5,10 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
-from scaletrain.train.runinfo import collect_run_info, git_info, run_info_header, write_run_info
+from scaletrain.train.runinfo import collect_run_info, git_info, run_info_header, typed_command, write_run_info
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,7 +44,7 @@ def test_collect_fields():
     assert hw["cpu_count"] >= 1 and hw["ram_bytes"] > 2**28
     assert hw["cuda"]["available"] == torch.cuda.is_available()
     assert info["time_utc"].endswith("+00:00")
-    assert isinstance(info["argv"], list) and info["hostname"]
+    assert isinstance(info["argv"], list) and info["hostname"] and isinstance(info["command"], str)
     json.dumps(info)  # JSON-ready as collected
 
 
@@ -54,13 +55,13 @@ def test_write_run_info_and_header(tmp_path):
     assert on_disk["world_size"] == 1 and on_disk["git"]["revision"] == git_info()["revision"]
     header = run_info_header(info)
     lines = header.splitlines()
-    assert len(lines) == 4
+    assert len(lines) == 5 and lines[3] == "world 1"
     assert lines[0].startswith(f"scaletrain rev {info['git']['revision']}")
     assert ("(dirty)" in lines[0]) == info["git"]["dirty"]
     assert f"torch {info['versions']['torch']}" in lines[1]
     if not torch.cuda.is_available():
         assert lines[2].startswith("device cpu")
-    assert lines[3].startswith("cmd ")
+    assert lines[4] == f"cmd {info['command']}"
 
 
 def test_header_with_cuda_devices():
@@ -78,3 +79,30 @@ def test_header_with_cuda_devices():
     assert lines[1] == "python 3.11.2 | torch 2.13.0 | cuda 12.8 | cudnn 91000 | nccl 2.27.3"
     assert lines[2] == "device 8 x NVIDIA H100 80GB HBM3 (sm 9.0) | cpu EPYC x 16 | ram 128.0 GiB"
     assert lines[3] == "cmd scaletrain train"
+    info.update(world_size=8, layout={"dp_replicate": 1, "dp_shard": 4, "tp": 2, "pp": 1, "cp": 1},
+                command="torchrun --nproc-per-node 8 -m scaletrain train")
+    lines = run_info_header(info).splitlines()
+    assert lines[3:] == ["world 8: dp_replicate 1 x dp_shard 4 x tp 2 x pp 1 x cp 1",
+                         "cmd torchrun --nproc-per-node 8 -m scaletrain train"]
+
+
+@pytest.mark.parametrize("orig_argv,environ,parent,expected", [
+    # python -m scaletrain: this process's own command line
+    (["/v/bin/python", "-m", "scaletrain", "train", "--run-dir", "my runs/a"], {}, None,
+     "/v/bin/python -m scaletrain train --run-dir 'my runs/a'"),
+    # the `scaletrain` entry point, which the kernel runs as `python SCRIPT`
+    (["/v/bin/python3.11", "/v/bin/scaletrain", "train"], {}, ["bash"], "scaletrain train"),
+    # a torchrun worker: the agent's command, as typed (script or module form)
+    (["/v/bin/python", "-u", "-m", "scaletrain", "train"], {"TORCHELASTIC_RUN_ID": "x"},
+     ["/v/bin/python", "/v/bin/torchrun", "--standalone", "--nproc-per-node", "2", "-m", "scaletrain", "train"],
+     "torchrun --standalone --nproc-per-node 2 -m scaletrain train"),
+    (["/v/bin/python", "-u", "-m", "scaletrain", "train"], {"TORCHELASTIC_RUN_ID": "x"},
+     ["python", "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "scaletrain", "train"],
+     "python -m torch.distributed.run --nproc-per-node 2 -m scaletrain train"),
+    # the agent's command cannot be read: rebuilt from the environment
+    (["/v/bin/python", "-u", "-m", "scaletrain", "train", "--resume", "auto"],
+     {"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}, None,
+     "torchrun --nnodes 2 --nproc-per-node 8 -m scaletrain train --resume auto"),
+])
+def test_typed_command(orig_argv, environ, parent, expected):
+    assert typed_command(orig_argv, environ, parent) == expected

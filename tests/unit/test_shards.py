@@ -188,3 +188,31 @@ def test_prepare_data_on_builtin_corpus(tmp_path):
     assert len(eos) == p.stats["documents_train"] and eos[-1] == len(p.train_tokens) - 1
     assert p.tokenizer.decode(p.train_tokens[: eos[0]].tolist()).strip() != ""
     assert prepare_data(cfg, TokenizerConfig(kind="byte")).stats["built"] is False
+
+
+def test_prepare_data_tells_its_progress_on_a_cold_cache(tmp_path):
+    """Each stage of a build (corpus, BPE training, tokenizing, ready) is reported through the
+    `note` callback; a warm cache reports nothing."""
+    cfg = DataConfig(source="text", path=str(write_corpus(tmp_path / "corpus")), cache_dir=str(tmp_path / "cache"))
+    bpe = TokenizerConfig(kind="bpe", vocab_size=300, train_chars=20_000)
+    notes: list[str] = []
+    prepare_data(cfg, bpe, note=notes.append)
+    stages = ["reading the 'text' corpus", "read 28 train + 2 validation documents", "training a BPE tokenizer",
+              "trained the tokenizer in", "tokenizing 30 documents into shards", "ready in"]
+    assert len(notes) == len(stages) and all(n.startswith(s) for n, s in zip(notes, stages)), notes
+    notes.clear()
+    prepare_data(cfg, bpe, note=notes.append)
+    assert notes == []
+
+
+def test_tokenizing_reports_how_far_it_got(tmp_path, monkeypatch):
+    """A long tokenization tells `note` its progress between chunks (here every chunk)."""
+    from scaletrain.data import shards
+
+    monkeypatch.setattr(shards, "_CHUNK_CHARS", 1000)
+    docs = [Doc(f"d{i}", "The quick brown fox. " * 30) for i in range(4)]  # 630 chars each: 2 per chunk
+    notes: list[str] = []
+    entry = shards._write_split(str(tmp_path / "train.bin"), docs, ByteTokenizer(), np.dtype(np.uint16),
+                                note=notes.append, every_s=0.0)
+    assert notes == ["tokenized 2 of 4 train documents (1,262 tokens) ..."]
+    assert entry["documents"] == 4
