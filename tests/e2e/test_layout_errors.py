@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, cli_env, debug_train_args
+from conftest import ROOT, cli_env, debug_train_args, main_exit
 
 CASES = {
     "product": (4, ("--parallel.dp_shard", "3"), ["parallel degrees multiply to 3", "world size is 4",
@@ -61,3 +61,55 @@ def test_predicted_oom_is_refused_unless_forced(tmp_path, data_cache):
     forced = subprocess.run([*args, "--force"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert forced.returncode == 0, forced.stderr
     assert "planner predicted" in forced.stdout and (run / "metrics.jsonl").exists()
+
+
+def test_one_process_layout_points_to_the_launchers(tmp_path, data_cache, capsys, monkeypatch):
+    """`--parallel.tp 3` without torchrun: the message says how to launch 3 processes (the
+    scaletrain wrapper and plain torchrun) and which one-process layout would run instead."""
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "GROUP_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    code, err = main_exit(capsys, *debug_train_args(tmp_path / "r", data_cache, 2, "--parallel.tp", "3"))
+    assert code == 2, err
+    assert "scaletrain launch local --nproc-per-node 3 train" in err
+    assert "torchrun --standalone --nproc-per-node 3 -m scaletrain train" in err
+    assert "--parallel.tp 1" in err and err.count("\n") == 1  # one line
+    assert not (tmp_path / "r").exists()
+
+
+def test_layout_error_names_a_valid_layout_and_prints_once(tmp_path, data_cache, capsys, monkeypatch):
+    """Under a launcher (WORLD_SIZE=2) every rank raises the same layout error before any process
+    group exists: rank 0 prints it, naming layouts of 2 processes that also satisfy the model
+    (tp 2 divides the debug model's 4 heads and 2 KV heads); the other ranks exit 2 silently."""
+    args = debug_train_args(tmp_path / "r", data_cache, 2, "--parallel.tp", "3")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("GROUP_RANK", "0")
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        code, err = main_exit(capsys, *args)
+        assert code == 2
+        if rank == 0:
+            assert "does not divide the world size 2" in err and "--parallel.tp 2" in err, err
+            assert "--nproc-per-node 3" in err
+        else:
+            assert err == ""
+    # A model tp 2 cannot split (3 heads): the suggestion skips it and keeps a layout that runs.
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    code, err = main_exit(capsys, *args, "--model.n_heads", "3", "--model.n_kv_heads", "3", "--model.dim", "48")
+    assert code == 2 and "--parallel.tp 1" in err and "--parallel.tp 2" not in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_rank_failing_alone_still_says_so(tmp_path, data_cache, capsys, monkeypatch):
+    """An error that can differ between ranks (a file that only this rank's node lacks, here the
+    checkpoint to resume from) is printed by the rank that meets it, prefixed with its rank,
+    when it runs on another node than rank 0."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("GROUP_RANK", "1")
+    args = debug_train_args(tmp_path / "r", data_cache, 2, "--resume", str(tmp_path / "node-local" / "step-00000010"))
+    code, err = main_exit(capsys, *args)
+    assert code == 2 and err.startswith("[rank 2] error: ") and "step-00000010" in err, err
+    assert err.count("error:") == 1
