@@ -95,7 +95,11 @@ class _Agent(LocalElasticAgent):
         return [w.id for w in self.get_worker_group().workers if isinstance(w.id, int)]
 
     def forward(self, signum: int, frame=None) -> None:
-        """Signal handler: pass the signal on to the running workers (they save and exit)."""
+        """Signal handler: pass the signal on to the running workers (they save and exit). A
+        second SIGTERM/SIGUSR1 (Slurm's preemption reaches both the batch shell, which forwards
+        it, and this process) asks for the same stop and is not passed on again; SIGINT is."""
+        if signum != signal.SIGINT and self.stop_signal in (signal.SIGTERM, signal.SIGUSR1):
+            return
         self.stop_signal = self.stop_signal or signum
         running = [pid for pid in self._worker_pids() if _alive(pid)]
         if not running:

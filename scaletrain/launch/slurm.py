@@ -4,7 +4,7 @@ Slurm batch script that survives preemption and time limits (docs/scaling.md, "S
 On each node, srun starts one `scaletrain launch local` (torchrun's agent, exiting with the
 workers' own codes) with the c10d rendezvous on the first node's IP address:
 
-    srun --ntasks-per-node=1 python -m scaletrain launch local --nnodes N --nproc-per-node P \\
+    srun --ntasks-per-node=1 python3 -m scaletrain launch local --nnodes N --nproc-per-node P \\
          --rdzv-endpoint $HEAD_IP:PORT --rdzv-id $SLURM_JOB_ID --max-restarts K \\
          train --config CFG --run-dir DIR --resume auto --train.hang_timeout_s S [overrides]
 
@@ -149,7 +149,7 @@ def slurm_script(args: argparse.Namespace, overrides: list[str], nproc: int, gpu
     header += [f"--signal=B:USR1@{args.signal_lead_s}", "--requeue", "--open-mode=append",
                f"--output={logs}/%x-%j.out", f"--error={logs}/%x-%j.err"]
     q = shlex.quote
-    worker = ["python", "-m", "scaletrain", "launch", "local", "--nnodes", str(args.nodes),
+    worker = ["python3", "-m", "scaletrain", "launch", "local", "--nnodes", str(args.nodes),
               "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d"]
     train = ["train", "--config", str(Path(args.config).resolve()), "--run-dir", str(run_dir), "--resume", "auto",
              *overrides]
@@ -192,7 +192,7 @@ def slurm_script(args: argparse.Namespace, overrides: list[str], nproc: int, gpu
         'rc=${first:-$rc}',
         'if [ "$rc" = 5 ] || { [ -n "$SIGNALLED" ] && [ "$rc" != 0 ] && [ "$rc" != 2 ] && [ "$rc" != 3 ]; }; then',
         '  if scontrol requeue "$SLURM_JOB_ID"; then',
-        '    echo "[scaletrain] exit $rc after SIG${SIGNALLED:-TERM}: requeued; the next start resumes (--resume auto)"',
+        '    echo "[scaletrain] exit $rc${SIGNALLED:+ after SIG$SIGNALLED}: requeued; the next start resumes (--resume auto)"',
         "    exit 0",
         "  fi",
         '  echo "[scaletrain] scontrol requeue failed: submit this script again to continue (--resume auto)" >&2',
@@ -234,8 +234,12 @@ def run_slurm(args: argparse.Namespace, overrides: list[str]) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and out.read_text() != script:
         raise ConfigError(f"{out} already exists with another script; choose another --out or remove it.")
-    # Slurm opens --output/--error before the script runs and does not create their folder.
-    (Path(args.run_dir).resolve() / "slurm").mkdir(parents=True, exist_ok=True)
+    logs = Path(args.run_dir).resolve() / "slurm"
+    try:  # Slurm opens --output/--error before the script runs and does not create their folder
+        logs.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the job's log folder {logs} ({e.strerror}); choose a --run-dir "
+                          "on a file system you can write and every node sees.") from None
     if out is None:
         print(script, end="")
         return 0

@@ -7,8 +7,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 from conftest import ROOT, cli_env, debug_train_args, main_exit
 
 CASES = {
@@ -30,19 +28,27 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_impossible_layout(name, tmp_path, data_cache):
-    world, layout, messages = CASES[name]
-    env = cli_env()
-    env.update(WORLD_SIZE=str(world), RANK="0", LOCAL_RANK="0")
+def test_impossible_layouts(tmp_path, data_cache, capsys, monkeypatch):
+    """One case through a fresh process (no traceback, exit 2), the rest through the same
+    main() in this process."""
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "scaletrain", *debug_train_args(run, data_cache, 2, *layout)],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    for message in messages:
-        assert message in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not run.exists()
+    for i, (name, (world, layout, messages)) in enumerate(CASES.items()):
+        if i == 0:
+            env = cli_env()
+            env.update(WORLD_SIZE=str(world), RANK="0", LOCAL_RANK="0")
+            proc = subprocess.run([sys.executable, "-m", "scaletrain", *debug_train_args(run, data_cache, 2, *layout)],
+                                  capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+            code, err = proc.returncode, proc.stderr
+        else:
+            monkeypatch.setenv("WORLD_SIZE", str(world))
+            monkeypatch.setenv("RANK", "0")
+            monkeypatch.setenv("LOCAL_RANK", "0")
+            code, err = main_exit(capsys, *debug_train_args(run, data_cache, 2, *layout))
+        assert code == 2, (name, err)
+        for message in messages:
+            assert message in err, (name, err)
+        assert "Traceback" not in err
+        assert not run.exists()
 
 
 def test_predicted_oom_is_refused_unless_forced(tmp_path, data_cache):

@@ -36,7 +36,7 @@ exit 0
 echo "hostname $*" >> "$FAKE_SLURM_LOG"
 echo 127.0.0.1
 """,
-    "python": f"""#!/bin/bash
+    "python3": f"""#!/bin/bash
 exec {sys.executable} "$@"
 """,
 }

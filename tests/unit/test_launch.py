@@ -34,7 +34,7 @@ def test_slurm_gpu_script(tmp_path, capsys):
                  'scontrol requeue "$SLURM_JOB_ID"', 'exit "$rc"'):
         assert line in text, line
     assert "#SBATCH --time" not in text and "--cpus-per-task" not in text
-    assert "python -m scaletrain launch local --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d" in text
+    assert "python3 -m scaletrain launch local --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d" in text
     assert '--rdzv-endpoint "$HEAD_IP:29500" --rdzv-id "$SLURM_JOB_ID"' in text and "--max-restarts 3" in text
     assert "--resume auto --parallel.tp 2 --train.hang_timeout_s 1800 &" in text
     assert (run / "slurm").is_dir()  # Slurm does not create the log folder itself
