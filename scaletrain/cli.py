@@ -12,7 +12,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from scaletrain.errors import EXIT_INTERRUPTED, EXIT_NUMERICS, EXIT_USER_ERROR, NumericsError, ScaletrainError
+from scaletrain.errors import (EXIT_INTERRUPTED, EXIT_NUMERICS, EXIT_USER_ERROR, LayoutError, NumericsError,
+                               ScaletrainError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -190,6 +191,25 @@ def run(argv: list[str] | None = None) -> int:
     return {"generate": _cmd_generate, "export": _cmd_export, "import": _cmd_import}[args.command](args)
 
 
+def _report_user_error(e: ScaletrainError) -> None:
+    """Print a user error once per job, not once per rank, yet never hide a rank's own error.
+
+    Every rank exits 2; who prints depends on whether the other ranks surely met the same error.
+    Before any process group exists the ranks have run the same code on the same arguments, so
+    ranks on one node (same files, same hardware) fail alike: only each node's first rank
+    prints, and a LayoutError (a function of the config and the world size alone) only rank 0.
+    After that, errors can be one rank's own (its checkpoint shard, its device): each prints,
+    prefixed with its rank."""
+    import torch.distributed as dist
+
+    rank = os.environ.get("RANK", "0")
+    if rank != "0":
+        before_group = not (dist.is_available() and dist.is_initialized())
+        if before_group and (isinstance(e, LayoutError) or os.environ.get("LOCAL_RANK", "0") != "0"):
+            return
+    print(f"{'' if rank == '0' else f'[rank {rank}] '}error: {e}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         code = run(argv)
@@ -197,9 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         code = EXIT_NUMERICS
     except ScaletrainError as e:
-        rank = os.environ.get("RANK")
-        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-        print(f"{prefix}error: {e}", file=sys.stderr)
+        _report_user_error(e)
         code = EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

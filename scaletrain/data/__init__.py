@@ -19,7 +19,7 @@ import numpy as np
 from scaletrain.config.schema import DataConfig, TokenizerConfig
 from scaletrain.data.corpus import Corpus, CorpusStats, Doc, corpus_fingerprint, list_documents, load_corpus
 from scaletrain.data.loader import TokenLoader, val_batches
-from scaletrain.data.shards import build_shards, find_shards, open_split, read_manifest, shard_dir_for
+from scaletrain.data.shards import ShardError, build_shards, find_shards, open_split, read_manifest, shard_dir_for
 from scaletrain.data.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
@@ -28,7 +28,6 @@ from scaletrain.data.tokenizer import (
     load_tokenizer_dir,
     train_bpe,
 )
-from scaletrain.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +84,13 @@ def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, force: bool = F
         manifest = build(force)
     try:
         train, val = (open_split(shard_dir, s, verify) for s in ("train", "val"))
-    except DataError as e:
+    except ShardError as e:
         if built:
             raise
-        log.warning("cached shards failed verification (%s); rebuilding %s", e, shard_dir)
         manifest, built = build(True), True
         train, val = (open_split(shard_dir, s, verify) for s in ("train", "val"))
+        log.warning("cached shards in %s failed verification (%s); rebuilt them from the corpus", shard_dir,
+                    e.problem)
     stats = {**manifest.get("stats", {}), "tokens_train": int(len(train)), "tokens_val": int(len(val)),
              "built": built, "seconds": round(time.perf_counter() - t0, 3)}
     log.info("data ready in %.1f s (%s): %d train / %d val tokens, vocab %d, %s", stats["seconds"],

@@ -39,6 +39,16 @@ SPLITS = ("train", "val")
 FULL_VERIFY_MAX_BYTES = 256 * 2**20  # "auto" verification hashes files below this size
 _CHUNK_CHARS = 8_000_000  # characters tokenized per encode_batch call (bounds memory to ~100 MB)
 _REBUILD_HINT = "Delete that folder and rerun `scaletrain data prepare` (or the training command) to rebuild it."
+_DTYPES = ("uint16", "uint32")  # what token_dtype() writes
+
+
+class ShardError(DataError):
+    """A shard folder that cannot be used as it is; `problem` says why without the rebuild hint
+    (prepare_data rebuilds a cached folder itself and reports the problem)."""
+
+    def __init__(self, problem: str):
+        super().__init__(f"{problem} {_REBUILD_HINT}")
+        self.problem = problem
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -198,26 +208,45 @@ def open_split(shard_dir: str, split: str, verify: str = "auto") -> np.ndarray:
         raise ValueError(f"verify must be 'auto', 'size' or 'full', got {verify!r}")
     manifest = read_manifest(shard_dir)
     if manifest is None:
-        raise DataError(f"{shard_dir} has no readable manifest.json (unfinished or not a shard folder). "
-                        f"{_REBUILD_HINT}")
+        raise ShardError(f"{shard_dir} has no readable manifest.json (unfinished or not a shard folder).")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{shard_dir} uses shard format {manifest.get('format_version')}, this scaletrain "
-                        f"reads {FORMAT_VERSION}. {_REBUILD_HINT}")
+        raise ShardError(f"{shard_dir} uses shard format {manifest.get('format_version')}, this scaletrain "
+                         f"reads {FORMAT_VERSION}.")
     entry = manifest.get("files", {}).get(split)
     if entry is None:
         have = ", ".join(manifest.get("files", {}))
-        raise DataError(f"{shard_dir}/manifest.json has no split {split!r} (has {have}). {_REBUILD_HINT}")
+        raise ShardError(f"{shard_dir}/manifest.json has no split {split!r} (has {have}).")
+    if entry.get("file") != f"{split}.bin":  # never a path out of the folder
+        raise ShardError(f"{shard_dir}/manifest.json names file {entry.get('file')!r} for {split!r}, not {split}.bin.")
     path = os.path.join(shard_dir, entry["file"])
     if not os.path.isfile(path):
-        raise DataError(f"shard file {path} is missing. {_REBUILD_HINT}")
+        raise ShardError(f"shard file {path} is missing.")
     size = os.path.getsize(path)
     if size != entry["bytes"]:
-        raise DataError(f"shard file {path} is {size} bytes but its manifest says {entry['bytes']} "
-                        f"(truncated or overwritten). {_REBUILD_HINT}")
+        raise ShardError(f"shard file {path} is {size} bytes but its manifest says {entry['bytes']} "
+                         "(truncated or overwritten).")
+    dtype = _check_entry(shard_dir, split, entry, manifest.get("vocab_size"), size)
     if verify == "full" or (verify == "auto" and size < FULL_VERIFY_MAX_BYTES):
         if sha256_file(path) != entry["sha256"]:
-            raise DataError(f"shard file {path} fails its sha256 checksum (corrupt). {_REBUILD_HINT}")
-    dtype = np.dtype(entry["dtype"]).newbyteorder("<")
+            raise ShardError(f"shard file {path} fails its sha256 checksum (corrupt).")
     if entry["tokens"] == 0:  # mmap cannot map an empty file
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", shape=(entry["tokens"],))
+
+
+def _check_entry(shard_dir: str, split: str, entry: dict, vocab_size: int | None, size: int) -> np.dtype:
+    """The little-endian dtype of a manifest entry, once its fields agree with each other and
+    with the file: an edited dtype or token count would map garbage or a prefix of the stream."""
+    where = f"{shard_dir}/manifest.json ({split})"
+    name, tokens = entry.get("dtype"), entry.get("tokens")
+    if name not in _DTYPES or not isinstance(tokens, int) or tokens < 0:
+        raise ShardError(f"{where} records dtype {name!r} and {tokens!r} tokens; expected one of {_DTYPES} "
+                         "and a token count (edited manifest).")
+    dtype = np.dtype(name).newbyteorder("<")
+    if tokens * dtype.itemsize != size:
+        raise ShardError(f"{where} says {tokens} tokens x {dtype.itemsize} bytes ({name}) = "
+                         f"{tokens * dtype.itemsize} bytes, but the file holds {size} (edited manifest).")
+    if vocab_size is not None and name != token_dtype(vocab_size).name:
+        raise ShardError(f"{where} records dtype {name}, but a vocabulary of {vocab_size} ids is stored as "
+                         f"{token_dtype(vocab_size).name} (edited manifest).")
+    return dtype

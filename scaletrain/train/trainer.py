@@ -69,7 +69,8 @@ class Trainer:
         t = cfg.train
         self.env = read_env(t.device)
         check_sdpa_backend(t.sdpa_backend, self.env.device)
-        self.dims = resolve_dims(cfg.parallel, self.env.world_size)  # fails before any PG work
+        self.dims = resolve_dims(cfg.parallel, self.env.world_size, cfg.model, cfg.data.seq_len,
+                                 cfg.data.batch_size)  # fails before any PG work, naming layouts that fit
         check_layout(self.dims, cfg.parallel, cfg.model, cfg.data.seq_len, cfg.data.batch_size)
         from scaletrain.plan.memcheck import check_fits, estimate_for_config  # the planner's memory model
 

@@ -7,9 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
-from conftest import ROOT, cli_env, debug_train_args
+from conftest import ROOT, cli_env, debug_train_args, main_exit
 
 CASES = {
     "product": (4, ("--parallel.dp_shard", "3"), ["parallel degrees multiply to 3", "world size is 4",
@@ -30,19 +28,27 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_impossible_layout(name, tmp_path, data_cache):
-    world, layout, messages = CASES[name]
-    env = cli_env()
-    env.update(WORLD_SIZE=str(world), RANK="0", LOCAL_RANK="0")
+def test_impossible_layouts(tmp_path, data_cache, capsys, monkeypatch):
+    """One case through a fresh process (no traceback, exit 2), the rest through the same
+    main() in this process."""
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "scaletrain", *debug_train_args(run, data_cache, 2, *layout)],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    for message in messages:
-        assert message in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not run.exists()
+    for i, (name, (world, layout, messages)) in enumerate(CASES.items()):
+        if i == 0:
+            env = cli_env()
+            env.update(WORLD_SIZE=str(world), RANK="0", LOCAL_RANK="0")
+            proc = subprocess.run([sys.executable, "-m", "scaletrain", *debug_train_args(run, data_cache, 2, *layout)],
+                                  capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+            code, err = proc.returncode, proc.stderr
+        else:
+            monkeypatch.setenv("WORLD_SIZE", str(world))
+            monkeypatch.setenv("RANK", "0")
+            monkeypatch.setenv("LOCAL_RANK", "0")
+            code, err = main_exit(capsys, *debug_train_args(run, data_cache, 2, *layout))
+        assert code == 2, (name, err)
+        for message in messages:
+            assert message in err, (name, err)
+        assert "Traceback" not in err
+        assert not run.exists()
 
 
 def test_predicted_oom_is_refused_unless_forced(tmp_path, data_cache):
@@ -60,4 +66,56 @@ def test_predicted_oom_is_refused_unless_forced(tmp_path, data_cache):
     assert not run.exists()
     forced = subprocess.run([*args, "--force"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert forced.returncode == 0, forced.stderr
-    assert "planner predicted" in forced.stdout and (run / "metrics.jsonl").exists()
+    assert "planner" in forced.stdout and (run / "metrics.jsonl").exists()  # the memory line names its prediction
+
+
+def test_one_process_layout_points_to_the_launchers(tmp_path, data_cache, capsys, monkeypatch):
+    """`--parallel.tp 3` without torchrun: the message says how to launch 3 processes (the
+    scaletrain wrapper and plain torchrun) and which one-process layout would run instead."""
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "GROUP_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    code, err = main_exit(capsys, *debug_train_args(tmp_path / "r", data_cache, 2, "--parallel.tp", "3"))
+    assert code == 2, err
+    assert "scaletrain launch local --nproc-per-node 3 train" in err
+    assert "torchrun --standalone --nproc-per-node 3 -m scaletrain train" in err
+    assert "--parallel.tp 1" in err and err.count("\n") == 1  # one line
+    assert not (tmp_path / "r").exists()
+
+
+def test_layout_error_names_a_valid_layout_and_prints_once(tmp_path, data_cache, capsys, monkeypatch):
+    """Under a launcher (WORLD_SIZE=2) every rank raises the same layout error before any process
+    group exists: rank 0 prints it, naming layouts of 2 processes that also satisfy the model
+    (tp 2 divides the debug model's 4 heads and 2 KV heads); the other ranks exit 2 silently."""
+    args = debug_train_args(tmp_path / "r", data_cache, 2, "--parallel.tp", "3")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("GROUP_RANK", "0")
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        code, err = main_exit(capsys, *args)
+        assert code == 2
+        if rank == 0:
+            assert "does not divide the world size 2" in err and "--parallel.tp 2" in err, err
+            assert "--nproc-per-node 3" in err
+        else:
+            assert err == ""
+    # A model tp 2 cannot split (3 heads): the suggestion skips it and keeps a layout that runs.
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    code, err = main_exit(capsys, *args, "--model.n_heads", "3", "--model.n_kv_heads", "3", "--model.dim", "48")
+    assert code == 2 and "--parallel.tp 1" in err and "--parallel.tp 2" not in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_rank_failing_alone_still_says_so(tmp_path, data_cache, capsys, monkeypatch):
+    """An error that can differ between ranks (a file that only this rank's node lacks, here the
+    checkpoint to resume from) is printed by the rank that meets it, prefixed with its rank,
+    when it runs on another node than rank 0."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("GROUP_RANK", "1")
+    args = debug_train_args(tmp_path / "r", data_cache, 2, "--resume", str(tmp_path / "node-local" / "step-00000010"))
+    code, err = main_exit(capsys, *args)
+    assert code == 2 and err.startswith("[rank 2] error: ") and "step-00000010" in err, err
+    assert err.count("error:") == 1

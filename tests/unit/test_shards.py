@@ -115,6 +115,49 @@ def test_truncated_and_corrupt_shards_are_detected(tmp_path):
         open_split(d, "train")
 
 
+def test_edited_manifest_is_refused(tmp_path):
+    """A manifest whose dtype or token count no longer matches its file (bytes = tokens x
+    itemsize) is refused before the tokens are mapped, instead of training on garbage or on a
+    prefix of the stream; so is a dtype the vocabulary does not call for."""
+    narrow, wide = tmp_path / "narrow", tmp_path / "wide"
+    build_shards(str(narrow), TRAIN, VAL, ByteTokenizer(), "fp")
+    build_shards(str(wide), TRAIN, VAL, WideByteTokenizer(), "fp")
+    n = json.loads((narrow / "manifest.json").read_text())["files"]["train"]["tokens"]
+    edits = [
+        (narrow, {"dtype": "uint32"}, rf"{n} tokens x 4 bytes \(uint32\) = {4 * n} bytes, but the file holds {2 * n}"),
+        (narrow, {"tokens": n - 7}, rf"{n - 7} tokens x 2 bytes \(uint16\) = {2 * n - 14} bytes, but the file holds {2 * n}"),
+        (narrow, {"dtype": "uint8", "tokens": 2 * n}, r"records dtype 'uint8' and \d+ tokens; expected one of"),
+        (wide, {"dtype": "uint16", "tokens": 2 * n}, r"dtype uint16, but a vocabulary of 70000 ids is stored as uint32"),
+        (narrow, {"file": "../../secret.bin"}, r"names file '../../secret.bin' for 'train', not train.bin"),
+    ]
+    for folder, edit, message in edits:
+        manifest = folder / "manifest.json"
+        original = manifest.read_text()
+        edited = json.loads(original)
+        edited["files"]["train"].update(edit)
+        manifest.write_text(json.dumps(edited))
+        with pytest.raises(DataError, match=message):
+            open_split(str(folder), "train", verify="size")
+        manifest.write_text(original)
+        assert len(open_split(str(folder), "train")) == n
+
+
+def test_prepare_data_rebuilds_an_edited_manifest_and_says_so(tmp_path, caplog):
+    cfg = DataConfig(source="builtin", max_documents=25, cache_dir=str(tmp_path))
+    first = prepare_data(cfg, TokenizerConfig(kind="byte"))
+    expected = np.array(first.train_tokens)
+    manifest = os.path.join(first.shard_dir, "manifest.json")
+    edited = json.loads(open(manifest).read())
+    edited["files"]["train"]["tokens"] //= 2  # a prefix of the stream, bytes unchanged
+    with open(manifest, "w") as f:
+        json.dump(edited, f)
+    with caplog.at_level(logging.WARNING, logger="scaletrain.data"):
+        healed = prepare_data(cfg, TokenizerConfig(kind="byte"))
+    assert healed.stats["built"] and np.array_equal(healed.train_tokens, expected)
+    assert "rebuilt them" in caplog.text and "Delete that folder" not in caplog.text
+    assert first.shard_dir in caplog.text
+
+
 def test_shard_folder_depends_on_source_and_tokenizer():
     a = shard_dir_for("cache", "src1", "byte-v1")
     assert a == shard_dir_for("cache", "src1", "byte-v1")
@@ -168,7 +211,7 @@ def test_prepare_data_caches_and_heals(tmp_path, caplog):
         f.write(b"\xff\xff")
     with caplog.at_level(logging.WARNING, logger="scaletrain.data"):
         healed = prepare_data(cfg, TokenizerConfig(kind="byte"))
-    assert healed.stats["built"] and "failed verification" in caplog.text
+    assert healed.stats["built"] and "failed verification" in caplog.text and "rebuilt them" in caplog.text
     assert np.array_equal(healed.train_tokens, expected)
 
     # another tokenizer -> another shard folder; editing the corpus -> new shards
