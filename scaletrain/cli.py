@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", help="checkpoint folder (default: the run's newest complete one)")
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
-    i = sub.add_parser("import", help="turn a Hugging Face Llama folder into a scaletrain run folder")
+    i = sub.add_parser("import", help="turn a Hugging Face Llama, Qwen3 or Qwen3-MoE folder into a scaletrain run folder")
     i.add_argument("--from", dest="src_format", choices=["hf"], default="hf")
     i.add_argument("--src", required=True, help="HF model folder (config.json + *.safetensors)")
     i.add_argument("--run-dir", required=True, help="new run folder to create")

@@ -29,6 +29,20 @@ class ModelConfig:
     activation_sparsity: str = "none"  # "none" | "2:4" (2:4 needs ffn = "squared_relu")
     tie_embeddings: bool = False
     init_std: float = 0.02  # std of the normal init of linear and embedding weights
+    head_dim: int = 0  # width of one attention head; 0 = dim / n_heads (Qwen3-30B-A3B: 128 with dim 2048, 32 heads)
+    qk_norm: bool = False  # RMSNorm over head_dim of every query and key head before RoPE (Qwen3)
+    # Mixture of experts (model/moe.py, docs/moe.md); moe_experts = 0 is a dense model and the
+    # other moe_* keys are then unused.
+    moe_experts: int = 0  # routed experts per MoE layer
+    moe_top_k: int = 2  # routed experts per token
+    moe_ffn_dim: int = 0  # hidden width of one routed expert (SwiGLU, per gate); 0 = ffn_dim
+    moe_shared_experts: int = 0  # always-on experts, one SwiGLU of width moe_ffn_dim * moe_shared_experts
+    moe_dense_layers: int = 0  # the first k layers keep a dense FFN of width ffn_dim
+    moe_router: str = "softmax"  # "softmax" (top-k of softmax, renormalised) | "sigmoid" (DeepSeek-V3)
+    moe_balance: str = "aux_loss"  # "aux_loss" (sequence-wise Switch loss) | "bias" (aux-loss-free, arXiv 2408.15664) | "none"
+    moe_aux_coef: float = 0.01  # weight of each MoE layer's auxiliary loss (moe_balance = "aux_loss")
+    moe_bias_rate: float = 1e-3  # expert-bias step per optimizer step (moe_balance = "bias")
+    moe_capacity_factor: float = 0.0  # 0 = dropless; > 0: each expert takes ceil(cf * tokens * top_k / experts) per micro-batch in training
 
 
 @dataclass

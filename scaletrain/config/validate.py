@@ -10,6 +10,8 @@ from scaletrain.config.schema import Config
 from scaletrain.errors import ConfigError
 
 CHOICES = {
+    "model.moe_router": ("softmax", "sigmoid"),
+    "model.moe_balance": ("aux_loss", "bias", "none"),
     "tokenizer.kind": ("byte", "bpe", "file"),
     "data.source": ("builtin", "text", "jsonl", "parquet", "hf_disk"),
     "optim.name": ("adamw",),

@@ -1,8 +1,10 @@
-"""Hugging Face Llama import/export (safetensors; pickled .bin files are loaded only when the
+"""Hugging Face import/export (safetensors; pickled .bin files are loaded only when the
 caller opts in with allow_pickle, and then with torch.load(weights_only=True)).
 
-Our parameter names map 1:1 onto `LlamaForCausalLM` names (no permutation: our RoPE uses the
-same rotate_half layout as Hugging Face):
+The layout follows the model: `LlamaForCausalLM` for a dense model, `Qwen3ForCausalLM` for a
+dense model with model.qk_norm, `Qwen3MoeForCausalLM` for an MoE model (export/hf_moe.py holds
+its expert mapping and what it refuses). Our parameter names map 1:1 onto the Hugging Face
+names (no permutation: our RoPE uses the same rotate_half layout as Hugging Face):
 
     tok_embeddings.weight                  model.embed_tokens.weight
     layers.N.attention.w{q,k,v,o}.weight   model.layers.N.self_attn.{q,k,v,o}_proj.weight
@@ -13,6 +15,7 @@ same rotate_half layout as Hugging Face):
     layers.N.ffn_norm.weight               model.layers.N.post_attention_layernorm.weight
     norm.weight                            model.norm.weight
     output.weight                          lm_head.weight (omitted when embeddings are tied)
+    layers.N.attention.{q,k}_norm.weight   model.layers.N.self_attn.{q,k}_norm.weight (Qwen3)
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from safetensors.torch import load_file, save_file
 
 from scaletrain.config.schema import ModelConfig
 from scaletrain.errors import CheckpointError, ConfigError
+from scaletrain.export import hf_moe
 from scaletrain.model.flavors import FLAVORS, model_config_for
+from scaletrain.model.flops import head_dim_of, is_moe_layer
 from scaletrain.model.transformer import validate_model_config
 
 _TOP = {
@@ -48,16 +53,31 @@ _LAYER = {
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
+_FFN = {k for k in _LAYER if k.startswith("feed_forward.")}
+_QK_NORM = {"attention.q_norm.weight": "self_attn.q_norm.weight", "attention.k_norm.weight": "self_attn.k_norm.weight"}
 _RESERVED = {"model.safetensors", "config.json", "model.safetensors.index.json"}
+# model_type -> (architecture, q/k norms, MoE)
+_ARCHITECTURES = {"llama": ("LlamaForCausalLM", False, False), "qwen3": ("Qwen3ForCausalLM", True, False),
+                  "qwen3_moe": ("Qwen3MoeForCausalLM", True, True)}
+
+
+def _model_type(cfg: ModelConfig) -> str:
+    return "qwen3_moe" if cfg.moe_experts else "qwen3" if cfg.qk_norm else "llama"
 
 
 def hf_key_map(cfg: ModelConfig) -> dict[str, str]:
     """Our state_dict key -> Hugging Face key, for every tensor a HF checkpoint of `cfg` holds
-    (output.weight is absent when the embeddings are tied)."""
+    one-to-one (output.weight is absent when the embeddings are tied; the experts of MoE
+    layers are split and stacked by export/hf_moe.py)."""
     mapping = {k: v for k, v in _TOP.items() if not (cfg.tie_embeddings and k == "output.weight")}
+    layer = {**_LAYER, **(_QK_NORM if cfg.qk_norm else {})}
     for i in range(cfg.n_layers):
-        for ours, theirs in _LAYER.items():
-            mapping[f"layers.{i}.{ours}"] = f"model.layers.{i}.{theirs}"
+        moe = is_moe_layer(cfg, i)
+        for ours, theirs in layer.items():
+            if not (moe and ours in _FFN):
+                mapping[f"layers.{i}.{ours}"] = f"model.layers.{i}.{theirs}"
+        if moe:
+            mapping.update(hf_moe.layer_key_map(cfg, i))
     return mapping
 
 
@@ -68,21 +88,26 @@ def _check_exportable(cfg: ModelConfig) -> None:
             f"model.ffn={cfg.ffn!r} cannot be exported as a Hugging Face Llama: LlamaForCausalLM "
             "only has the gated SwiGLU MLP. Export needs model.ffn='swiglu'."
         )
+    if cfg.moe_experts:
+        hf_moe.check_exportable(cfg)
 
 
 def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """The config.json of a `LlamaForCausalLM` equivalent to `cfg` (weights stored as `dtype`)."""
+    """The config.json of the Hugging Face model equivalent to `cfg` (weights stored as
+    `dtype`): LlamaForCausalLM, Qwen3ForCausalLM (q/k norms) or Qwen3MoeForCausalLM (MoE)."""
     _check_exportable(cfg)
     dtype_name = str(dtype).removeprefix("torch.")
+    model_type = _model_type(cfg)
+    extra = hf_moe.config_fields(cfg) if cfg.moe_experts else {}
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [_ARCHITECTURES[model_type][0]],
+        "model_type": model_type,
         "hidden_size": cfg.dim,
         "intermediate_size": cfg.ffn_dim,
         "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads,
         "num_hidden_layers": cfg.n_layers,
-        "head_dim": cfg.dim // cfg.n_heads,
+        "head_dim": head_dim_of(cfg),
         "vocab_size": cfg.vocab_size,
         "rms_norm_eps": cfg.norm_eps,
         # transformers < 5 reads rope_theta; >= 5 reads rope_parameters (and converts the former).
@@ -99,6 +124,7 @@ def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict
         "torch_dtype": dtype_name,  # transformers < 5
         "dtype": dtype_name,  # transformers >= 5
         "use_cache": True,
+        **extra,
     }
 
 
@@ -109,14 +135,16 @@ def export_hf(
     tokenizer_files: dict[str, str | bytes] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write `state_dict` (our names, full unsharded tensors) as a Hugging Face Llama folder.
+    """Write `state_dict` (our names, full unsharded tensors) as a Hugging Face model folder
+    (Llama, Qwen3 or Qwen3-MoE, see `hf_config_dict`).
 
     Writes model.safetensors, config.json and every `tokenizer_files` entry (file name ->
     text or bytes) into a temporary sibling folder, then renames it into place, so `out_dir`
     is never left half-written; its folder and files get the modes the umask gives new files.
-    Raises CheckpointError if `out_dir` exists and is not empty (unless overwrite=True), or if keys are missing/unexpected; ConfigError for a model that
-    HF Llama cannot express (squared-ReLU FFN). DTensors must be gathered by the caller
-    (e.g. `full_tensor()`) first. Returns the output folder.
+    Raises CheckpointError if `out_dir` exists and is not empty (unless overwrite=True), or if
+    keys are missing/unexpected; ConfigError for a model that the layout cannot express
+    (squared-ReLU FFN; for MoE see hf_moe.check_exportable). DTensors must be gathered by the
+    caller (e.g. `full_tensor()`) first. Returns the output folder.
     """
     _check_exportable(cfg)
     out = Path(out_dir)
@@ -126,10 +154,14 @@ def export_hf(
     sd = dict(state_dict)
     if cfg.tie_embeddings:
         sd.pop("output.weight", None)  # the same tensor as tok_embeddings.weight
+    try:
+        experts = hf_moe.split_experts(sd, cfg)  # pops the expert tensors out of sd
+    except KeyError as e:
+        raise CheckpointError(f"the state_dict to export lacks the MoE tensor {e}") from None
     _check_keys(set(sd), set(mapping), "the state_dict to export")
     tensors, storages = {}, set()
-    for ours, theirs in mapping.items():
-        t = sd[ours]
+    named = [(ours, theirs, sd[ours]) for ours, theirs in mapping.items()]
+    for ours, theirs, t in named + [(theirs, theirs, t) for theirs, t in experts.items()]:
         if not isinstance(t, torch.Tensor) or hasattr(t, "full_tensor"):  # full_tensor: a DTensor
             raise CheckpointError(f"{ours} is a {type(t).__name__}; gather it to a full tensor before export")
         t = t.detach().to("cpu").contiguous()
@@ -184,14 +216,15 @@ def _umask() -> int:
 
 
 def import_hf(src_dir: str | Path, allow_pickle: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a Hugging Face Llama folder (config.json + safetensors) into (cfg, state_dict).
+    """Read a Hugging Face Llama, Qwen3 or Qwen3-MoE folder (config.json + safetensors) into
+    (cfg, state_dict).
 
     The state_dict uses our names and loads with `Transformer(cfg).load_state_dict(sd)`; for
     a tied model output.weight is the same tensor as tok_embeddings.weight. Sharded folders
     (model.safetensors.index.json) are supported. Raises CheckpointError for a folder without
-    safetensors or with missing/unexpected tensors; ConfigError for Llama features this model
-    lacks (rope scaling, biases, ...). A folder with only pickled weights (pytorch_model.bin,
-    or its sharded index) is refused unless `allow_pickle`, and even then it is read with
+    safetensors or with missing/unexpected tensors; ConfigError for features this model
+    lacks (rope scaling, biases, sliding windows, ...). A folder with only pickled weights
+    (pytorch_model.bin, or its sharded index) is refused unless `allow_pickle`, and even then it is read with
     torch.load(weights_only=True), which unpickles tensors and plain containers only.
     `cfg.flavor` names the registered flavor with the same shape, or "debug" if none matches
     (every field is set explicitly, so the flavor only names defaults that were all overridden).
@@ -210,8 +243,9 @@ def import_hf(src_dir: str | Path, allow_pickle: bool = False) -> tuple[ModelCon
             raise CheckpointError(f"{src}: tie_word_embeddings is true but lm_head differs from embed_tokens")
     for key in [k for k in hf if k.endswith("rotary_emb.inv_freq")]:
         del hf[key]  # a buffer some old exports saved; we recompute it
+    experts = hf_moe.stack_experts(hf, cfg, str(src))  # pops the per-expert tensors out of hf
     _check_keys(set(hf), set(theirs_to_ours), f"the safetensors in {src}")
-    sd = {theirs_to_ours[k]: v for k, v in hf.items()}
+    sd = {theirs_to_ours[k]: v for k, v in hf.items()} | experts
     if cfg.tie_embeddings:
         sd["output.weight"] = sd["tok_embeddings.weight"]
     return cfg, sd
@@ -228,8 +262,12 @@ def _check_keys(have: set[str], want: set[str], where: str) -> None:
 
 
 def _config_from_hf(hf: dict, where: str) -> ModelConfig:
-    if hf.get("model_type") != "llama":
-        raise ConfigError(f"{where}: model_type is {hf.get('model_type')!r}; only 'llama' can be imported")
+    if hf.get("model_type") not in _ARCHITECTURES:
+        raise ConfigError(f"{where}: model_type is {hf.get('model_type')!r}; only "
+                          f"{', '.join(map(repr, _ARCHITECTURES))} can be imported")
+    _, qk_norm, moe = _ARCHITECTURES[hf["model_type"]]
+    if hf.get("use_sliding_window"):
+        raise ConfigError(f"{where}: sliding-window attention is not supported")
     rope = hf.get("rope_parameters") or {}
     if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
         raise ConfigError(
@@ -244,8 +282,8 @@ def _config_from_hf(hf: dict, where: str) -> ModelConfig:
     if missing:
         raise CheckpointError(f"{where} lacks required Llama fields {missing}")
     dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, dim // n_heads):
-        raise ConfigError(f"{where}: head_dim={hf['head_dim']} != hidden_size / num_attention_heads")
+    # Absent head_dim: Qwen3Config's default is 128, the others use hidden_size / heads.
+    head_dim = hf.get("head_dim") or (128 if hf["model_type"] == "qwen3" else dim // n_heads)
     fields = {
         "dim": dim,
         "n_layers": hf["num_hidden_layers"],
@@ -260,6 +298,10 @@ def _config_from_hf(hf: dict, where: str) -> ModelConfig:
         "init_std": float(hf.get("initializer_range", 0.02)),
         "ffn": "swiglu",
         "activation_sparsity": "none",
+        "head_dim": 0 if head_dim * n_heads == dim else head_dim,
+        "qk_norm": qk_norm,
+        "moe_experts": 0,  # every field is set, so no flavor lends a dense model its experts
+        **(hf_moe.model_fields(hf, where) if moe else {}),
     }
     flavor = next((name for name in FLAVORS if model_config_for(name, **fields) == model_config_for(name)), "debug")
     cfg = model_config_for(flavor, **fields)

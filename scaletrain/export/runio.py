@@ -1,5 +1,6 @@
 """Run folder <-> model: load a run's checkpoint for sampling, export it to Hugging Face, and
-import a Hugging Face Llama folder as a new run folder (model-only checkpoint at step 0)."""
+import a Hugging Face (Llama, Qwen3, Qwen3-MoE) folder as a new run folder (model-only
+checkpoint at step 0)."""
 
 from __future__ import annotations
 
@@ -44,9 +45,9 @@ def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None, de
 
 def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None,
                overwrite: bool = False) -> tuple[Path, Path, int]:
-    """Write a run's checkpoint (default: its newest good one) as HF Llama safetensors +
-    config.json + tokenizer files; returns (output folder, checkpoint folder, its step).
-    An occupied `out` is refused before the model is loaded, unless `overwrite`."""
+    """Write a run's checkpoint (default: its newest good one) as Hugging Face safetensors (Llama,
+    Qwen3 or Qwen3-MoE layout) + config.json + tokenizer files; returns (output folder, checkpoint
+    folder, its step). An occupied `out` is refused before the model is loaded, unless `overwrite`."""
     from scaletrain.export.hf import export_hf
 
     out = Path(out)
@@ -62,7 +63,7 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | No
 
 
 def import_run(src: str | Path, run_dir: str | Path, allow_pickle: bool = False) -> Path:
-    """Create `run_dir` from an HF Llama folder: config.toml, tokenizer/ and a model-only
+    """Create `run_dir` from a Hugging Face model folder: config.toml, tokenizer/ and a model-only
     checkpoint at step 0 that `generate`, `export` and `train --resume PATH` accept.
     `allow_pickle` lets a folder with only pytorch_model.bin weights in (see `import_hf`)."""
     from scaletrain.config.validate import validate_config

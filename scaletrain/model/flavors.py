@@ -97,3 +97,33 @@ register_flavor(
     dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, ffn_dim=53248, vocab_size=128256,
     max_seq_len=8192, rope_theta=500000.0, norm_eps=1e-5,
 )  # fmt: skip
+# Mixture of experts (model/moe.py). moe_debug: the debug shape with 8 experts of width 64, top-2,
+# a dense first layer and Qwen3's q/k norms (so it exports as Qwen3-MoE): seconds per CPU step.
+register_flavor(
+    "moe_debug",
+    dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=192, vocab_size=512, max_seq_len=256,
+    qk_norm=True, moe_experts=8, moe_top_k=2, moe_ffn_dim=64, moe_dense_layers=1,
+)  # fmt: skip
+# Qwen/Qwen3-30B-A3B config.json: hidden_size 2048, num_hidden_layers 48, num_attention_heads 32,
+# num_key_value_heads 4, head_dim 128, intermediate_size 6144 (unused: mlp_only_layers []),
+# moe_intermediate_size 768, num_experts 128, num_experts_per_tok 8, norm_topk_prob true,
+# vocab_size 151936, max_position_embeddings 40960, rope_theta 1e6, rms_norm_eps 1e-6,
+# router_aux_loss_coef 0.001, tie_word_embeddings false. 30.5B parameters, 3.3B active.
+register_flavor(
+    "qwen3_30b_a3b",
+    dim=2048, n_layers=48, n_heads=32, n_kv_heads=4, head_dim=128, ffn_dim=6144, vocab_size=151936,
+    max_seq_len=40960, rope_theta=1000000.0, norm_eps=1e-6, qk_norm=True,
+    moe_experts=128, moe_top_k=8, moe_ffn_dim=768, moe_aux_coef=0.001,
+)  # fmt: skip
+# mistralai/Mixtral-8x7B-v0.1, from transformers' MixtralConfig (whose defaults document that
+# checkpoint): hidden_size 4096, num_hidden_layers 32, num_attention_heads 32, num_key_value_heads
+# 8, intermediate_size 14336 (each expert), num_local_experts 8, num_experts_per_tok 2, vocab_size
+# 32000, rope_theta 1e6, rms_norm_eps 1e-5, no sliding window; 32768-token context (the model card;
+# MixtralConfig defaults to 131072). 46.7B parameters, 12.9B active. No q/k norms, so it does not
+# export as Qwen3-MoE.
+register_flavor(
+    "mixtral_8x7b",
+    dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=32000,
+    max_seq_len=32768, rope_theta=1000000.0, norm_eps=1e-5,
+    moe_experts=8, moe_top_k=2, moe_ffn_dim=14336,
+)  # fmt: skip

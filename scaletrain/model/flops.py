@@ -19,14 +19,35 @@ from scaletrain.config.schema import ModelConfig
 AC_MODES = ("none", "selective", "full")
 
 
+def head_dim_of(cfg: ModelConfig) -> int:
+    """Width of one attention head: model.head_dim, or dim / n_heads when it is 0."""
+    return cfg.head_dim or cfg.dim // cfg.n_heads
+
+
 def _dims(cfg: ModelConfig) -> tuple[int, int, int]:
     """(head_dim, q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim)."""
-    head_dim = cfg.dim // cfg.n_heads
+    head_dim = head_dim_of(cfg)
     return head_dim, cfg.n_heads * head_dim, cfg.n_kv_heads * head_dim
 
 
 def _ffn_matrices(cfg: ModelConfig) -> int:
     return 3 if cfg.ffn == "swiglu" else 2  # SwiGLU: w1, w3, w2; squared ReLU: w1, w2
+
+
+def expert_ffn_dim(cfg: ModelConfig) -> int:
+    """Hidden width of one routed (and of one shared) expert: moe_ffn_dim, or ffn_dim when 0."""
+    return cfg.moe_ffn_dim or cfg.ffn_dim
+
+
+def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
+    """Whether layer `layer` (0-based) has the MoE FFN: every layer from moe_dense_layers on,
+    when moe_experts > 0."""
+    return cfg.moe_experts > 0 and layer >= cfg.moe_dense_layers
+
+
+def moe_layer_count(cfg: ModelConfig) -> int:
+    """Number of MoE layers (0 for a dense model)."""
+    return cfg.n_layers - cfg.moe_dense_layers if cfg.moe_experts > 0 else 0
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
@@ -36,23 +57,44 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
       embedding            vocab * dim (the tok_embeddings table)
       output               vocab * dim, or 0 when tied (the table is then counted once)
       attention_per_layer  wq + wk + wv + wo = dim*q_dim + 2*dim*kv_dim + q_dim*dim
-      ffn_per_layer        3 * dim * ffn_dim (SwiGLU) or 2 * dim * ffn_dim (squared ReLU)
-      norm_per_layer       2 * dim (attention_norm + ffn_norm)
+      ffn_per_layer        one DENSE FFN: 3 * dim * ffn_dim (SwiGLU) or 2 * dim * ffn_dim
+                           (squared ReLU)
+      norm_per_layer       2 * dim (attention_norm + ffn_norm) + 2 * head_dim with qk_norm
       final_norm           dim
+      dense_layers         layers with a dense FFN (all of them for a dense model)
+      moe_layers           layers with the MoE FFN (model/moe.py)
+      router_per_moe_layer          moe_experts * dim (the router's gate)
+      experts_per_moe_layer         moe_experts * 3 * dim * f_e, every routed expert (f_e =
+                                    moe_ffn_dim, or ffn_dim when 0)
+      active_experts_per_moe_layer  moe_top_k * 3 * dim * f_e, the routed experts one token uses
+      shared_per_moe_layer          3 * dim * f_e * moe_shared_experts
       total                every unique parameter (what sum(p.numel()) of the model gives)
+      active               the parameters one token uses: total minus the routed experts it is
+                           not sent to ((moe_experts - moe_top_k) per MoE layer); = total for a
+                           dense model. The router and the shared experts are active.
       non_embedding        total - embedding: torchtitan's convention, which keeps the output
                            head (untied) in the count because it is a matmul in every step
       non_embedding_no_output  total - embedding - output: Kaplan et al.'s "N" (the
                            transformer blocks and the final norm only)
+      active_non_embedding active - embedding (what MoE FLOPs per token count)
     """
-    _, q_dim, kv_dim = _dims(cfg)
+    head_dim, q_dim, kv_dim = _dims(cfg)
     embedding = cfg.vocab_size * cfg.dim
     output = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim
     attention = cfg.dim * q_dim + 2 * cfg.dim * kv_dim + q_dim * cfg.dim
     ffn = _ffn_matrices(cfg) * cfg.dim * cfg.ffn_dim
-    norm = 2 * cfg.dim
+    norm = 2 * cfg.dim + (2 * head_dim if cfg.qk_norm else 0)
     final_norm = cfg.dim
-    total = embedding + output + cfg.n_layers * (attention + ffn + norm) + final_norm
+    moe_layers = moe_layer_count(cfg)
+    dense_layers = cfg.n_layers - moe_layers
+    expert = 3 * cfg.dim * expert_ffn_dim(cfg)  # one SwiGLU expert: w1, w3, w2
+    router = cfg.moe_experts * cfg.dim if moe_layers else 0
+    experts = cfg.moe_experts * expert if moe_layers else 0
+    active_experts = cfg.moe_top_k * expert if moe_layers else 0
+    shared = cfg.moe_shared_experts * expert if moe_layers else 0
+    total = (embedding + output + cfg.n_layers * (attention + norm) + dense_layers * ffn
+             + moe_layers * (router + experts + shared) + final_norm)
+    active = total - moe_layers * (experts - active_experts)
     return {
         "embedding": embedding,
         "output": output,
@@ -60,13 +102,22 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
         "ffn_per_layer": ffn,
         "norm_per_layer": norm,
         "final_norm": final_norm,
+        "dense_layers": dense_layers,
+        "moe_layers": moe_layers,
+        "router_per_moe_layer": router,
+        "experts_per_moe_layer": experts,
+        "active_experts_per_moe_layer": active_experts,
+        "shared_per_moe_layer": shared,
         "total": total,
+        "active": active,
         "non_embedding": total - embedding,
         "non_embedding_no_output": total - embedding - output,
+        "active_non_embedding": active - embedding,
     }
 
 
-def forward_flops_per_layer(cfg: ModelConfig, seq_len: int, causal: bool = False) -> dict[str, int]:
+def forward_flops_per_layer(cfg: ModelConfig, seq_len: int, causal: bool = False,
+                            layer: int | None = None) -> dict[str, int]:
     """Forward FLOPs of ONE transformer layer on ONE sequence of `seq_len` tokens.
 
     Keys (each 2*m*n*k over the matmuls named):
@@ -74,23 +125,32 @@ def forward_flops_per_layer(cfg: ModelConfig, seq_len: int, causal: bool = False
       attn_scores  Q K^T: 2*n_heads*head_dim * (s*s, or s*(s+1)/2 query-key pairs if causal)
       attn_values  P V: same count as attn_scores
       out_proj     2*s*q_dim*dim
-      ffn          2*s*dim*ffn_dim * (3 for SwiGLU, 2 for squared ReLU)
+      ffn          2*s*dim*ffn_dim * (3 for SwiGLU, 2 for squared ReLU); for an MoE layer the
+                   experts each token is computed by: 2*s*dim*f_e*3 * (moe_top_k +
+                   moe_shared_experts), capacity drops not discounted (an upper bound)
+      router       MoE layers only: 2*s*dim*moe_experts (the gate)
 
     `causal=True` counts only the unmasked (query, key) pairs, which is what a causal
     flash-attention kernel actually executes; `False` counts the full s x s square.
-    Multiply by batch for a micro-batch and by n_layers for the stack.
+    `layer` (0-based) selects the FFN kind of that layer; None means a dense layer.
+    Multiply by batch for a micro-batch and sum over the layers for the stack.
     """
     head_dim, q_dim, kv_dim = _dims(cfg)
     s = seq_len
     pairs = s * (s + 1) // 2 if causal else s * s
     attn = 2 * cfg.n_heads * head_dim * pairs
-    return {
+    flops = {
         "qkv": 2 * s * cfg.dim * (q_dim + 2 * kv_dim),
         "attn_scores": attn,
         "attn_values": attn,
         "out_proj": 2 * s * q_dim * cfg.dim,
         "ffn": 2 * s * cfg.dim * cfg.ffn_dim * _ffn_matrices(cfg),
     }
+    if layer is not None and is_moe_layer(cfg, layer):
+        experts_per_token = cfg.moe_top_k + cfg.moe_shared_experts
+        flops["ffn"] = 2 * s * cfg.dim * expert_ffn_dim(cfg) * 3 * experts_per_token
+        flops["router"] = 2 * s * cfg.dim * cfg.moe_experts
+    return flops
 
 
 def output_head_forward_flops(cfg: ModelConfig, seq_len: int) -> int:
@@ -105,26 +165,28 @@ def flops_per_token(
 
     convention="torchtitan" (the MFU number other Llama trainers report):
         6 * matmul_params + 12 * n_layers * n_heads * head_dim * seq_len
-      where matmul_params = total - embedding (the embedding lookup is not a matmul). For a
+      where matmul_params = active - embedding (the embedding lookup is not a matmul). For a
       tied model we add back vocab*dim, because the output head still runs a matmul with the
       shared table; torchtitan itself drops it there (it de-duplicates the tied parameter),
       so for tied models this is 6*vocab*dim larger than torchtitan's number. It counts norm
       weights as if they were matmul weights (negligible) and never discounts the causal
-      mask; `causal` must be False.
+      mask; `causal` must be False. For an MoE model only the ACTIVE parameters count (the
+      top-k routed experts, the shared experts and the router of every MoE layer), as in
+      torchtitan's MoE models; docs/moe.md compares this with Megatron-Bridge's formula.
     convention="exact": 3 x the per-matmul count of forward_flops_per_layer(cfg, seq_len,
-      causal) * n_layers + output_head_forward_flops, divided by seq_len. With causal=False
-      it equals the torchtitan number minus 6 * (norm parameters).
+      causal, layer) summed over the layers + output_head_forward_flops, divided by seq_len.
+      With causal=False it equals the torchtitan number minus 6 * (norm parameters).
     """
     head_dim, _, _ = _dims(cfg)
     if convention == "torchtitan":
         if causal:
             raise ValueError("the torchtitan convention does not discount the causal mask")
         counts = param_counts(cfg)
-        matmul_params = counts["non_embedding"] + (counts["embedding"] if cfg.tie_embeddings else 0)
+        matmul_params = counts["active_non_embedding"] + (counts["embedding"] if cfg.tie_embeddings else 0)
         return float(6 * matmul_params + 12 * cfg.n_layers * cfg.n_heads * head_dim * seq_len)
     if convention == "exact":
-        layer = sum(forward_flops_per_layer(cfg, seq_len, causal).values())
-        forward = cfg.n_layers * layer + output_head_forward_flops(cfg, seq_len)
+        layers = sum(sum(forward_flops_per_layer(cfg, seq_len, causal, i).values()) for i in range(cfg.n_layers))
+        forward = layers + output_head_forward_flops(cfg, seq_len)
         return 3 * forward / seq_len
     raise ValueError(f"unknown FLOPs convention {convention!r}; use 'torchtitan' or 'exact'")
 
@@ -178,6 +240,32 @@ def activation_bytes_per_layer(
         logsumexp = batch * cfg.n_heads * seq_len * fp32
         total += wo_input + sdpa_inputs_and_output + logsumexp
     return total
+
+
+def moe_ffn_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype_bytes: int = 2) -> int:
+    """Bytes the FFN of ONE MoE layer (model/moe.py, dropless, no activation checkpointing)
+    keeps for backward per micro-batch: what replaces the dense SwiGLU's 4*T*f*B in
+    activation_bytes_per_layer / saved_activation_bytes (the ffn_norm output, which the router
+    and the shared experts read, is counted there already). With T = batch*seq_len tokens,
+    k = moe_top_k, E = moe_experts, f = expert width, S = moe_shared_experts, B = dtype_bytes:
+
+      router probabilities (softmax / normalised sigmoid)   T*E*4     fp32
+      top-k ids; their weights, gathered and normalised     T*k*8 int64 + 2*T*k*4 + T*4 fp32
+      slot -> token and slot -> position indices            2*T*k*8   int64
+      tokens gathered by expert (the experts' input)        T*k*d*B
+      per expert slot: w1 out, silu(w1 out), w3 out, w2 in  4*T*k*f*B (SwiGLU on T*k rows)
+      expert outputs in slot order (for the weights' grad)  T*k*d*B
+      shared experts (width f*S)                            4*T*f*S*B
+      the aux loss's routed fractions                       batch*E*4 fp32
+
+    The router never saves a bf16 copy (it runs in fp32 on the fp32 norm output); in bf16 the
+    gathered tokens are cast once for the experts. Measured tensor by tensor on the CPU in fp32
+    (tests/unit/test_moe_model.py). Capacity drops make the T*k terms an upper bound.
+    Returns bytes (int)."""
+    t, k, e, f = batch * seq_len, cfg.moe_top_k, cfg.moe_experts, expert_ffn_dim(cfg)
+    router = t * e * 4 + t * k * 8 + 2 * t * k * 4 + t * 4 + 2 * t * k * 8 + batch * e * 4
+    experts = 2 * t * k * cfg.dim * dtype_bytes + 4 * t * k * f * dtype_bytes
+    return router + experts + 4 * t * f * cfg.moe_shared_experts * dtype_bytes
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ call `init_weights()`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -20,6 +21,8 @@ from torch import nn
 
 from scaletrain.config.schema import ModelConfig
 from scaletrain.errors import ConfigError
+from scaletrain.model.flops import expert_ffn_dim, head_dim_of, is_moe_layer
+from scaletrain.model.moe import MoE, validate_moe_config
 from scaletrain.model.sparsity import sparse_squared_relu_ffn
 
 FFN_KINDS = ("swiglu", "squared_relu")
@@ -35,21 +38,23 @@ def validate_model_config(cfg: ModelConfig) -> None:
     for name in ("rope_theta", "norm_eps", "init_std"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"model.{name} must be > 0, got {getattr(cfg, name)!r}")
-    if cfg.dim % cfg.n_heads:
+    if not isinstance(cfg.head_dim, int) or cfg.head_dim < 0:
+        raise ConfigError(f"model.head_dim must be an integer >= 0 (0 = dim / n_heads), got {cfg.head_dim!r}")
+    if cfg.head_dim == 0 and cfg.dim % cfg.n_heads:
         raise ConfigError(
             f"model.dim={cfg.dim} is not divisible by model.n_heads={cfg.n_heads}; "
-            "choose n_heads dividing dim (head_dim = dim / n_heads)"
+            "choose n_heads dividing dim (head_dim = dim / n_heads), or set model.head_dim"
         )
     if cfg.n_heads % cfg.n_kv_heads:
         raise ConfigError(
             f"model.n_heads={cfg.n_heads} is not divisible by model.n_kv_heads={cfg.n_kv_heads}; "
             "grouped-query attention shares each kv head among n_heads / n_kv_heads query heads"
         )
-    head_dim = cfg.dim // cfg.n_heads
+    head_dim = head_dim_of(cfg)
     if head_dim % 2:
         raise ConfigError(
-            f"head_dim = dim / n_heads = {head_dim} is odd; RoPE rotates pairs of channels, "
-            "so choose dim and n_heads giving an even head_dim"
+            f"head_dim = {head_dim} is odd; RoPE rotates pairs of channels, "
+            "so choose dim and n_heads (or model.head_dim) giving an even head_dim"
         )
     if cfg.ffn not in FFN_KINDS:
         raise ConfigError(f"model.ffn={cfg.ffn!r} is unknown; choose one of {list(FFN_KINDS)}")
@@ -64,6 +69,7 @@ def validate_model_config(cfg: ModelConfig) -> None:
                 "model.activation_sparsity='2:4' needs model.ffn='squared_relu' "
                 "(the sparse activations come from the squared ReLU)"
             )
+    validate_moe_config(cfg)
 
 
 class RMSNorm(nn.Module):
@@ -115,13 +121,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    """Causal grouped-query self-attention with RoPE, no biases."""
+    """Causal grouped-query self-attention with RoPE, no biases; with cfg.qk_norm, every query
+    and key head is RMS-normalised over head_dim before RoPE (Qwen3's q_norm / k_norm)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads
-        self.head_dim = cfg.dim // cfg.n_heads
+        self.head_dim = head_dim_of(cfg)
         # Kept as a ratio, not as head counts: under tensor parallelism the local head counts
         # shrink but each query head still shares its kv head with n_rep - 1 others.
         self.n_rep = cfg.n_heads // cfg.n_kv_heads
@@ -129,6 +136,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
         # The attention kernel, (q, k, v) -> out. Context parallelism swaps in its own from
         # outside (parallel/cp.py); the layer itself never changes.
         self.attention_fn = causal_attention
@@ -136,8 +146,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         bsz, seq, _ = x.shape
         # -1 heads: local head count, which tensor parallelism divides by its degree.
-        q = self.wq(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # [b, heads, s, hd]
-        k = self.wk(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # [b, kv_heads, s, hd]
+        q = self.wq(x).view(bsz, seq, -1, self.head_dim)  # [b, s, heads, hd]
+        k = self.wk(x).view(bsz, seq, -1, self.head_dim)  # [b, s, kv_heads, hd]
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [b, heads | kv_heads, s, hd]
         v = self.wv(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # [b, kv_heads, s, hd]
         q, k = apply_rope(q, cos[:seq], sin[:seq]), apply_rope(k, cos[:seq], sin[:seq])
         if self.n_rep > 1:
@@ -171,18 +184,27 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
+    """Pre-norm block: h = x + attn(norm(x)); out = h + ffn(norm(h)). The FFN of layer
+    `layer_id` is dense, or the MoE layer (model/moe.py) from cfg.moe_dense_layers on."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_id: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = _feed_forward(cfg, layer_id)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+def _feed_forward(cfg: ModelConfig, layer_id: int) -> nn.Module:
+    if not is_moe_layer(cfg, layer_id):
+        return FeedForward(cfg)
+    width = expert_ffn_dim(cfg) * cfg.moe_shared_experts
+    shared = FeedForward(dataclasses.replace(cfg, ffn_dim=width)) if width else None
+    return MoE(cfg, layer_id, shared)
 
 
 class Transformer(nn.Module):
@@ -199,9 +221,9 @@ class Transformer(nn.Module):
         super().__init__()
         validate_model_config(cfg)
         self.cfg = cfg
-        self.head_dim = cfg.dim // cfg.n_heads
+        self.head_dim = head_dim_of(cfg)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
@@ -228,15 +250,16 @@ class Transformer(nn.Module):
             ("tok_embeddings.weight", (cfg.vocab_size, cfg.dim), cfg.init_std)]
         for i in range(cfg.n_layers):
             p = f"layers.{i}."
+            ffn_in, ffn_out = _ffn_init_plan(cfg, p + "feed_forward.", i)
             plan += [(p + "attention.wq.weight", (cfg.n_heads * hd, cfg.dim), cfg.init_std),
                      (p + "attention.wk.weight", (cfg.n_kv_heads * hd, cfg.dim), cfg.init_std),
                      (p + "attention.wv.weight", (cfg.n_kv_heads * hd, cfg.dim), cfg.init_std),
-                     (p + "feed_forward.w1.weight", (cfg.ffn_dim, cfg.dim), cfg.init_std)]
-            if cfg.ffn == "swiglu":
-                plan.append((p + "feed_forward.w3.weight", (cfg.ffn_dim, cfg.dim), cfg.init_std))
-            plan += [(p + "attention.wo.weight", (cfg.dim, cfg.n_heads * hd), out_std),
-                     (p + "feed_forward.w2.weight", (cfg.dim, cfg.ffn_dim), out_std),
+                     *[(name, shape, cfg.init_std) for name, shape in ffn_in],
+                     (p + "attention.wo.weight", (cfg.dim, cfg.n_heads * hd), out_std),
+                     *[(name, shape, out_std) for name, shape in ffn_out],
                      (p + "attention_norm.weight", (cfg.dim,), None), (p + "ffn_norm.weight", (cfg.dim,), None)]
+            if cfg.qk_norm:
+                plan += [(p + "attention.q_norm.weight", (hd,), None), (p + "attention.k_norm.weight", (hd,), None)]
         plan.append(("norm.weight", (cfg.dim,), None))
         if not cfg.tie_embeddings:
             plan.append(("output.weight", (cfg.vocab_size, cfg.dim), cfg.init_std))
@@ -259,6 +282,9 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+        for name, buffer in self.named_buffers():
+            if name.endswith("router.expert_bias"):  # MoE selection bias starts at 0
+                buffer.zero_()
         wrappers = ("_checkpoint_wrapped_module.", "_orig_mod.")
         params = {}
         for name, param in self.named_parameters():
@@ -292,6 +318,25 @@ class Transformer(nn.Module):
             h = layer(h, self.rope_cos, self.rope_sin)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h  # [b, s, vocab]
+
+
+def _ffn_init_plan(cfg: ModelConfig, p: str, layer: int) -> tuple[list, list]:
+    """(input-side, output-side) (name, full shape) of layer `layer`'s FFN parameters, prefix
+    `p`: input-side ones draw N(0, init_std), output-side (w2) the residual-scaled std."""
+    if not is_moe_layer(cfg, layer):
+        ffn_in = [(p + "w1.weight", (cfg.ffn_dim, cfg.dim))]
+        if cfg.ffn == "swiglu":
+            ffn_in.append((p + "w3.weight", (cfg.ffn_dim, cfg.dim)))
+        return ffn_in, [(p + "w2.weight", (cfg.dim, cfg.ffn_dim))]
+    e, f = cfg.moe_experts, expert_ffn_dim(cfg)
+    ffn_in = [(p + "router.gate.weight", (e, cfg.dim)), (p + "experts.w1", (e, f, cfg.dim)),
+              (p + "experts.w3", (e, f, cfg.dim))]
+    ffn_out = [(p + "experts.w2", (e, cfg.dim, f))]
+    if cfg.moe_shared_experts:
+        fs = f * cfg.moe_shared_experts
+        ffn_in += [(p + "shared.w1.weight", (fs, cfg.dim)), (p + "shared.w3.weight", (fs, cfg.dim))]
+        ffn_out.append((p + "shared.w2.weight", (cfg.dim, fs)))
+    return ffn_in, ffn_out
 
 
 def _init_shard(param: torch.Tensor, std: float) -> None:

@@ -192,6 +192,13 @@ def check_layout(dims: ParallelDims, parallel: ParallelConfig, model: ModelConfi
     def _divisors(n: int) -> str:
         return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
+    # Not yet (docs/moe.md): MoE takes data parallelism only until expert parallelism lands, and
+    # the q/k norms have no tensor-parallel plan.
+    for key in ("tp", "pp", "cp") if model.moe_experts > 0 else ("tp",) if model.qk_norm else ():
+        if getattr(dims, key) > 1:
+            what = "an MoE model (model.moe_experts > 0)" if model.moe_experts > 0 else "model.qk_norm = true"
+            raise LayoutError(f"{what} cannot run with parallel.{key} = {getattr(dims, key)} yet; use data "
+                              f"parallelism only (parallel.dp_shard / parallel.dp_replicate) and parallel.{key} 1.")
     if dims.tp > 1:
         if model.tie_embeddings:
             raise LayoutError(f"model.tie_embeddings = true cannot be used with parallel.tp = {dims.tp}: the "

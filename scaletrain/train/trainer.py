@@ -32,6 +32,7 @@ from scaletrain.train import checkpoint as ckpt_lib
 from scaletrain.train.checkpoint import Checkpointer
 from scaletrain.train import metrics as metrics_lib
 from scaletrain.train.metrics import MetricsWriter, peak_memory_bytes, plot_loss, reset_peak_memory
+from scaletrain.train.moe_stats import METRIC_KEYS as MOE_METRIC_KEYS, ExpertStats
 from scaletrain.train.optim import LRSchedule, PartsOptimizer
 from scaletrain.train.peaks import device_peak_flops
 from scaletrain.train.faults import Injector, Watchdog, first_nonfinite, host_values
@@ -125,6 +126,9 @@ class Trainer:
         self.pipeline = self._build_pipeline() if self.dims.pp > 1 else None
         self.optimizer = PartsOptimizer(self.parts, cfg.optim, self.device)
         self.schedule = LRSchedule(self.optimizer, cfg.optim.lr, t.steps, cfg.schedule)
+        # MoE: expert load metrics and the expert-bias update (None for a dense model).
+        self.moe = ExpertStats.for_model(self.parts, cfg.model, t.grad_accum)
+        self.moe_metrics: dict[str, float] = {}
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, self.rank)
         self.step = 0
         self.skip_positions: set[tuple[int, int]] = set()  # (epoch, position) of batches a rollback skips
@@ -299,6 +303,8 @@ class Trainer:
         self.schedule.set_for_step(self.step + 1)
         self.watchdog.beat("forward/backward", self.step + 1)
         accum = self.cfg.train.grad_accum
+        if self.moe is not None:
+            self.moe.start_step()
         loss_sum = torch.zeros((), device=self.device)
         positions: list[tuple[int, int]] = []
         sample_ids: list[int] = []
@@ -325,14 +331,22 @@ class Trainer:
         mark("grad norm + clip")
         self.watchdog.beat("all-reduce of the loss")
         loss = global_mean(loss_sum / accum, self._reports_loss)
+        moe = ()
+        if self.moe is not None:
+            self.watchdog.beat("all-reduce of the expert counts (MoE)")
+            moe = self.moe.reduce(self.device).unbind()
         # The step's only host sync, before the update (a bad step never touches the weights);
         # none after it, so the host prepares the next step while the optimizer runs.
-        values = host_values(loss, grad_norm)
+        values = host_values(loss, grad_norm, *moe)
+        self.moe_metrics = dict(zip(MOE_METRIC_KEYS, values[2:]))
+        values = values[:2]
         if not all(math.isfinite(v) for v in values):
             return self._nonfinite(values[0], values[1], positions, sample_ids)
         mark("loss all-reduce + finite check")
         self.watchdog.beat("optimizer step")
         self.optimizer.step()
+        if self.moe is not None:
+            self.moe.update_bias()  # after the step, from this step's global expert counts
         if self.precision == "fp8":  # float8 scales of the FSDP-sharded weights, in one all-reduce
             precompute_scales(self.parts)
         self.optimizer.zero_grad(set_to_none=True)
@@ -453,7 +467,7 @@ class Trainer:
         return {"step": self.step, "total_steps": self.cfg.train.steps, "loss": loss,
                 "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
                 "tflops": tflops, "mfu": mfu, "mem_bytes": peak_memory_bytes(self.device), "step_time_s": dt,
-                "tokens_seen": self.step * self.tokens_per_step}
+                "tokens_seen": self.step * self.tokens_per_step, **self.moe_metrics}
 
     def _eval_and_log(self, progress: Progress) -> float:
         self.watchdog.beat("evaluation (all-reduce of the validation loss)")

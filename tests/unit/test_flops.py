@@ -30,9 +30,17 @@ def test_debug_param_counts_by_hand():
         "ffn_per_layer": 36_864,
         "norm_per_layer": 128,
         "final_norm": 64,
+        "dense_layers": 2,
+        "moe_layers": 0,
+        "router_per_moe_layer": 0,
+        "experts_per_moe_layer": 0,
+        "active_experts_per_moe_layer": 0,
+        "shared_per_moe_layer": 0,
         "total": 164_160,
+        "active": 164_160,  # a dense model uses every parameter for every token
         "non_embedding": 164_160 - 32_768,
         "non_embedding_no_output": 164_160 - 2 * 32_768,
+        "active_non_embedding": 164_160 - 32_768,
     }
 
 
