@@ -37,10 +37,17 @@ def test_axis_placement_intra_vs_inter_node():
 
 def test_gemm_efficiency_curve_and_roofline():
     hw = get_hardware("h100_sxm")
-    eff = PARAMS.matmul_eff_max * 1000 / (1000 + PARAMS.matmul_half_dim)
+    # the device's measured best-shape fraction (MAMF) x the fitted in-training factor x the shape curve
+    eff = hw.mamf["bf16"] * PARAMS.mamf_scale * 1000 / (1000 + PARAMS.matmul_half_dim)
     assert gemm_time(1000, 1000, 1000, 1e15, hw) == pytest.approx(2e9 / (1e15 * eff))
-    # a skinny GEMM is memory bound: bytes / bandwidth
+    eff8 = hw.mamf["fp8"] * PARAMS.mamf_scale * 1000 / (1000 + PARAMS.matmul_half_dim)
+    assert gemm_time(1000, 1000, 1000, 2e15, hw, precision="fp8") == pytest.approx(2e9 / (2e15 * eff8))
+    # a skinny GEMM is memory bound: bytes / bandwidth (1-byte operands in fp8)
     assert gemm_time(1, 8192, 8192, 1e15, hw) == pytest.approx(2 * (8192 + 8192 * 8192 + 8192) / hw.hbm_bw)
+    assert gemm_time(1, 8192, 8192, 1e18, hw, precision="fp8") == pytest.approx((8192 + 8192 * 8192 + 8192) / hw.hbm_bw)
+    # a device the MAMF table does not list uses Params.mamf_default
+    assert gemm_time(4000, 4000, 4000, 1e15, get_hardware("l40s")) == pytest.approx(
+        1.28e11 / (1e15 * PARAMS.mamf_default * PARAMS.mamf_scale * 4000 / (4000 + PARAMS.matmul_half_dim)))
 
 
 def _w(flavor="llama3_8b", seq=4096, gb=64, precision="bf16"):
