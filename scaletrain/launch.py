@@ -72,11 +72,12 @@ def slurm_script(args: argparse.Namespace, overrides: list[str]) -> str:
 def check_job(args: argparse.Namespace, overrides: list[str]) -> None:
     """Load the config and check its layout against nodes x GPUs now, not after the queue wait."""
     from scaletrain.config import load_config
-    from scaletrain.parallel.dims import check_layout, resolve_dims
+    from scaletrain.parallel.dims import resolve_dims
+    from scaletrain.parallel.layout import check_layout
 
     cfg = load_config(args.config, overrides)
     dims = resolve_dims(cfg.parallel, args.nodes * args.gpus_per_node)
-    check_layout(dims, cfg.parallel, cfg.model, cfg.data.seq_len, cfg.data.batch_size)
+    check_layout(dims, cfg.parallel, cfg.model, cfg.data.seq_len, cfg.data.batch_size, cfg.train.precision)
     if dims.tp > args.gpus_per_node:
         raise ConfigError(f"parallel.tp = {dims.tp} spans more than one node ({args.gpus_per_node} GPUs each); "
                           "tensor parallelism needs NVLink-class bandwidth: keep tp <= --gpus-per-node.")

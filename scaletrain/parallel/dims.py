@@ -7,14 +7,13 @@ before any process-group work so an impossible layout fails fast with a fix.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from scaletrain.config.schema import ModelConfig, ParallelConfig
+from scaletrain.config.schema import ParallelConfig
 from scaletrain.errors import ConfigError, LayoutError
 
 
@@ -121,43 +120,6 @@ def resolve_dims(cfg: ParallelConfig, world_size: int) -> ParallelDims:
             f"{world_size}; set --parallel.dp_shard -1 to use the rest, or launch {dims.world_size} processes."
         )
     return dims
-
-
-def check_layout(dims: ParallelDims, parallel: ParallelConfig, model: ModelConfig, seq_len: int,
-                 batch_size: int) -> None:
-    """Raise LayoutError, naming the keys and a valid alternative, when the model or batch
-    cannot be split as `dims` asks. Runs before any process-group work."""
-    def _divisors(n: int) -> str:
-        return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
-
-    if dims.tp > 1:
-        if model.tie_embeddings:
-            raise LayoutError(f"model.tie_embeddings = true cannot be used with parallel.tp = {dims.tp}: the "
-                              "embedding is sharded by rows and the output head by columns of the same "
-                              "weight; set --model.tie_embeddings false (or parallel.tp 1).")
-        for key in ("n_heads", "n_kv_heads"):
-            heads = getattr(model, key)
-            if heads % dims.tp:
-                raise LayoutError(f"model.{key} = {heads} is not divisible by parallel.tp = {dims.tp}; "
-                                  f"tensor parallelism splits heads across ranks. Use tp in "
-                                  f"{{{_divisors(math.gcd(model.n_heads, model.n_kv_heads))}}}.")
-        if seq_len % dims.tp:
-            raise LayoutError(f"data.seq_len = {seq_len} is not divisible by parallel.tp = {dims.tp} "
-                              "(sequence parallelism splits the sequence of norm regions); "
-                              f"use data.seq_len {seq_len // dims.tp * dims.tp or dims.tp}.")
-    if dims.cp > 1:
-        chunk = 2 * dims.cp * max(dims.tp, 1)
-        if seq_len % chunk:
-            raise LayoutError(f"data.seq_len = {seq_len} is not divisible by 2*parallel.cp"
-                              + (f"*parallel.tp = {chunk}" if dims.tp > 1 else f" = {chunk}")
-                              + " (context parallelism cuts the sequence into 2*cp load-balanced chunks); "
-                              f"use data.seq_len {max(chunk, seq_len // chunk * chunk)}.")
-    if dims.pp > 1:
-        from scaletrain.parallel.pp import validate_pp
-
-        validate_pp(parallel, model.n_layers, batch_size, model.tie_embeddings)
-
-
 
 
 @dataclass

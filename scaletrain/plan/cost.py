@@ -121,10 +121,12 @@ class Layout:
         return self.dp * self.tp * self.pp * self.cp
 
     def short(self) -> str:
-        s = f"r{self.dp_replicate} s{self.dp_shard} tp{self.tp} pp{self.pp} cp{self.cp}"
+        """e.g. "dp 8x32 tp1 pp4 1f1b cp2 mb1 ac=full": data parallel as replicas x FSDP shards,
+        the tensor/pipeline (schedule, virtual stages)/context degrees, micro-batch sequences, AC."""
+        s = f"dp {self.dp_replicate}x{self.dp_shard} tp{self.tp} pp{self.pp}"
         if self.pp > 1:
-            s += f" {self.pp_schedule}" + (f"/v{self.virtual_stages}" if self.virtual_stages > 1 else "")
-        return s + f" mb{self.micro_batch} ac={self.ac}"
+            s += f" {self.pp_schedule}" + (f"x{self.virtual_stages}" if self.virtual_stages > 1 else "")
+        return s + f" cp{self.cp} mb{self.micro_batch} ac={self.ac}"
 
 
 @dataclass

@@ -113,7 +113,11 @@ def cross_validate(cases: list[Case], by: str = "source", start: Params = START)
         p = fit(rest, start) if rest else everything
         out.append(GroupResult(g, members[0].source_id if by == "source" else members[0].model, len(members),
                                rel_errors(members, p), rel_errors(members, everything), p))
-    return CVReport(by, sorted(out, key=lambda r: -r.rows), everything)
+    names = [g.label for g in out]
+    for g in out:  # reduced-depth proxies share their model's name: say which is which
+        if names.count(g.label) > 1:
+            g.label += f" ({groups[g.group][0].arch[0]} layers)"
+    return CVReport(by, sorted(out, key=lambda r: (-r.rows, r.label)), everything)
 
 
 def _med_p90(xs: list[float]) -> str:
