@@ -1,13 +1,11 @@
 """Cost-model formulas against hand-computed cases (plan/cost.py)."""
 
-import math
-
 import pytest
 
 from scaletrain.model.flavors import model_config_for
 from scaletrain.model.flops import flops_per_token, param_counts
 from scaletrain.plan.cost import PARAMS, Layout, Stack, Workload, axis_link, collective_time, estimate, estimate_memory, gemm_time
-from scaletrain.plan.hardware import CATALOG, GB, get_hardware
+from scaletrain.plan.hardware import GB, get_hardware
 
 
 def test_ring_collectives_alpha_beta():
@@ -101,14 +99,6 @@ def test_framework_tax_dominates_tiny_models():
     assert e.time.overhead > e.time.compute  # launch-bound: the GPU waits for the CPU
     fused = estimate(w, Layout(dp_shard=1), hw, Stack(fused=True))
     assert fused.time.total < e.time.total
-
-
-def test_catalog_has_sources_and_sane_units():
-    for name in ("a100_40gb", "a100_80gb", "h100_sxm", "h100_pcie", "h200", "b200", "mi300x", "l40s"):
-        hw = CATALOG[name]
-        assert hw.source and hw.peak_flops["bf16"] > 1e14
-        assert 10 * GB < hw.hbm_bytes < 300 * GB and hw.inter_bw <= hw.intra_bw
-        assert math.isfinite(hw.attn_eff) and 0 < hw.attn_eff < 1
 
 
 # A measured CPU execution model as `plan calibrate` writes it on a CPU (calibrate.cpu_execution_model).
