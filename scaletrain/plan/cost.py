@@ -32,10 +32,11 @@ class Params:
 
     # -- fitted (plan/fit.py) --
     mamf_scale: float = 0.80  # GEMM efficiency in training / the device's best-shape MAMF (catalog)
-    matmul_half_dim: float = 100.0  # GEMM efficiency halves when min(m, n, k) is this small
+    matmul_half_dim: float = 150.0  # GEMM efficiency halves when min(m, n, k) is this small
     attn_eff_scale: float = 0.55  # end-to-end attention rate / kernel-benchmark rate (masking, layout copies)
-    elementwise_passes_eager: float = 6.0  # HBM passes over the layer's activations, fwd+bwd
-    elementwise_passes_fused: float = 4.5  # with torch.compile / fused kernels
+    elementwise_passes_eager: float = 4.0  # HBM passes over the layer's activations, fwd+bwd
+    elementwise_passes_fused: float = 2.5  # with torch.compile / fused kernels
+    overlap_interference: float = 0.25  # compute slowdown per second of communication hidden behind it
     # -- not fitted --
     mamf_default: float = 0.80  # devices the MAMF table does not list: its median (A100 .87 .. MI300X .51)
     attn_eff: float = 0.45  # flash-attention fraction of peak when the device gives none
@@ -49,7 +50,8 @@ class Params:
     dp_overlap: float = 0.8  # fraction of the last backward that hides the replica all-reduce
 
 
-FITTED = ("mamf_scale", "matmul_half_dim", "attn_eff_scale", "elementwise_passes_eager", "elementwise_passes_fused")
+FITTED = ("mamf_scale", "matmul_half_dim", "attn_eff_scale", "elementwise_passes_eager", "elementwise_passes_fused",
+          "overlap_interference")
 
 # HBM bytes moved per element of every fp8 GEMM operand (activation, weight, output gradient) to
 # quantise it, (separate kernels, fused into the producing kernel by torch.compile or Transformer
@@ -166,10 +168,12 @@ class StepTime:
     optimizer: float = 0.0
     recompute: float = 0.0  # part of `compute`: activation checkpointing's re-run forward work
     fp8_cast: float = 0.0  # fp8 quantisation (amax, cast, transpose) of GEMM operands
+    interference: float = 0.0  # compute slowed by the communication kernels running beside it
 
     @property
     def total(self) -> float:
-        return self.compute + self.fp8_cast + sum(self.exposed.values()) + self.bubble + self.overhead + self.optimizer
+        return (self.compute + self.fp8_cast + self.interference + sum(self.exposed.values()) + self.bubble
+                + self.overhead + self.optimizer)
 
 
 @dataclass
@@ -307,8 +311,8 @@ def fp8_cast_seconds(w: Workload, T: float, tp: int, fused: bool, hw: Hardware) 
 
 
 def cp_seconds(layout: Layout, kv_local_bytes: float, attn: float, stack: Stack, hw: Hardware,
-               p: Params = PARAMS) -> float:
-    """Exposed context-parallel communication of one layer and micro-batch (forward + backward).
+               p: Params = PARAMS) -> tuple[float, float]:
+    """(exposed, total) context-parallel communication of one layer and micro-batch (fwd + bwd).
     `kv_local_bytes`: this rank's K (or V) chunk; `attn`: the layer's forward attention seconds.
     Stack.cp_comm: "allgather" -- scaletrain's parallel/cp.py all-gathers K and V before any
     attention and reduce-scatters dK, dV in backward, nothing overlapped; "allgather_overlap" --
@@ -319,12 +323,13 @@ def cp_seconds(layout: Layout, kv_local_bytes: float, attn: float, stack: Stack,
     bw, lat = axis_link(layout, ("cp",), hw)
     if stack.cp_comm == "ring":
         fwd_c = (cp - 1) * collective_time("send", 2 * kv_local_bytes, 2, bw, lat, p)
-        return max(0.0, fwd_c - attn) + max(0.0, 2 * fwd_c - p.attn_bwd_ratio * attn)
+        return max(0.0, fwd_c - attn) + max(0.0, 2 * fwd_c - p.attn_bwd_ratio * attn), 3 * fwd_c
     gather = collective_time("all_gather", 2 * kv_local_bytes * cp, cp, bw, lat, p)
     regather = 1 if layout.ac in ("full", "selective") else 0  # the recomputed attention gathers again
+    total = (2 + regather) * gather
     if stack.cp_comm == "allgather_overlap":
-        return max(0.0, (1 + regather) * gather - attn / cp) + max(0.0, gather - p.attn_bwd_ratio * attn / cp)
-    return (2 + regather) * gather
+        return max(0.0, (1 + regather) * gather - attn / cp) + max(0.0, gather - p.attn_bwd_ratio * attn / cp), total
+    return total, total
 
 
 def stage_params(m: ModelConfig, layout: Layout) -> tuple[float, float]:
@@ -484,14 +489,17 @@ def estimate(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), 
 
     # --- communication per layer per micro-batch ---
     exposed_layer: dict[str, float] = {}
+    hidden_layer = 0.0  # communication overlapped with compute, per layer and micro-batch
     if tp > 1:  # sequence parallel: 2 all-gathers + 2 reduce-scatters forward, the same backward
         bw, lat = axis_link(layout, ("tp",), hw)
         one = collective_time("all_gather", T * m.dim * act_bytes, tp, bw, lat, p)
         n_coll = 8 + (2 if layout.ac in ("full", "op") else 0)  # the recompute re-gathers its inputs
         comm = n_coll * one
         exposed_layer["tp"] = max(0.0, comm - 3 * gemm) if stack.tp_overlap else comm
+        hidden_layer += comm - exposed_layer["tp"]
     if cp > 1:
-        exposed_layer["cp"] = cp_seconds(layout, T * kv * act_bytes / tp, attn, stack, hw, p)
+        exposed_layer["cp"], cp_total = cp_seconds(layout, T * kv * act_bytes / tp, attn, stack, hw, p)
+        hidden_layer += cp_total - exposed_layer["cp"]
     shard = layout.dp_shard * cp if stack.fsdp else 1
     _, p_layer = stage_params(m, layout)
     if shard > 1:  # FSDP: all-gather weights (fwd, and bwd if resharded), reduce-scatter grads
@@ -503,6 +511,7 @@ def estimate(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), 
         fsdp_comm = ag * (2 if reshard else 1) + rs
         # prefetching hides layer i+1's gathers behind layer i's compute (and TP/CP comm)
         exposed_layer["dp_shard"] = max(0.0, fsdp_comm - layer_compute) + ag / max(1, m.n_layers)
+        hidden_layer += min(fsdp_comm, layer_compute)
 
     layers_stage = m.n_layers / pp
     host = (p.ops_per_layer_fused if stack.fused else p.ops_per_layer_eager) * hw.host_overhead_s
@@ -548,6 +557,9 @@ def estimate(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), 
         bw, lat = axis_link(layout, ("dp_replicate",), hw)
         ar = collective_time("all_reduce", local_params * reduce_bytes, layout.dp_replicate, bw, lat, p)
         t.exposed["dp_replicate"] = max(0.0, ar - p.dp_overlap * layers_stage * bwd)
+        t.interference += p.overlap_interference * (ar - t.exposed["dp_replicate"])
+    if not cpu:  # NCCL kernels take SMs and HBM bandwidth from the compute they overlap (GPUs only)
+        t.interference += p.overlap_interference * n_micro * layers_stage * hidden_layer
     t.overhead = n_micro * layers_stage * host_exposed_layer + p.step_overhead_s
     t.optimizer = local_params * p.optimizer_bytes_per_param / hw.hbm_bw
     if cpu and cpu.get("ops"):  # counted ops outside the layers x measured seconds per op

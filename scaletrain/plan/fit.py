@@ -30,10 +30,11 @@ GRID: dict[str, tuple[float, ...]] = {
     "attn_eff_scale": tuple(round(0.30 + 0.05 * i, 2) for i in range(19)),  # 0.30 .. 1.20
     "elementwise_passes_eager": tuple(float(x) for x in range(2, 17)),
     "elementwise_passes_fused": tuple(0.5 * x for x in range(2, 21)),  # 1 .. 10
+    "overlap_interference": tuple(round(0.05 * i, 2) for i in range(13)),  # 0 .. 0.6
 }
 # Where every fit starts: the middle of each grid, so a fit depends on its rows only.
 START = Params(mamf_scale=0.85, matmul_half_dim=100.0, attn_eff_scale=0.75, elementwise_passes_eager=8.0,
-               elementwise_passes_fused=4.0)
+               elementwise_passes_fused=4.0, overlap_interference=0.3)
 MAX_SWEEPS = 6
 
 

@@ -15,6 +15,7 @@ from scaletrain.plan.search import SearchResult, layout_config
 REMEDY = {"compute": "faster GEMMs (fp8, a faster GPU)", "recompute": "more memory per GPU (less checkpointing)",
           "fp8 cast": "fused fp8 casts (torch.compile)", "bubble": "more micro-batches per step",
           "overhead": "fewer, larger kernels (torch.compile)", "optimizer": "more sharding of the optimizer state",
+          "comm interference": "less communication overlapped with compute",
           "TP comm": "faster NVLink", "CP comm": "faster NVLink or fewer context ranks",
           "FSDP comm": "more network bandwidth", "DP all-reduce": "more network bandwidth",
           "PP sends": "more network bandwidth"}
@@ -27,7 +28,8 @@ def time_parts(e: Estimate) -> dict[str, float]:
     """Seconds per step by cause; every communication entry is the part NOT hidden by compute."""
     t = e.time
     parts = {"compute": t.compute - t.recompute, "recompute": t.recompute, "fp8 cast": t.fp8_cast,
-             "bubble": t.bubble, "overhead": t.overhead, "optimizer": t.optimizer}
+             "comm interference": t.interference, "bubble": t.bubble, "overhead": t.overhead,
+             "optimizer": t.optimizer}
     parts.update({COMM_NAMES[k]: v for k, v in t.exposed.items()})
     return parts
 
@@ -37,7 +39,7 @@ def bottleneck(e: Estimate, hw: Hardware) -> str:
     or memory headroom (under 10% of the GPU left)."""
     parts = time_parts(e)
     comm = sum(v for k, v in parts.items() if k in COMM)
-    groups = {"compute": parts["compute"] + parts["fp8 cast"], "exposed communication": comm,
+    groups = {"compute": parts["compute"] + parts["fp8 cast"], "exposed communication": comm + parts["comm interference"],
               "pipeline bubble": parts["bubble"], "recompute": parts["recompute"],
               "host overhead": parts["overhead"] + parts["optimizer"]}
     name = max(groups, key=groups.get)
@@ -74,7 +76,7 @@ def format_breakdowns(e: Estimate, hw: Hardware) -> str:
     """Time and memory of one layout; zero-cost items stay in when they explain the layout (the
     bubble of a pipeline, recompute under checkpointing, communication that is fully hidden)."""
     parts = time_parts(e)
-    work = [k for k in ("compute", "recompute", "fp8 cast", "bubble", "overhead", "optimizer")
+    work = [k for k in ("compute", "recompute", "fp8 cast", "comm interference", "bubble", "overhead", "optimizer")
             if parts[k] > 0 or k == "compute" or (k == "bubble" and e.layout.pp > 1)
             or (k == "recompute" and e.layout.ac != "none")]
     comm = [k for k in COMM if k in parts]
