@@ -407,6 +407,7 @@ def estimate_memory(w: Workload, layout: Layout, hw: Hardware, stack: Stack = St
         else:  # 1f1b: pp micro-batches; interleaved: x (1 + (pp-1)/(pp*v)) (Narayanan et al. 2021)
             v = layout.virtual_stages
             first = pp * (1 + (pp - 1) / (pp * v)) if v > 1 else float(pp)
+            first = min(first, float(n_micro))  # never more in flight than the step has
             last = 1.0
         stages = [(L_s, first, False, L_s * p_layer + c["embedding"], float(c["embedding"])),
                   (L_s, last, True, L_s * p_layer + head_params, head_params)]
@@ -414,6 +415,10 @@ def estimate_memory(w: Workload, layout: Layout, hw: Hardware, stack: Stack = St
     for layers, in_flight, has_head, p_stage, p_root in stages:
         local = p_stage / tp
         weights, states, grads_all = 4 * local / shard, 8 * local / shard, 4 * local / shard
+        if wrapped and pp > 1:  # torch.distributed.pipelining turns FSDP's gradient sync off until the
+            # last micro-batch (stage.py backward_maybe_with_nosync): the stage's gradients accumulate
+            # unsharded, in fp32 (the reduce dtype), until the step's one reduce-scatter
+            grads_all = 4 * local
         # foreach AdamW (the trainer's choice on the CPU) holds one fp32 temporary per parameter
         # (sqrt of the second moment); the fused CUDA kernel none.
         opt_temp = 4 * local / shard if cpu else 0.0

@@ -247,3 +247,20 @@ def test_fsdp_gathered_units_and_loss_switches():
     comp = estimate_memory(w2, Layout(micro_batch=2), cpu, Stack(fused=True, compiled_loss=True))
     eager = estimate_memory(w2, Layout(micro_batch=2), cpu, Stack(fused=True))
     assert eager.activations - comp.activations == pytest.approx(12 * T * V - 8 * T * V)
+
+
+def test_pipeline_with_fsdp_holds_unsharded_fp32_gradients_of_the_stage():
+    """torch.distributed.pipelining turns FSDP's gradient sync off until the last micro-batch
+    (stage.py backward_maybe_with_nosync): the stage's gradients accumulate unsharded in fp32."""
+    w, hw = _w(gb=32), get_hardware("h100_sxm")
+    pp = estimate_memory(w, Layout(dp_shard=4, pp=2, micro_batch=1), hw)
+    no_fsdp = estimate_memory(w, Layout(pp=2, micro_batch=1), hw)
+    assert pp.grads == pytest.approx(no_fsdp.grads)  # 4 B x the stage's parameters, not / dp_shard
+    assert pp.weights == pytest.approx(no_fsdp.weights / 4)
+
+
+def test_interleaved_never_holds_more_micro_batches_than_the_step_has():
+    w, hw = _w(gb=16), get_hardware("h100_sxm")
+    few = Layout(pp=4, pp_schedule="interleaved_1f1b", virtual_stages=2, micro_batch=4)  # 4 micro-batches
+    plain = Layout(pp=4, pp_schedule="1f1b", micro_batch=4)
+    assert estimate_memory(w, few, hw).activations == pytest.approx(estimate_memory(w, plain, hw).activations)
