@@ -138,10 +138,9 @@ def explain(result: SearchResult, hw: Hardware) -> str:
 
 def format_result(result: SearchResult, hw: Hardware, top: int = 5) -> str:
     shown = result.ranked[:top]
-    lines = [f"{result.evaluated:,} legal layouts evaluated; {len(shown)} fastest that fit shown"
-             + (f" (of the {len(result.ranked)} best kept)" if len(result.ranked) > len(shown) else "") + ". "
-             "Layouts read: dp REPLICAS x FSDP-SHARDS, tp/pp/cp degrees, mb = micro-batch in sequences, "
-             "ac = activation checkpointing.", header()]
+    lines = [f"{result.evaluated:,} legal layouts priced, {result.fitting:,} predicted to fit in memory; the "
+             f"{len(shown)} fastest of those are shown. Layouts read: dp REPLICAS x FSDP-SHARDS, tp/pp/cp degrees, "
+             "mb = micro-batch in sequences, ac = activation checkpointing.", header()]
     for i, e in enumerate(shown, start=1):
         lines.append(format_row(i, e))
         lines.append(format_breakdowns(e, hw))

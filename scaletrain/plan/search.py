@@ -103,7 +103,8 @@ def enumerate_layouts(w: Workload, gpus: int, hw: Hardware) -> list[Layout]:
 class SearchResult:
     ranked: list[Estimate]  # fitting layouts, best first
     not_fitting: list[Estimate]  # best-throughput layouts that are predicted to run out of memory
-    evaluated: int
+    evaluated: int  # legal layouts priced
+    fitting: int = 0  # of those, predicted to fit
 
 
 def rank_key(e: Estimate) -> tuple:
@@ -128,7 +129,7 @@ def search(w: Workload, gpus: int, hw: Hardware, stack: Stack = Stack(), top: in
     estimates = [estimate(w, lay, hw, stack) for lay in layouts]
     fits = _dedupe(sorted((e for e in estimates if e.fits), key=rank_key))
     oom = _dedupe(sorted((e for e in estimates if not e.fits), key=rank_key))
-    return SearchResult(fits[:top], oom[:top], len(estimates))
+    return SearchResult(fits[:top], oom[:top], len(estimates), sum(e.fits for e in estimates))
 
 
 def _dedupe(ranked: list[Estimate]) -> list[Estimate]:
