@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from scaletrain.config.schema import ModelConfig
+from scaletrain.model.flops import _dims as attention_dims  # (head_dim, q_dim, kv_dim): flops' one definition
 from scaletrain.model.flops import (activation_bytes_per_layer, backward_transient_bytes, flops_per_token,
                                     forward_flops_per_layer, head_activation_bytes, loss_activation_bytes,
                                     param_counts, recompute_bytes, saved_activation_bytes)
@@ -299,8 +300,8 @@ def fp8_cast_seconds(w: Workload, T: float, tp: int, fused: bool, hw: Hardware) 
     the inputs of qkv, wo, w1/w3 (one cast) and w2, the four output gradients and the weights,
     each moving FP8_CAST_BYTES[recipe] bytes per element at HBM bandwidth (memory-bound kernels)."""
     m = w.model
-    head_dim = m.dim // m.n_heads
-    q, kv, f = m.n_heads * head_dim, m.n_kv_heads * head_dim, m.ffn_dim
+    _, q, kv = attention_dims(m)
+    f = m.ffn_dim
     n_ffn = 3 if m.ffn == "swiglu" else 2
     inputs = T * (2 * m.dim + q + f) / tp  # column-parallel inputs are cast before the sequence gather
     grads = T * ((q + 2 * kv) + m.dim + (n_ffn - 1) * f + m.dim) / tp
@@ -352,9 +353,9 @@ def cp_gathered_kv_bytes(m: ModelConfig, mb: int, seq_len: int, B: int, layout: 
     kv heads only; Transformer Engine's ring re-sends K, V in backward and keeps nothing extra."""
     if layout.cp == 1 or stack.cp_comm == "ring":
         return 0.0
-    head_dim = m.dim // m.n_heads
-    heads = m.n_heads if stack.cp_comm == "allgather" else m.n_kv_heads
-    return 2 * mb * (seq_len - seq_len / layout.cp) * heads * head_dim * B / layout.tp
+    _, q, kv = attention_dims(m)
+    width = q if stack.cp_comm == "allgather" else kv
+    return 2 * mb * (seq_len - seq_len / layout.cp) * width * B / layout.tp
 
 
 def is_cpu(hw: Hardware) -> bool:
@@ -458,8 +459,7 @@ def estimate(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), 
     n_micro = max(1, w.global_batch // (layout.dp * layout.micro_batch))
     s_local = w.seq_len // cp
     T = layout.micro_batch * s_local  # tokens per micro-batch per rank
-    head_dim = m.dim // m.n_heads
-    q, kv = m.n_heads * head_dim, m.n_kv_heads * head_dim
+    _, q, kv = attention_dims(m)
     n_ffn = 3 if m.ffn == "swiglu" else 2
     reduce_bytes = 4 if stack.grad_reduce_fp32 else act_bytes
 
