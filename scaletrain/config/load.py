@@ -193,11 +193,12 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     return build_config(raw, None)
 
 
-def write_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as TOML, atomically (temp file + rename)."""
+def write_config(cfg: Config, path: str | Path, header: str = "") -> None:
+    """Write the resolved config as TOML, atomically (temp file + rename); `header` (TOML
+    comment lines) goes first."""
     import tomli_w
 
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(tomli_w.dumps(config_to_dict(cfg)))
+    tmp.write_text(header + tomli_w.dumps(config_to_dict(cfg)))
     tmp.replace(p)

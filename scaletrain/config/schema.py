@@ -136,6 +136,7 @@ class ParallelConfig:
     cp: int = 1
     pp_schedule: str = "1f1b"  # "gpipe" | "1f1b" | "interleaved_1f1b"
     pp_microbatches: int = 0  # 0 = pp degree
+    pp_virtual_stages: int = 0  # model chunks per pp rank with "interleaved_1f1b" (0 = 2); 1 otherwise
     ac: str = "none"  # activation checkpointing: "none" | "full" (blocks) | "selective" (attention, op-level)
     ac_every: int = 1  # with ac = "full": checkpoint every k-th block (1 = all)
 

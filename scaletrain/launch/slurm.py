@@ -76,7 +76,8 @@ def job_shape(args: argparse.Namespace, overrides: list[str]) -> tuple[int, int]
     --nodes when they fix the world size (dp_shard != -1). Raises ConfigError/LayoutError now, not
     after the queue wait."""
     from scaletrain.config import load_config
-    from scaletrain.parallel.dims import check_layout, resolve_dims
+    from scaletrain.parallel.dims import resolve_dims
+    from scaletrain.parallel.layout import check_layout
 
     if args.nodes < 1:
         raise ConfigError(f"--nodes must be >= 1, got {args.nodes}.")
@@ -100,7 +101,7 @@ def job_shape(args: argparse.Namespace, overrides: list[str]) -> tuple[int, int]
         raise ConfigError(f"--gpus-per-node {gpus} with {nproc} processes per node: scaletrain runs one process "
                           "per GPU; pass the same number (or 0 for a CPU job).")
     dims = resolve_dims(par, args.nodes * nproc, cfg.model, cfg.data.seq_len, cfg.data.batch_size)
-    check_layout(dims, par, cfg.model, cfg.data.seq_len, cfg.data.batch_size)
+    check_layout(dims, par, cfg.model, cfg.data.seq_len, cfg.data.batch_size, cfg.train.precision)
     if gpus and dims.tp > gpus:
         raise ConfigError(f"parallel.tp = {dims.tp} spans more than one node ({gpus} GPUs each); tensor "
                           "parallelism needs NVLink-class bandwidth: keep tp <= --gpus-per-node.")

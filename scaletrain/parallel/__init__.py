@@ -32,19 +32,20 @@ def parallelize(model: nn.Module, dims: ParallelDims, meshes: Meshes | None, cfg
     one per local pipeline stage), each keeping the full model's parameter names.
 
     `precision` is train.precision; only "fp8" changes the model here, with `fp8_recipe`, after
-    checking that it can run on the training `device` (default: CUDA when present) with this
-    layout (ConfigError when not)."""
+    checking that it can run on the training `device` (default: CUDA when present; ConfigError
+    when not; the layout itself was checked by parallel/layout.py)."""
     fsdp = meshes is not None and meshes.fsdp is not None
     if precision == "fp8":
         from scaletrain.parallel.fp8 import apply_fp8, check_fp8
 
-        check_fp8(fp8_recipe, dims.tp, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        check_fp8(fp8_recipe, device or ("cuda" if torch.cuda.is_available() else "cpu"))
         apply_fp8(model, fp8_recipe, fsdp=fsdp)
     parts = [model]
     if dims.pp > 1:
-        from scaletrain.parallel.pp import pipeline_split, virtual_stages
+        from scaletrain.parallel.layout import virtual_stages
+        from scaletrain.parallel.pp import pipeline_split
 
-        parts = pipeline_split(model, meshes.pp.get_local_rank(), dims.pp, virtual_stages(cfg.pp_schedule))
+        parts = pipeline_split(model, meshes.pp.get_local_rank(), dims.pp, virtual_stages(cfg))
     for part in parts:
         if dims.tp > 1:
             from scaletrain.parallel.tp import apply_tp

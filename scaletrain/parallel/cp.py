@@ -53,25 +53,17 @@ from torch.nn.attention.bias import causal_lower_right
 from scaletrain.errors import LayoutError
 
 
-def _check_layout(seq_len: int, cp: int, cp_rank: int) -> None:
-    if cp < 1 or not 0 <= cp_rank < cp:
-        raise LayoutError(f"context parallel rank {cp_rank} is outside [0, parallel.cp={cp})")
-    if seq_len <= 0 or seq_len % (2 * cp):
-        unit = 2 * cp
-        fix = max(unit, seq_len // unit * unit)
-        raise LayoutError(
-            f"data.seq_len={seq_len} is not divisible by 2 * parallel.cp = {unit}: context "
-            f"parallelism cuts each sequence into 2 * cp equal chunks; use data.seq_len={fix} "
-            f"(a multiple of {unit}) or another parallel.cp"
-        )
-
-
 def cp_positions(seq_len: int, cp: int, cp_rank: int) -> torch.LongTensor:
     """Token positions (int64 [seq_len / cp], increasing) held by `cp_rank`: chunks r and 2cp-1-r.
 
-    Raises LayoutError when seq_len is not a multiple of 2 * cp.
+    Raises LayoutError when seq_len is not a multiple of 2 * cp (parallel/layout.py's rule).
     """
-    _check_layout(seq_len, cp, cp_rank)
+    from scaletrain.parallel.dims import ParallelDims
+    from scaletrain.parallel.layout import check_layout
+
+    if not 0 <= cp_rank < cp:
+        raise LayoutError(f"context parallel rank {cp_rank} is outside [0, parallel.cp={cp})")
+    check_layout(ParallelDims(1, 1, 1, 1, cp), None, None, seq_len, 1)
     c = seq_len // (2 * cp)
     first = torch.arange(cp_rank * c, (cp_rank + 1) * c)
     second = torch.arange((2 * cp - 1 - cp_rank) * c, (2 * cp - cp_rank) * c)

@@ -7,7 +7,6 @@ before any process-group work so an impossible layout fails fast with a fix.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, replace
 
@@ -175,6 +174,8 @@ def _nearest_layouts(cfg: ParallelConfig, world_size: int, model: ModelConfig | 
     for degrees in sorted(factorizations(world_size, len(_DEGREES)), key=distance):
         candidate = dict(zip(_DEGREES, degrees))
         if model is not None:
+            from scaletrain.parallel.layout import check_layout  # layout.py imports this module
+
             try:
                 check_layout(ParallelDims(**candidate), replace(cfg, **candidate), model, seq_len, batch_size)
             except ScaletrainError:
@@ -183,50 +184,6 @@ def _nearest_layouts(cfg: ParallelConfig, world_size: int, model: ModelConfig | 
         if len(found) == count:
             break
     return found
-
-
-def check_layout(dims: ParallelDims, parallel: ParallelConfig, model: ModelConfig, seq_len: int,
-                 batch_size: int) -> None:
-    """Raise LayoutError, naming the keys and a valid alternative, when the model or batch
-    cannot be split as `dims` asks. Runs before any process-group work."""
-    def _divisors(n: int) -> str:
-        return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
-
-    # Not yet (docs/moe.md): MoE takes data parallelism only until expert parallelism lands, and
-    # the q/k norms have no tensor-parallel plan.
-    for key in ("tp", "pp", "cp") if model.moe_experts > 0 else ("tp",) if model.qk_norm else ():
-        if getattr(dims, key) > 1:
-            what = "an MoE model (model.moe_experts > 0)" if model.moe_experts > 0 else "model.qk_norm = true"
-            raise LayoutError(f"{what} cannot run with parallel.{key} = {getattr(dims, key)} yet; use data "
-                              f"parallelism only (parallel.dp_shard / parallel.dp_replicate) and parallel.{key} 1.")
-    if dims.tp > 1:
-        if model.tie_embeddings:
-            raise LayoutError(f"model.tie_embeddings = true cannot be used with parallel.tp = {dims.tp}: the "
-                              "embedding is sharded by rows and the output head by columns of the same "
-                              "weight; set --model.tie_embeddings false (or parallel.tp 1).")
-        for key in ("n_heads", "n_kv_heads"):
-            heads = getattr(model, key)
-            if heads % dims.tp:
-                raise LayoutError(f"model.{key} = {heads} is not divisible by parallel.tp = {dims.tp}; "
-                                  f"tensor parallelism splits heads across ranks. Use tp in "
-                                  f"{{{_divisors(math.gcd(model.n_heads, model.n_kv_heads))}}}.")
-        if seq_len % dims.tp:
-            raise LayoutError(f"data.seq_len = {seq_len} is not divisible by parallel.tp = {dims.tp} "
-                              "(sequence parallelism splits the sequence of norm regions); "
-                              f"use data.seq_len {seq_len // dims.tp * dims.tp or dims.tp}.")
-    if dims.cp > 1:
-        chunk = 2 * dims.cp * max(dims.tp, 1)
-        if seq_len % chunk:
-            raise LayoutError(f"data.seq_len = {seq_len} is not divisible by 2*parallel.cp"
-                              + (f"*parallel.tp = {chunk}" if dims.tp > 1 else f" = {chunk}")
-                              + " (context parallelism cuts the sequence into 2*cp load-balanced chunks); "
-                              f"use data.seq_len {max(chunk, seq_len // chunk * chunk)}.")
-    if dims.pp > 1:
-        from scaletrain.parallel.pp import validate_pp
-
-        validate_pp(parallel, model.n_layers, batch_size, model.tie_embeddings)
-
-
 
 
 @dataclass

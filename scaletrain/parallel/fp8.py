@@ -82,14 +82,11 @@ def fp8_supported(device: torch.device | str) -> str | None:
     return f"float8 training runs on CUDA (or on the CPU, for testing), not on device type '{device.type}'"
 
 
-def check_fp8(recipe: str, tp_degree: int, device: torch.device | str) -> None:
-    """Raise ConfigError when precision "fp8" cannot run with this recipe, layout and device."""
+def check_fp8(recipe: str, device: torch.device | str) -> None:
+    """Raise ConfigError when precision "fp8" cannot run with this recipe on this device (fp8 with
+    tensor parallelism is refused earlier, by parallel/layout.py)."""
     if recipe not in FP8_RECIPES:
         raise ConfigError(f"train.fp8_recipe must be one of {', '.join(FP8_RECIPES)}, got {recipe!r}")
-    if tp_degree > 1:
-        raise ConfigError(f"fp8 with tp > 1 is not supported yet (parallel.tp = {tp_degree}): torchao's float8 "
-                          "tensor-parallel styles are not wired in; use --parallel.tp 1 (FSDP, PP and CP work "
-                          "with fp8) or --train.precision bf16")
     reason = fp8_supported(device)
     if reason is not None:
         raise ConfigError(reason)

@@ -9,9 +9,13 @@ Schedules (`parallel.pp_schedule`), for pp ranks and m micro-batches (`parallel.
 - "1f1b": after a warm-up of (pp - 1 - rank) forwards each rank alternates one forward and one
   backward, so at most pp micro-batches are in flight per rank (activation memory ~ pp/m of
   GPipe's) with the same bubble. torch requires m >= pp.
-- "interleaved_1f1b": v = 2 stages per rank in a looping layout (rank r holds stages r, r + pp)
-  that send each micro-batch around the ring twice; each stage is 1/v as long, so the bubble
-  shrinks by v at the cost of v times the point-to-point messages.
+- "interleaved_1f1b": v = parallel.pp_virtual_stages (0 = 2) stages per rank in a looping layout
+  (rank r holds stages r, r + pp, ...) that send each micro-batch around the ring v times; each
+  stage is 1/v as long, so the bubble shrinks by v at the cost of v times the point-to-point
+  messages.
+
+Which layouts are legal (layers, micro-batches, schedules, tied embeddings) is decided once, before
+any process group starts, by parallel/layout.py's check_layout.
 
 Bubble fraction (idle time / step time, equal stage times, no overlap): (pp - 1) / m for
 gpipe and 1f1b, (pp - 1) / (v * m) for interleaved 1F1B. Raise m to shrink it; each micro-batch
@@ -40,81 +44,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from scaletrain.config.schema import ParallelConfig
-from scaletrain.errors import LayoutError
-
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
-
-
-def virtual_stages(schedule_name: str) -> int:
-    """Stages per pp rank: 2 for the looping interleaved schedule, else 1."""
-    return 2 if schedule_name == "interleaved_1f1b" else 1
-
-
-def microbatch_count(parallel_cfg: ParallelConfig) -> int:
-    """parallel.pp_microbatches, where 0 means the pp degree."""
-    return parallel_cfg.pp_microbatches or parallel_cfg.pp
-
-
-def validate_pp(parallel_cfg: ParallelConfig, n_layers: int, batch_size: int, tie_embeddings: bool) -> None:
-    """Raise LayoutError (naming the keys and a fix) if the pipeline layout cannot run.
-
-    Pure: call it before any process-group work. `batch_size` is data.batch_size, the
-    sequences of one local (per data-parallel rank) batch that a pipeline step splits into
-    micro-batches.
-    """
-    cfg = parallel_cfg
-    if cfg.pp_schedule not in SCHEDULES:
-        raise LayoutError(
-            f"parallel.pp_schedule={cfg.pp_schedule!r} is unknown; choose one of {list(SCHEDULES)}"
-        )
-    if cfg.pp < 1 or cfg.pp_microbatches < 0:
-        raise LayoutError(
-            f"parallel.pp={cfg.pp} must be >= 1 and parallel.pp_microbatches={cfg.pp_microbatches} "
-            ">= 0 (0 = one micro-batch per pp rank)"
-        )
-    if cfg.pp == 1:
-        return
-    if tie_embeddings:
-        raise LayoutError(
-            f"model.tie_embeddings=true cannot be used with parallel.pp={cfg.pp}: the embedding lives "
-            "on the first pipeline stage and the output projection on the last, so one weight "
-            "cannot be shared; set model.tie_embeddings=false (or parallel.pp=1)"
-        )
-    v = virtual_stages(cfg.pp_schedule)
-    n_stages = cfg.pp * v
-    if n_layers % n_stages:
-        valid = [p for p in range(2, n_layers // v + 1) if n_layers % (p * v) == 0]
-        extra = f" x {v} virtual stages per rank ({cfg.pp_schedule})" if v > 1 else ""
-        raise LayoutError(
-            f"model.n_layers={n_layers} is not divisible by parallel.pp={cfg.pp}{extra} = {n_stages} "
-            f"stages; choose parallel.pp in {valid or '[none: change model.n_layers]'}"
-        )
-    m = microbatch_count(cfg)
-    if batch_size % m:
-        divisors = [d for d in range(1, batch_size + 1) if batch_size % d == 0 and d >= cfg.pp]
-        raise LayoutError(
-            f"parallel.pp_microbatches={m}{' (0 = pp)' if not cfg.pp_microbatches else ''} does not divide "
-            f"data.batch_size={batch_size}; choose parallel.pp_microbatches in {divisors} "
-            "or change data.batch_size"
-        )
-    if cfg.pp_schedule != "gpipe" and m < cfg.pp:
-        # torch's Schedule1F1B raises for m < pp. ScheduleInterleaved1F1B accepts m < pp but its
-        # bubble is then worse than plain 1F1B; we require m >= pp for both.
-        raise LayoutError(
-            f"parallel.pp_schedule={cfg.pp_schedule!r} needs parallel.pp_microbatches >= parallel.pp "
-            f"(got {m} < {cfg.pp}); raise parallel.pp_microbatches or use pp_schedule='gpipe'"
-        )
-    if cfg.pp_schedule == "interleaved_1f1b":
-        # torch's rule: rounds = max(1, m // pp) and m % rounds == 0 (m = 9, pp = 4 fails).
-        rounds = max(1, m // cfg.pp)
-        if m % rounds:
-            raise LayoutError(
-                f"parallel.pp_schedule='interleaved_1f1b' needs parallel.pp_microbatches to be a multiple of "
-                f"max(1, pp_microbatches // pp) = {rounds} (got {m} with parallel.pp={cfg.pp}); "
-                f"use a multiple of parallel.pp, e.g. {cfg.pp * rounds}"
-            )
-
 
 def stage_ids(pp_rank: int, pp_size: int, n_virtual: int) -> list[int]:
     """Global stage indices held by `pp_rank`: r, r + pp, ... (the looping layout)."""
@@ -132,13 +61,7 @@ def pipeline_split(model: nn.Module, pp_rank: int, pp_size: int, n_virtual: int)
     stage norm + output, and the others have them set to None.
     """
     n_stages = pp_size * n_virtual
-    n_layers = len(model.layers)
-    if n_layers % n_stages:
-        raise LayoutError(f"model.n_layers={n_layers} is not divisible by {n_stages} pipeline stages")
-    if n_stages > 1 and getattr(model.cfg, "tie_embeddings", False):
-        raise LayoutError("model.tie_embeddings=true cannot be split into pipeline stages; "
-                          "set model.tie_embeddings=false")
-    per_stage = n_layers // n_stages
+    per_stage = len(model.layers) // n_stages  # check_layout: n_layers divides into the stages
     stages = []
     for s in stage_ids(pp_rank, pp_size, n_virtual):
         stage = copy.deepcopy(model)
@@ -209,11 +132,10 @@ def build_pipeline(stages: list[nn.Module], pp_group_or_mesh, device: torch.devi
 
     group = pp_group_or_mesh.get_group() if isinstance(pp_group_or_mesh, DeviceMesh) else pp_group_or_mesh
     pp_rank, pp_size = dist.get_rank(group), dist.get_world_size(group)
-    n_virtual = virtual_stages(schedule_name)
-    if schedule_name not in SCHEDULES:
-        raise LayoutError(f"parallel.pp_schedule={schedule_name!r} is unknown; choose one of {list(SCHEDULES)}")
-    if len(stages) != n_virtual:
-        raise LayoutError(f"pp_schedule={schedule_name!r} needs {n_virtual} stage(s) per rank, got {len(stages)}")
+    n_virtual = len(stages)  # parallel.pp_virtual_stages, as pipeline_split cut them
+    if (schedule_name == "interleaved_1f1b") != (n_virtual > 1):
+        raise ValueError(f"pp_schedule={schedule_name!r} with {n_virtual} stage(s) per rank (a caller bug: "
+                         "parallel/layout.py checks the config)")
     n_stages = pp_size * n_virtual
     ids = stage_ids(pp_rank, pp_size, n_virtual)
     # Shapes are inferred from the first micro-batch at the first step (dynamic mode).

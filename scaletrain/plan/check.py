@@ -120,11 +120,11 @@ def _device(cfg: Config, info: dict) -> tuple[str, str | None]:
 
 def catalog_for_gpu(name: str, memory_bytes: float | None = None) -> Hardware:
     """The catalog entry of a `torch.cuda.get_device_name()` string (peaks table match, then
-    the entry with those peaks whose memory is closest to the device's)."""
+    the entry of that device whose memory is closest to the device's)."""
     from scaletrain.train.peaks import match_device
 
     entry = match_device(name)
-    cands = [hw for hw in CATALOG.values() if entry is not None and hw.peak_flops.get("bf16") == entry.flops.get("bf16")]
+    cands = [hw for hw in CATALOG.values() if entry is not None and hw.device_key == entry.key]
     if not cands:
         raise ConfigError(f"no planner catalog entry for GPU {name!r}; calibrate it (`scaletrain plan calibrate "
                           f"--out gpu.json` on that machine) and pass --profile gpu.json.")

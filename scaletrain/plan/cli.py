@@ -42,45 +42,72 @@ def parse_sweep(text: str) -> list[int]:
     return sorted(set(out))
 
 
-def add_plan_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("plan", help="predict memory and step time of every parallel layout and rank them",
-                              description="Rank parallel layouts (default), calibrate this machine, validate "
-                                          "the cost model against published measurements, or check a finished "
-                                          "run's measured step time and memory against the prediction.")
-    p.add_argument("action", nargs="?", default="search", choices=["search", "calibrate", "validate", "check"])
-    p.add_argument("--model", default="llama3_8b", help="flavor name or a config TOML (its [model])")
-    p.add_argument("--gpus", default="8", help="GPU count")
-    p.add_argument("--gpu", default="h100_sxm", help="catalog entry or a calibrated profile JSON")
-    p.add_argument("--seq-len", default="8192", help="tokens per sequence")
-    p.add_argument("--global-batch-tokens", default="4M", help="tokens per optimizer step (e.g. 16M)")
+SEARCH_DEFAULTS = {"gpu": "h100_sxm", "seq_len": "8192", "global_batch_tokens": "4M"}
+
+
+def _search_options(p: argparse.ArgumentParser) -> None:
+    """The layout search's options (on `plan` itself and on `plan search`)."""
+    p.add_argument("--model", help="flavor name or a config TOML (its [model]); required")
+    p.add_argument("--gpus", help="GPU count (required unless --sweep-gpus)")
+    p.add_argument("--gpu", help=f"catalog entry or a calibrated profile JSON (default {SEARCH_DEFAULTS['gpu']})")
+    p.add_argument("--seq-len", help=f"tokens per sequence (default {SEARCH_DEFAULTS['seq_len']})")
+    p.add_argument("--global-batch-tokens",
+                   help=f"tokens per optimizer step, e.g. 16M (default {SEARCH_DEFAULTS['global_batch_tokens']})")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp8", "fp16", "fp32"])
-    p.add_argument("--compile", action="store_true",
-                   help="search: assume torch.compile (fused elementwise kernels); calibrate (CPU): also time the "
-                        "compiled block and loss at each measured shape (10-20 s of compilation each)")
-    p.add_argument("--async-tp", action="store_true", help="assume TP communication overlapped with GEMMs")
+    p.add_argument("--fp8-recipe", default="tensorwise", choices=["tensorwise", "rowwise"],
+                   help="with --precision fp8: the scaling the trainer uses (train.fp8_recipe)")
+    p.add_argument("--compile", action="store_true", help="assume torch.compile (train.compile: fused kernels)")
     p.add_argument("--top", type=int, default=5, help="layouts shown")
-    p.add_argument("--write-config", help="write the winner as a scaletrain config TOML")
+    p.add_argument("--write-config", help="write the winner as a scaletrain config TOML (e.g. runs/best.toml)")
     p.add_argument("--sweep-gpus", help="GPU counts, e.g. 8,16,...,16384: best layout per size + plot")
     p.add_argument("--plot", default="plan_sweep.png", help="PNG written by --sweep-gpus")
-    p.add_argument("--gpus-per-node", type=int, help="override the catalog topology")
-    p.add_argument("--intra-bw", type=float, help="intra-node GB/s per GPU per direction")
-    p.add_argument("--inter-bw", type=float, help="inter-node GB/s per GPU per direction")
+    p.add_argument("--gpus-per-node", type=int, help="override the catalog topology: GPUs per NVLink domain")
+    p.add_argument("--intra-bw", type=float, help="NVLink-domain GB/s per GPU per direction")
+    p.add_argument("--inter-bw", type=float, help="network GB/s per GPU per direction")
     p.add_argument("--intra-latency-us", type=float)
     p.add_argument("--inter-latency-us", type=float)
-    p.add_argument("--out", default="profile.json", help="calibrate: profile JSON to write")
-    p.add_argument("--published", help="validate: CSV of published measurements")
-    p.add_argument("--json", help="validate / check: write the results as JSON")
-    p.add_argument("--run", "--run-dir", dest="run",
-                   help="check: a run folder written by `scaletrain train` (under torchrun write --run-dir: "
-                        "torchrun takes --run for its own --run-path)")
-    p.add_argument("--profile", help="check: calibrated profile JSON or catalog entry (default: the run's GPU)")
-    p.add_argument("--measure-tensors", action="store_true",
-                   help="check: re-run the run's config for a few steps here and measure the peak live tensor "
-                        "bytes per rank (the CPU analogue of CUDA max_memory_allocated; multi-rank runs: launch "
-                        "under torchrun --nproc-per-node N)")
-    p.add_argument("--measure-steps", type=int, default=2, help="check --measure-tensors: steps measured")
-    p.add_argument("--measure-warmup", type=int, default=1,
-                   help="check --measure-tensors: steps run first, not measured (optimizer state, compile)")
+
+
+def add_plan_parser(subparsers) -> argparse.ArgumentParser:
+    """`plan` with its sub-commands; `plan --model ...` without one is `plan search`."""
+    p = subparsers.add_parser("plan", help="predict memory and step time of every parallel layout and rank them",
+                              description="Rank parallel layouts (`search`, the default when no sub-command is "
+                                          "given), calibrate this machine, validate the cost model against "
+                                          "published measurements, or check a finished run against the prediction. "
+                                          "`scaletrain plan ACTION --help` lists each one's options.")
+    _search_options(p)
+    p.set_defaults(action="search")
+    actions = p.add_subparsers(dest="action", metavar="[ACTION]")
+    _search_options(actions.add_parser("search", help="rank the layouts of a model on a GPU count (default)",
+                                       description="Rank every legal parallel layout of a model on a GPU count."))
+    c = actions.add_parser("calibrate", help="measure this machine into a hardware profile JSON",
+                           description="Microbenchmarks of this machine -> a profile for --gpu PROFILE.json.")
+    c.add_argument("--model", help="flavor or config TOML whose shapes are measured (default: generic shapes)")
+    c.add_argument("--compile", action="store_true",
+                   help="CPU: also time the compiled block and loss at each shape (10-20 s of compilation each)")
+    c.add_argument("--out", default="profile.json", help="profile JSON to write")
+    v = actions.add_parser("validate", help="compare the cost model with published measurements",
+                           description="Predict tokens/s per GPU (and memory) of published training runs.")
+    v.add_argument("--published", help="CSV of published measurements (default: the development set shipped "
+                                       "with scaletrain, scaletrain/plan/data/)")
+    v.add_argument("--cv", choices=["source", "model"],
+                   help="leave-one-group-out cross-validation: refit the global parameters without each source "
+                        "(publication) or model and predict it")
+    v.add_argument("--json", help="write the per-row results as JSON")
+    k = actions.add_parser("check", help="a finished run's measured step time and memory vs the prediction",
+                           description="Measured vs predicted step time and memory of a `scaletrain train` run.")
+    k.add_argument("--run", "--run-dir", dest="run",
+                   help="a run folder written by `scaletrain train` (under torchrun write --run-dir: torchrun "
+                        "takes --run for its own --run-path)")
+    k.add_argument("--profile", help="calibrated profile JSON or catalog entry (default: the run's GPU)")
+    k.add_argument("--json", help="write the result as JSON")
+    k.add_argument("--measure-tensors", action="store_true",
+                   help="re-run the run's config for a few steps here and measure the peak live tensor bytes per "
+                        "rank (the CPU analogue of CUDA max_memory_allocated; multi-rank runs: launch under "
+                        "torchrun --nproc-per-node N)")
+    k.add_argument("--measure-steps", type=int, default=2, help="--measure-tensors: steps measured")
+    k.add_argument("--measure-warmup", type=int, default=1,
+                   help="--measure-tensors: steps run first, not measured (optimizer state, compile)")
     return p
 
 
@@ -113,26 +140,33 @@ def _workload(args, model):
     tokens = parse_count(args.global_batch_tokens, "--global-batch-tokens")
     if tokens % seq:
         raise ConfigError(f"--global-batch-tokens {tokens} is not a multiple of --seq-len {seq}.")
-    return Workload(model, seq, tokens // seq, args.precision)
+    return Workload(model, seq, tokens // seq, args.precision, args.fp8_recipe)
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    if args.action == "calibrate":
-        return _calibrate(args)
-    if args.action == "validate":
-        return _validate(args)
-    if args.action == "check":
-        return _check(args)
+    action = {"calibrate": _calibrate, "validate": _validate, "check": _check}.get(args.action)
+    return action(args) if action else _search(args)
+
+
+def _search(args: argparse.Namespace) -> int:
     from scaletrain.plan import report
-    from scaletrain.plan.cost import Stack
+    from scaletrain.plan.memcheck import scaletrain_stack
     from scaletrain.plan.search import search
 
+    if not args.model or not (args.gpus or args.sweep_gpus):
+        raise ConfigError("plan search needs --model (a flavor or config TOML) and --gpus (or --sweep-gpus), "
+                          "e.g. `scaletrain plan --model llama3_8b --gpus 8`.")
+    defaults = [f"--{k.replace('_', '-')} {v}" for k, v in SEARCH_DEFAULTS.items() if getattr(args, k) is None]
+    for k, v in SEARCH_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.top < 1:
+        raise ConfigError(f"--top must be >= 1, got {args.top}.")
     model = _model(args.model)
     hw = _hardware(args)
     w = _workload(args, model)
-    stack = Stack(fused=args.compile, tp_overlap=args.async_tp)
-    if args.top < 1:
-        raise ConfigError(f"--top must be >= 1, got {args.top}.")
+    stack = scaletrain_stack(args.compile, w.precision, w.fp8_recipe)
+    used = f" (defaults used: {', '.join(defaults)})" if defaults else ""
     if args.sweep_gpus:
         points = []
         for g in parse_sweep(args.sweep_gpus):
@@ -141,22 +175,24 @@ def run_plan(args: argparse.Namespace) -> int:
             except ConfigError:
                 best = []
             points.append(report.SweepPoint(g, best[0] if best else None))
-        print(f"{model.flavor} on {hw.name}, seq {w.seq_len}, {w.global_batch * w.seq_len:,} tokens/step")
+        print(f"{model.flavor} on {hw.name}, {w.seq_len}-token sequences, {w.global_batch * w.seq_len:,} tokens per "
+              f"step, {w.precision}{used}")
         print(report.format_sweep(points))
-        report.plot_sweep(points, args.plot, f"{model.flavor} on {hw.name}")
+        report.plot_sweep(points, args.plot, f"{model.flavor} on {hw.name}: {w.global_batch * w.seq_len:,} tokens "
+                                             f"per step of {w.seq_len}-token sequences, {w.precision}")
         print(f"plot: {args.plot}")
         return 0
     gpus = parse_count(args.gpus, "--gpus")
     result = search(w, gpus, hw, stack, top=max(args.top, 5))
-    print(f"{model.flavor} on {gpus} x {hw.name} ({hw.gpus_per_node}/node), seq {w.seq_len}, "
-          f"{w.global_batch} sequences = {w.global_batch * w.seq_len:,} tokens/step, {w.precision}")
+    print(f"{model.flavor} on {gpus} x {hw.name} ({hw.gpus_per_node} GPUs per NVLink domain), {w.seq_len}-token "
+          f"sequences, {w.global_batch:,} sequences = {w.global_batch * w.seq_len:,} tokens per step, "
+          f"{w.precision}{used}")
     print(report.format_result(result, hw, args.top))
     if args.write_config:
         if not result.ranked:
             raise ConfigError("no layout fits, so there is no config to write; add GPUs or shrink the batch.")
-        report.write_winner(model, w, result.ranked[0], args.write_config,
-                            "fp32" if w.precision == "fp32" else "bf16")
-        print(f"wrote {args.write_config}")
+        report.write_winner(model, w, result.ranked[0], args.write_config, hw, gpus, args.compile)
+        print(f"wrote {args.write_config} (layout #1; train it on {gpus} ranks)")
     return 0
 
 
@@ -190,15 +226,17 @@ def _calibrate(args) -> int:
 
 
 def _validate(args) -> int:
-    from scaletrain.plan.validate import format_results, validate_file, write_json
+    from scaletrain.plan.validate import format_results, read_cases, validate_file, write_json
 
-    if not args.published:
-        raise ConfigError("plan validate needs --published FILE (a published-performance CSV).")
     results = validate_file(args.published)
     print(format_results(results))
     if args.json:
         write_json(results, args.json)
         print(f"wrote {args.json}")
+    if args.cv:
+        from scaletrain.plan.fit import cross_validate, format_cv
+
+        print(format_cv(cross_validate(read_cases(args.published)[0], args.cv)))
     return 0
 
 

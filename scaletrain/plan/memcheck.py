@@ -15,7 +15,7 @@ import torch
 
 from scaletrain.config.schema import Config
 from scaletrain.errors import ConfigError
-from scaletrain.plan.cost import Layout, Stack, Workload, estimate_memory
+from scaletrain.plan.cost import Layout, Memory, Stack, Workload, estimate_memory
 from scaletrain.plan.hardware import GiB, Hardware
 
 
@@ -46,34 +46,51 @@ def device_capacity(device: torch.device, world_size: int) -> float:
 
 def workload_for_config(cfg: Config, world_size: int, device_type: str) -> tuple[Workload, Layout]:
     """The cost model's (workload, layout) for a run config on `world_size` ranks of a device
-    of `device_type` ("cuda" or "cpu"; precision "auto" resolves as the trainer does)."""
+    of `device_type` ("cuda" or "cpu"; precision "auto" resolves as the trainer does). The layout
+    is checked by parallel/layout.py first (LayoutError), so nothing illegal is ever priced."""
     from scaletrain.parallel.dims import resolve_dims
+    from scaletrain.parallel.layout import check_layout, microbatch_count, virtual_stages
 
     dims = resolve_dims(cfg.parallel, world_size)
     par = cfg.parallel
-    n_micro = par.pp_microbatches or dims.pp
-    micro = cfg.data.batch_size // n_micro if dims.pp > 1 and cfg.data.batch_size >= n_micro else cfg.data.batch_size
-    layout = Layout(dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp, dims.cp, par.pp_schedule, 1, micro, par.ac)
-    global_batch = cfg.data.batch_size * cfg.train.grad_accum * dims.dp
     precision = cfg.train.precision
     if precision == "auto":
         precision = "bf16" if device_type == "cuda" else "fp32"
-    return Workload(cfg.model, cfg.data.seq_len, global_batch, precision), layout
+    check_layout(dims, par, cfg.model, cfg.data.seq_len, cfg.data.batch_size, precision)
+    n_micro = microbatch_count(par, dims.pp)
+    micro = cfg.data.batch_size // n_micro if dims.pp > 1 else cfg.data.batch_size
+    layout = Layout(dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp, dims.cp, par.pp_schedule, virtual_stages(par),
+                    micro, par.ac)
+    global_batch = cfg.data.batch_size * cfg.train.grad_accum * dims.dp
+    return Workload(cfg.model, cfg.data.seq_len, global_batch, precision, cfg.train.fp8_recipe), layout
+
+
+def scaletrain_stack(compile: bool, precision: str, fp8_recipe: str) -> Stack:
+    """The cost model's software switches for a scaletrain run: train.compile compiles the
+    blocks and the loss; parallel/tp.py computes the loss on replicated logits (no
+    vocabulary-parallel loss), so TP ranks hold the whole [tokens, vocab] loss buffers;
+    parallel/cp.py all-gathers K and V without overlap; parallel/fp8.py gathers fp8 weights
+    under FSDP with the tensorwise recipe; PyTorch SDPA (flash-attention-2 class) attention."""
+    return Stack(fused=compile, compiled_loss=compile, loss_parallel=False, cp_comm="allgather",
+                 fp8_all_gather=precision == "fp8" and fp8_recipe == "tensorwise")
 
 
 def run_stack(cfg: Config) -> Stack:
-    """The cost model's software switches for a scaletrain run: train.compile compiles the
-    blocks and the loss; parallel/tp.py computes the loss on replicated logits (no
-    vocabulary-parallel loss), so TP ranks hold the whole [tokens, vocab] loss buffers."""
-    return Stack(fused=bool(cfg.train.compile), compiled_loss=bool(cfg.train.compile), loss_parallel=False)
+    """scaletrain_stack of a run config."""
+    return scaletrain_stack(bool(cfg.train.compile), cfg.train.precision, cfg.train.fp8_recipe)
+
+
+def memory_for_config(cfg: Config, world_size: int, device_type: str) -> Memory:
+    """The planner's per-rank memory prediction (bytes) for `cfg` on `world_size` ranks."""
+    w, layout = workload_for_config(cfg, world_size, device_type)
+    hw = Hardware(device_type, {}, 0.0, 1.0, 1, 1.0, 0.0, 1.0, 0.0)  # the memory model needs the device kind only
+    return estimate_memory(w, layout, hw, run_stack(cfg))
 
 
 def estimate_for_config(cfg: Config, world_size: int, device: torch.device) -> MemoryEstimate:
     """The planner's memory prediction for `cfg` on `world_size` ranks of `device`."""
-    w, layout = workload_for_config(cfg, world_size, device.type)
+    mem = memory_for_config(cfg, world_size, device.type)
     capacity = device_capacity(device, world_size)
-    hw = Hardware(device.type, {}, capacity, 1.0, 1, 1.0, 0.0, 1.0, 0.0)
-    mem = estimate_memory(w, layout, hw, run_stack(cfg))
     return MemoryEstimate(mem.total, mem.parts(), capacity, mem.total <= capacity)
 
 

@@ -1,23 +1,31 @@
-"""Enumerate the valid parallel layouts of a workload on a GPU count and rank them.
+"""Enumerate the parallel layouts of a workload on a GPU count and rank them.
 
-A layout is valid when (DESIGN.md, parallel/dims.py): every degree divides the GPU count;
-tp divides n_heads and n_kv_heads and seq_len (sequence parallel), and tp <= gpus_per_node
-(tensor parallelism stays on NVLink); pp divides n_layers (pp * virtual stages for
-interleaved 1F1B); seq_len % (2*cp) == 0 (load-balanced causal CP); the global batch splits
-evenly over dp * micro_batch; a pipeline gets at least pp micro-batches (a multiple of pp
-for interleaved). Ranking: layouts predicted to fit first, by tokens/s per GPU; a layout
-predicted not to fit is never the recommendation.
+Candidates are every factorisation `dp_replicate x dp_shard x tp x pp x cp = GPUs` (dp_shard all
+of dp, or a node-aligned HSDP group), micro-batch 1..16 splitting the global batch evenly over
+the data-parallel ranks, every schedule (interleaved 1F1B with 2..8 virtual stages) and AC
+policy the config can express. Whether a candidate is legal is decided by the trainer's own
+checker, parallel/layout.py `check_layout`, on the exact config `--write-config` would write
+(`layout_config`), with the planner's preference that tensor parallelism stays inside one NVLink
+domain; so every layout the search ranks is one `scaletrain train` accepts.
+
+Ranking: layouts predicted to fit first, by tokens/s per GPU (4 significant digits); ties go to
+the simpler layout (fewer context, tensor and pipeline ranks, fewer replicas, less memory, then
+the layout's description), so the order is deterministic. A layout predicted not to fit is never
+the recommendation.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scaletrain.errors import ConfigError
+from scaletrain.config.schema import ParallelConfig
+from scaletrain.errors import ConfigError, LayoutError
+from scaletrain.parallel.dims import ParallelDims
+from scaletrain.parallel.layout import check_layout
 from scaletrain.plan.cost import Estimate, Layout, Stack, Workload, estimate
 from scaletrain.plan.hardware import Hardware
 
-AC_CHOICES = ("none", "selective", "full")
+AC_CHOICES = ("none", "selective", "full")  # parallel.ac values the trainer runs
 MAX_MICRO_BATCH = 16
 MAX_VIRTUAL_STAGES = 8
 
@@ -39,42 +47,55 @@ def _shard_choices(dp: int, gpus_per_node: int) -> list[int]:
     return sorted(out)
 
 
+def layout_config(lay: Layout, n_micro: int) -> tuple[ParallelDims, ParallelConfig, int, int]:
+    """(degrees, the config's `parallel` section, data.batch_size, train.grad_accum) that run
+    `lay` with `n_micro` micro-batches per rank and step. With pp > 1 data.batch_size is the
+    per-rank batch of one pipeline step (micro_batch * pp_microbatches) and the schedule splits
+    it; otherwise data.batch_size is the micro-batch and grad_accum the count."""
+    dims = ParallelDims(lay.dp_replicate, lay.dp_shard, lay.tp, lay.pp, lay.cp)
+    pipelined = lay.pp > 1
+    parallel = ParallelConfig(dp_replicate=lay.dp_replicate, dp_shard=lay.dp_shard, tp=lay.tp, pp=lay.pp, cp=lay.cp,
+                              pp_schedule=lay.pp_schedule, pp_microbatches=n_micro if pipelined else 0,
+                              pp_virtual_stages=lay.virtual_stages if lay.virtual_stages > 1 else 0, ac=lay.ac)
+    batch = lay.micro_batch * (n_micro if pipelined else 1)
+    return dims, parallel, batch, 1 if pipelined else n_micro
+
+
+def is_legal(w: Workload, lay: Layout, n_micro: int, hw: Hardware) -> bool:
+    """Whether the trainer's layout checker accepts the config that runs `lay`."""
+    dims, parallel, batch, _ = layout_config(lay, n_micro)
+    try:
+        check_layout(dims, parallel, w.model, w.seq_len, batch, w.precision, gpus_per_node=hw.gpus_per_node)
+    except LayoutError:
+        return False
+    return True
+
+
+def _schedules(pp: int) -> list[tuple[str, int]]:
+    if pp == 1:
+        return [("1f1b", 1)]
+    return [("gpipe", 1), ("1f1b", 1)] + [("interleaved_1f1b", v) for v in range(2, MAX_VIRTUAL_STAGES + 1)]
+
+
 def enumerate_layouts(w: Workload, gpus: int, hw: Hardware) -> list[Layout]:
-    """Every valid layout of `w` on `gpus` GPUs (see the module docstring for the rules)."""
-    m = w.model
+    """Every layout of `w` on `gpus` GPUs that parallel/layout.py accepts (module docstring)."""
     if gpus < 1:
         raise ConfigError(f"--gpus must be >= 1, got {gpus}.")
     out: list[Layout] = []
     for tp in divisors(gpus):
-        if tp > hw.gpus_per_node or m.n_heads % tp or m.n_kv_heads % tp or w.seq_len % tp:
-            continue
         for pp in divisors(gpus // tp):
-            if m.n_layers % pp:
-                continue
             for cp in divisors(gpus // (tp * pp)):
-                if cp > 1 and w.seq_len % (2 * cp):
-                    continue
                 dp = gpus // (tp * pp * cp)
                 if w.global_batch % dp:
                     continue
                 local = w.global_batch // dp
                 for dp_shard in _shard_choices(dp, hw.gpus_per_node):
                     for mb in (d for d in divisors(local) if d <= MAX_MICRO_BATCH):
-                        n_micro = local // mb
-                        if pp > 1 and n_micro < pp:
-                            continue
-                        for sched, v in _schedules(pp, m.n_layers, n_micro):
+                        for sched, v in _schedules(pp):
                             for ac in AC_CHOICES:
-                                out.append(Layout(dp // dp_shard, dp_shard, tp, pp, cp, sched, v, mb, ac))
-    return out
-
-
-def _schedules(pp: int, n_layers: int, n_micro: int) -> list[tuple[str, int]]:
-    if pp == 1:
-        return [("1f1b", 1)]
-    out = [("gpipe", 1), ("1f1b", 1)]
-    if n_micro % pp == 0:
-        out += [("interleaved_1f1b", v) for v in range(2, MAX_VIRTUAL_STAGES + 1) if n_layers % (pp * v) == 0]
+                                lay = Layout(dp // dp_shard, dp_shard, tp, pp, cp, sched, v, mb, ac)
+                                if is_legal(w, lay, local // mb, hw):
+                                    out.append(lay)
     return out
 
 
@@ -82,29 +103,33 @@ def _schedules(pp: int, n_layers: int, n_micro: int) -> list[tuple[str, int]]:
 class SearchResult:
     ranked: list[Estimate]  # fitting layouts, best first
     not_fitting: list[Estimate]  # best-throughput layouts that are predicted to run out of memory
-    evaluated: int
+    evaluated: int  # legal layouts priced
+    fitting: int = 0  # of those, predicted to fit
+
+
+def rank_key(e: Estimate) -> tuple:
+    """Faster first (to 4 significant digits: a 0.01% difference is below the model's accuracy);
+    ties to the simpler layout (fewer context, tensor, pipeline ranks, replicas, virtual stages),
+    then less memory, then the description: a deterministic order."""
+    lay = e.layout
+    return (-float(f"{e.tokens_per_s_per_gpu:.4g}"), lay.cp, lay.tp, lay.pp, lay.dp_replicate, lay.virtual_stages,
+            round(e.memory.total), lay.short())
 
 
 def search(w: Workload, gpus: int, hw: Hardware, stack: Stack = Stack(), top: int = 10) -> SearchResult:
-    """Evaluate every valid layout; keep the `top` fitting ones (best tokens/s per GPU first)
+    """Evaluate every legal layout; keep the `top` fitting ones (best tokens/s per GPU first)
     and the `top` fastest non-fitting ones (for the report). Raises ConfigError when no
-    valid layout exists."""
+    legal layout exists."""
     layouts = enumerate_layouts(w, gpus, hw)
     if not layouts:
         raise ConfigError(
             f"no valid layout of {w.model.flavor} on {gpus} GPUs with global batch {w.global_batch} sequences "
-            f"of {w.seq_len} tokens: the batch must split over the data-parallel ranks. Use a GPU count and "
-            "global batch with common factors (e.g. powers of two).")
+            f"of {w.seq_len} tokens: the batch must split over the data-parallel ranks and the model over the "
+            "rest. Use a GPU count and global batch with common factors (e.g. powers of two).")
     estimates = [estimate(w, lay, hw, stack) for lay in layouts]
-    # Ties (e.g. cp=2 x micro-batch 1 vs cp=4 x micro-batch 2: the same tokens per rank) go to
-    # the simpler layout: fewer context/tensor/pipeline ranks, fewer replicas.
-    def key(e: Estimate) -> tuple:
-        lay = e.layout
-        return (-round(e.tokens_per_s_per_gpu, 6), round(e.memory.total), lay.cp, lay.tp, lay.pp, lay.dp_replicate)
-
-    fits = _dedupe(sorted((e for e in estimates if e.fits), key=key))
-    oom = _dedupe(sorted((e for e in estimates if not e.fits), key=key))
-    return SearchResult(fits[:top], oom[:top], len(estimates))
+    fits = _dedupe(sorted((e for e in estimates if e.fits), key=rank_key))
+    oom = _dedupe(sorted((e for e in estimates if not e.fits), key=rank_key))
+    return SearchResult(fits[:top], oom[:top], len(estimates), sum(e.fits for e in estimates))
 
 
 def _dedupe(ranked: list[Estimate]) -> list[Estimate]:

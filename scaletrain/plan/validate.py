@@ -1,27 +1,51 @@
 """Check the cost model against published training measurements.
 
-`validate_file(path)` predicts tokens/s per GPU (and peak memory where a row has it) for
-every row of a CSV in the format of published_training_perf_dev.csv whose model is dense
-with a known architecture and whose layout is complete, using ONE global parameter set
-(cost.PARAMS). Software differences enter only through `Stack` switches read from the
-row's own description: fused kernels (torch.compile, Megatron/NeMo Transformer Engine) and
-TP communication overlap (AsyncTP, --tp-comm-overlap, NeMo recipes).
+`read_cases(path)` turns every row of a CSV in the format of published_training_perf_dev.csv
+(a copy ships in scaletrain/plan/data/) into a `Case` -- the workload, layout, hardware and
+software `Stack` the row describes -- or a skip with its reason (MoE, MLA, an unknown
+architecture, GPU or layout). `predict(case, params)` prices a case with ONE global parameter
+set; `validate_file` does both with the fitted default (cost.PARAMS). Software differences
+enter only through `Stack` switches read from the row's own description of its software
+(docs/planner.md lists every switch and the words that set it); nothing is keyed on a source.
 """
 
 from __future__ import annotations
 
-import re
-
 import csv
 import json
+import re
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 from scaletrain.config.schema import ModelConfig
 from scaletrain.errors import ConfigError
-from scaletrain.plan.cost import Layout, Stack, Workload, estimate
-from scaletrain.plan.hardware import GiB, get_hardware
+from scaletrain.plan.cost import PARAMS, Layout, Params, Stack, Workload, estimate
+from scaletrain.plan.hardware import GiB, Hardware, get_hardware
+
+DEV_SET = "published_training_perf_dev.csv"
+
+
+def dev_set_path() -> Path:
+    """The development set shipped as package data (scaletrain/plan/data/)."""
+    return Path(str(resources.files("scaletrain.plan").joinpath("data", DEV_SET)))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One priceable published row: what ran, on what, and what it measured."""
+
+    row_id: str
+    source_id: str
+    model: str
+    workload: Workload
+    layout: Layout
+    hw: Hardware
+    stack: Stack
+    measured_tokens_per_s_per_gpu: float
+    measured_peak_mem_gib: float | None = None
+    arch: tuple = ()  # (layers, dim, heads, kv heads, ffn, vocab): one model whatever the row calls it
 
 
 @dataclass
@@ -37,6 +61,7 @@ class RowResult:
     mem_rel_error: float | None = None
     layout: str = ""
     skipped: str | None = None
+    breakdown: dict[str, float] = field(default_factory=dict)  # seconds per step by cause
 
 
 def _f(row: dict, key: str) -> float | None:
@@ -55,16 +80,14 @@ def _i(row: dict, key: str, default: int | None = None) -> int | None:
 def gpu_for(gpu_type: str) -> str | None:
     """Catalog name of a published `gpu_type` description, or None."""
     g = gpu_type.lower()
-    if "v100" in g:
-        return "v100_32gb"
+    for needle, name in (("gb300", "gb300_nvl72"), ("gb200", "gb200_nvl72"), ("b300", "b300"), ("b200", "b200"),
+                         ("h200", "h200"), ("v100", "v100_32gb"), ("mi300x", "mi300x")):
+        if needle in g:
+            return name
     if "a100" in g:
         return "a100_40gb" if "40gb" in g else "a100_80gb"
     if "h100" in g:
-        return "h100_hbm2e_500w" if "hbm2e" in g else "h100_sxm"
-    if "h200" in g:
-        return "h200"
-    if "b200" in g and "gb200" not in g:
-        return "b200"
+        return "h100_hbm2e_500w" if "hbm2e" in g else "h100_pcie" if "pcie" in g else "h100_sxm"
     return None
 
 
@@ -84,39 +107,76 @@ def model_for(row: dict) -> ModelConfig | None:
                        ffn="swiglu" if llama else "squared_relu", tie_embeddings=mpt)
 
 
-def predict_row(row: dict) -> RowResult:
-    """Predict one published row; `skipped` says why when it cannot."""
-    r = RowResult(row["row_id"], row["source_id"], row["model"])
-    gpus, seq = _i(row, "num_gpus"), _i(row, "seq_len")
-    gb = _i(row, "global_batch")
+def precision_for(row: dict, hw_name: str) -> tuple[str, str]:
+    """(precision, fp8 recipe) from the row's precision text. fp8 recipes: "tensorwise" (current
+    per-tensor scaling: torchao Float8, Megatron-Bridge FP8-CS), "delayed" (Transformer Engine's
+    amax-history scaling, its default before 2025: NeMo 24.x, llm-foundry), "mxfp8" (32-element
+    block scales, Blackwell)."""
+    text = row.get("precision", "").lower()
+    if "mxfp8" in text or "fp8-mx" in text:
+        return "fp8", "mxfp8"
+    if "fp8" in text or "float8" in text:
+        te = any(k in (row.get("framework", "") + " " + text).lower() for k in ("nemo", "transformerengine"))
+        current = "-cs" in text or "per-tensor" in text or "megatron-bridge" in row.get("framework", "").lower()
+        return "fp8", "delayed" if te and not current else "tensorwise"
+    return ("fp16" if hw_name == "v100_32gb" else "bf16"), "tensorwise"
+
+
+def stack_for(row: dict) -> Stack:
+    """The software switches a row names (docs/planner.md "Stack switches")."""
+    text = " ".join(row.get(k, "") for k in ("optimizations", "framework", "precision")).lower()
+    megatron = any(k in text for k in ("megatron", "nemo"))  # Megatron-Core with Transformer Engine
+    fsdp = (any(k in text for k in ("fsdp", "torchtitan", "llm-foundry")) and "megatron" not in text) \
+        or (_i(row, "fsdp", 0) or 0) > 1
+    return Stack(fused="compile" in text or megatron,
+                 tp_overlap=any(k in text for k in ("asynctp", "async tp", "tp-comm-overlap")) or "nemo" in text,
+                 reshard_after_forward=False if "shard_grad_op" in text else None, fsdp=fsdp,
+                 fused_attention=megatron, grad_reduce_fp32="mp mode pure" not in text,
+                 cp_comm="ring" if megatron else "allgather_overlap" if "torchtitan" in text else "allgather")
+
+
+def measured_tokens(row: dict) -> float | None:
+    gpus, seq, gb = _i(row, "num_gpus"), _i(row, "seq_len"), _i(row, "global_batch")
     measured = _f(row, "tokens_per_s_per_gpu")
     step = _f(row, "step_time_s")
     if measured is None and step and gpus and seq and gb:
         measured = gb * seq / step / gpus  # derived from the printed step time
-    r.measured_tokens_per_s_per_gpu = measured
-    r.measured_peak_mem_gib = _f(row, "peak_mem_gib")
+    return measured
+
+
+def case_for_row(row: dict) -> Case | str:
+    """The row as a Case, or the reason it cannot be priced."""
+    if row.get("arch_type", "dense") != "dense":
+        return "MoE model: MoE pricing is not in the cost model yet"
+    if (row.get("attention") or "gqa").lower() == "mla":
+        return "multi-head latent attention (MLA) is not in the cost model"
     model = model_for(row)
+    if model is None:
+        return "architecture not given (layers, hidden, heads or vocab missing)"
     hw_name = gpu_for(row["gpu_type"])
-    tp, pp = _i(row, "tp"), _i(row, "pp")
-    mb = _i(row, "micro_batch")
-    if row.get("arch_type", "dense") != "dense" or model is None:
-        r.skipped = "architecture not known (layers/hidden/heads/vocab missing) or not dense"
-    elif hw_name is None:
-        r.skipped = f"GPU '{row['gpu_type']}' not in the catalog"
-    elif not (gpus and seq and gb and tp and pp and mb):
-        r.skipped = "layout incomplete (GPU count, TP, PP, micro-batch or global batch missing)"
-    elif measured is None:
-        r.skipped = "no measured tokens/s per GPU or step time"
-    if r.skipped:
-        return r
-    cp = _i(row, "cp", 1) or 1
-    vp = _i(row, "vp", 1) or 1
-    if gpus % (tp * pp * cp):
-        r.skipped = "SOURCE-INCONSISTENT: TP*PP*CP does not divide the GPU count"
-        return r
-    dp = gpus // (tp * pp * cp)
+    if hw_name is None:
+        return f"GPU '{row['gpu_type']}' not in the catalog"
+    gpus, seq, gb = _i(row, "num_gpus"), _i(row, "seq_len"), _i(row, "global_batch")
+    tp, pp, mb = _i(row, "tp"), _i(row, "pp"), _i(row, "micro_batch")
+    cp, vp = _i(row, "cp", 1) or 1, _i(row, "vp", 1) or 1
     text = (row.get("optimizations", "") + " " + row.get("framework", "")).lower()
-    fsdp = row["source_id"].startswith(("torchtitan", "llm_foundry")) or (_i(row, "fsdp", 0) or 0) > 1
+    if mb is None and pp and pp > 1 and "torchtitan" in text and _i(row, "local_batch"):
+        # torchtitan at the benchmark commit splits the local batch into pp micro-batches
+        # (torchtitan/parallelisms/pipelining_utils.py: n_microbatches defaults to the pp degree)
+        mb = _i(row, "local_batch") // pp
+    if not (gpus and seq and gb and tp and pp and mb):
+        return "layout incomplete (GPU count, TP, PP, micro-batch or global batch missing)"
+    measured = measured_tokens(row)
+    if measured is None:
+        return "no measured tokens/s per GPU or step time"
+    if gpus % (tp * pp * cp):
+        return "source inconsistent: TP*PP*CP does not divide the GPU count"
+    hw = get_hardware(hw_name)
+    precision, recipe = precision_for(row, hw_name)
+    if precision == "fp8" and not (hw.fp8_recipes and (recipe == "delayed" or recipe in hw.fp8_recipes)):
+        return f"{recipe} fp8 does not run on {hw_name}"
+    dp = gpus // (tp * pp * cp)
+    stack = stack_for(row)
     schedule = "interleaved_1f1b" if (vp > 1 or "interleave" in text) else "1f1b"
     if schedule == "interleaved_1f1b" and vp == 1:
         vp = 2  # torchtitan's interleaved 1F1B default: 2 stages per rank
@@ -124,39 +184,64 @@ def predict_row(row: dict) -> RowResult:
     ac = "full" if ac_raw.startswith("full") else "selective" if ac_raw.startswith("selective") else "none"
     if ac == "selective" and re.search(r"\bop\b", ac_raw):
         ac = "op"  # torchtitan's op-level SAC: saves matmul outputs except every second mm (cost.py "op")
-    prec_raw = row.get("precision", "").lower()
-    precision = "fp8" if ("fp8" in prec_raw or "float8" in prec_raw) else "fp16" if hw_name == "v100_32gb" else "bf16"
-    megatron = any(k in text for k in ("megatron", "nemo"))
-    stack = Stack(fused="compile" in text or megatron,
-                  tp_overlap=any(k in text for k in ("asynctp", "async tp", "tp-comm-overlap")) or "nemo" in text,
-                  reshard_after_forward=False if "shard_grad_op" in text else None, fsdp=fsdp)
-    layout = Layout(dp_replicate=1 if fsdp else dp, dp_shard=dp if fsdp else 1, tp=tp, pp=pp, cp=cp,
+    layout = Layout(dp_replicate=1 if stack.fsdp else dp, dp_shard=dp if stack.fsdp else 1, tp=tp, pp=pp, cp=cp,
                     pp_schedule=schedule, virtual_stages=vp if schedule == "interleaved_1f1b" else 1,
                     micro_batch=mb, ac=ac)
-    w = Workload(model, seq, gb, precision)
-    est = estimate(w, layout, get_hardware(hw_name), stack)
-    r.layout = layout.short()
-    r.predicted_tokens_per_s_per_gpu = est.tokens_per_s_per_gpu
-    r.rel_error = (est.tokens_per_s_per_gpu - measured) / measured
+    arch = (model.n_layers, model.dim, model.n_heads, model.n_kv_heads, model.ffn_dim, model.vocab_size)
+    return Case(row["row_id"], row["source_id"], row["model"], Workload(model, seq, gb, precision, recipe), layout,
+                hw, stack, measured, _f(row, "peak_mem_gib"), arch)
+
+
+def predict(case: Case, p: Params = PARAMS) -> RowResult:
+    """Price one case with parameter set `p`."""
+    est = estimate(case.workload, case.layout, case.hw, case.stack, p)
+    r = RowResult(case.row_id, case.source_id, case.model, est.tokens_per_s_per_gpu,
+                  case.measured_tokens_per_s_per_gpu, layout=case.layout.short())
+    r.rel_error = (est.tokens_per_s_per_gpu - case.measured_tokens_per_s_per_gpu) / case.measured_tokens_per_s_per_gpu
     r.predicted_peak_mem_gib = est.memory.total / GiB
-    if r.measured_peak_mem_gib:
-        r.mem_rel_error = (r.predicted_peak_mem_gib - r.measured_peak_mem_gib) / r.measured_peak_mem_gib
+    r.measured_peak_mem_gib = case.measured_peak_mem_gib
+    if case.measured_peak_mem_gib:
+        r.mem_rel_error = (r.predicted_peak_mem_gib - case.measured_peak_mem_gib) / case.measured_peak_mem_gib
+    t = est.time
+    r.breakdown = {"compute": t.compute, "bubble": t.bubble, "overhead": t.overhead, "optimizer": t.optimizer,
+                   **{f"{k} comm": v for k, v in t.exposed.items()}}
     return r
 
 
-def validate_file(path: str | Path) -> list[RowResult]:
-    """Predict every row of the published CSV at `path`."""
-    p = Path(path)
+def read_rows(path: str | Path | None = None) -> list[dict]:
+    """Rows of a published-performance CSV (default: the shipped development set)."""
+    p = Path(path) if path else dev_set_path()
     if not p.is_file():
         raise ConfigError(f"published data file {p} does not exist.")
     with p.open(newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows or "row_id" not in rows[0]:
         raise ConfigError(f"{p} is not a published-performance CSV (needs a row_id column).")
-    return [predict_row(r) for r in rows]
+    return rows
 
 
-def _pct(x: list[float], q: float) -> float:
+def read_cases(path: str | Path | None = None) -> tuple[list[Case], list[RowResult]]:
+    """(priceable cases, skipped rows with their reason) of a published CSV."""
+    cases, skipped = [], []
+    for row in read_rows(path):
+        c = case_for_row(row)
+        if isinstance(c, Case):
+            cases.append(c)
+        else:
+            skipped.append(RowResult(row["row_id"], row["source_id"], row["model"],
+                                     measured_tokens_per_s_per_gpu=measured_tokens(row), skipped=c))
+    return cases, skipped
+
+
+def validate_file(path: str | Path | None = None, p: Params = PARAMS) -> list[RowResult]:
+    """Predict every row of the published CSV at `path` (default: the shipped development set)."""
+    cases, skipped = read_cases(path)
+    by_id = {r.row_id: r for r in [predict(c, p) for c in cases] + skipped}
+    return [by_id[row["row_id"]] for row in read_rows(path)]
+
+
+def pct(x: list[float], q: float) -> float:
+    """The q-quantile of x (nearest rank)."""
     s = sorted(x)
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
@@ -168,7 +253,7 @@ def summary(results: list[RowResult]) -> dict[str, float | int]:
     out: dict[str, float | int] = {"rows": len(results), "predicted": len(errs),
                                    "skipped": len(results) - len(errs)}
     if errs:
-        out |= {"median_abs_rel_error": statistics.median(errs), "p90_abs_rel_error": _pct(errs, 0.9),
+        out |= {"median_abs_rel_error": statistics.median(errs), "p90_abs_rel_error": pct(errs, 0.9),
                 "within_25pct": sum(e <= 0.25 for e in errs) / len(errs)}
     if mem:
         out |= {"mem_rows": len(mem), "mem_median_abs_rel_error": statistics.median(mem)}
@@ -176,16 +261,23 @@ def summary(results: list[RowResult]) -> dict[str, float | int]:
 
 
 def format_results(results: list[RowResult]) -> str:
-    lines = [f"{'row':>5} {'source':<28} {'model':<22} {'layout':<44} {'pred':>9} {'meas':>9} {'err':>7} {'mem p/m GiB':>13}"]
+    lines = [f"{'row':>5} {'source':<28} {'model':<22} {'layout':<44} {'predicted':>9} {'measured':>9} "
+             f"{'error':>7} {'memory GiB pred/meas':>20}"]
     for r in results:
         if r.skipped:
             continue
         mem = f"{r.predicted_peak_mem_gib:.1f}/{r.measured_peak_mem_gib:.1f}" if r.measured_peak_mem_gib else ""
         lines.append(f"{r.row_id:>5} {r.source_id[:28]:<28} {r.model[:22]:<22} {r.layout[:44]:<44} "
                      f"{r.predicted_tokens_per_s_per_gpu:9.0f} {r.measured_tokens_per_s_per_gpu:9.0f} "
-                     f"{100 * r.rel_error:+6.1f}% {mem:>13}")
+                     f"{100 * r.rel_error:+6.1f}% {mem:>20}")
     s = summary(results)
+    lines.append("(tokens/s per GPU; error = (predicted - measured) / measured)")
+    reasons: dict[str, int] = {}
+    for r in results:
+        if r.skipped:
+            reasons[r.skipped] = reasons.get(r.skipped, 0) + 1
     lines.append(f"rows {s['rows']}: predicted {s['predicted']}, skipped {s['skipped']}")
+    lines += [f"  skipped {n:>3}: {why}" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])]
     if "median_abs_rel_error" in s:
         lines.append(f"tokens/s per GPU: median |rel error| {100 * s['median_abs_rel_error']:.1f}%, "
                      f"p90 {100 * s['p90_abs_rel_error']:.1f}%, within 25%: {100 * s['within_25pct']:.0f}% of rows")

@@ -6,7 +6,7 @@ means plain IEEE fp32 on the vector/CUDA cores (no TF32); "tf32" means TF32 tens
 A precision a device does not run on tensor cores (FP8 on A100) has no entry.
 
 Lookups never guess: an unknown device, an unknown variant of a known family (L40 without
-the S, MI300A, GB200) or the CPU gives None, and metrics report MFU as "n/a" (rule 4 of
+the S, MI300A) or the CPU gives None, and metrics report MFU as "n/a" (rule 4 of
 DESIGN.md). Add a device by appending a `PeakEntry` to `PEAKS` with its source document.
 """
 
@@ -86,12 +86,37 @@ PEAKS: tuple[PeakEntry, ...] = (
     ),
     # NVIDIA HGX B200 platform specifications (8 GPUs): FP32 600 TF, TF32 18 PF, BF16/FP16
     # 36 PF, FP8 72 PF (tensor numbers with sparsity); per GPU and dense that is FP32 75 TF,
-    # TF32 1.125 PF, BF16 2.25 PF, FP8 4.5 PF. (GB200 runs at higher power: not matched.)
+    # TF32 1.125 PF, BF16 2.25 PF, FP8 4.5 PF. (GB200 runs at higher power: its own entry.)
     PeakEntry(
         "b200",
         r"(?<![a-z])b200\b",
         {"bf16": 2250e12, "fp16": 2250e12, "fp8": 4500e12, "tf32": 1125e12, "fp32": 75e12},
         "NVIDIA HGX B200 specifications (per GPU = 1/8 of the 8-GPU board)",
+    ),
+    # NVIDIA HGX platform specifications (HGX B300, 8 GPUs): FP32 600 TF, TF32 18 PF, BF16/FP16
+    # 36 PF, FP8 72 PF (tensor numbers with sparsity) -- per GPU and dense the B200 figures.
+    PeakEntry(
+        "b300",
+        r"(?<![a-z])b300\b",
+        {"bf16": 2250e12, "fp16": 2250e12, "fp8": 4500e12, "tf32": 1125e12, "fp32": 75e12},
+        "NVIDIA HGX B300 specifications (per GPU = 1/8 of the 8-GPU board)",
+    ),
+    # NVIDIA GB200 NVL72 specifications, per Blackwell GPU: FP32 80 TF, TF32 2.5 PF, BF16/FP16 5 PF,
+    # FP8 10 PF (tensor numbers with sparsity): dense TF32 1.25 PF, BF16 2.5 PF, FP8 5 PF (the GB200
+    # runs its B200 dies at 1,200 W, above the HGX B200's 1,000 W).
+    PeakEntry(
+        "gb200",
+        r"\bgb200\b",
+        {"bf16": 2500e12, "fp16": 2500e12, "fp8": 5000e12, "tf32": 1250e12, "fp32": 80e12},
+        "NVIDIA GB200 NVL72 specifications (per GPU)",
+    ),
+    # NVIDIA GB300 NVL72 specifications: 360 PF dense FP8 and 180 PF dense BF16 per 72 GPUs = FP8 5 PF,
+    # BF16 2.5 PF per GPU (Blackwell Ultra raises FP4 only); FP32 80 TF, TF32 1.25 PF as GB200.
+    PeakEntry(
+        "gb300",
+        r"\bgb300\b",
+        {"bf16": 2500e12, "fp16": 2500e12, "fp8": 5000e12, "tf32": 1250e12, "fp32": 80e12},
+        "NVIDIA GB300 NVL72 specifications (per GPU = 1/72 of the rack)",
     ),
     # NVIDIA L40S GPU datasheet: FP32 91.6 TF, TF32 183 | 366 TF, BF16/FP16 362.05 | 733 TF,
     # FP8 733 | 1,466 TF (dense | sparse).

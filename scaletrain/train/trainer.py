@@ -26,7 +26,8 @@ from scaletrain.model.transformer import materialize
 from scaletrain.model.flops import flops_per_token
 from scaletrain.model.sdpa import check_sdpa_backend, sdpa_context
 from scaletrain.parallel import parallelize
-from scaletrain.parallel.dims import barrier, build_meshes, check_layout, init_distributed, read_env, resolve_dims
+from scaletrain.parallel.dims import barrier, build_meshes, init_distributed, read_env, resolve_dims
+from scaletrain.parallel.layout import check_layout
 from scaletrain.parallel.fp8 import precompute_scales
 from scaletrain.train import checkpoint as ckpt_lib
 from scaletrain.train.checkpoint import Checkpointer
@@ -72,7 +73,7 @@ class Trainer:
         check_sdpa_backend(t.sdpa_backend, self.env.device)
         self.dims = resolve_dims(cfg.parallel, self.env.world_size, cfg.model, cfg.data.seq_len,
                                  cfg.data.batch_size)  # fails before any PG work, naming layouts that fit
-        check_layout(self.dims, cfg.parallel, cfg.model, cfg.data.seq_len, cfg.data.batch_size)
+        check_layout(self.dims, cfg.parallel, cfg.model, cfg.data.seq_len, cfg.data.batch_size, t.precision)
         from scaletrain.plan.memcheck import check_fits, estimate_for_config  # the planner's memory model
 
         self.memory_estimate = (estimate_for_config if force else check_fits)(cfg, self.env.world_size, self.env.device)

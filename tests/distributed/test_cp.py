@@ -197,8 +197,8 @@ def test_bad_seq_len_is_a_layout_error():
     with pytest.raises(LayoutError) as info:
         cp_positions(100, 4, 0)
     msg = str(info.value)
-    assert "data.seq_len=100" in msg and "parallel.cp" in msg and "data.seq_len=96" in msg
-    with pytest.raises(LayoutError, match="data.seq_len=8"):
+    assert "data.seq_len = 100" in msg and "parallel.cp" in msg and "use data.seq_len 96" in msg
+    with pytest.raises(LayoutError, match="use data.seq_len 8"):
         shard_sequence(torch.zeros(1, 6), 4, 0)  # shorter than 2 * cp: suggests the smallest valid
     with pytest.raises(LayoutError):
         cp_positions(16, 2, 2)

@@ -1,5 +1,7 @@
 """`scaletrain plan --write-config` produces a config that `scaletrain train` runs as written
-(the layout it chose, under torchrun with the planned number of ranks)."""
+(the layout it chose, under torchrun with the planned number of ranks; its BPE tokenizer is
+trained offline up to the model's vocabulary). Every layout the search can emit is checked
+against the trainer's checks and pre-flight in process by tests/unit/test_plan_roundtrip.py."""
 
 from __future__ import annotations
 
@@ -14,9 +16,13 @@ from scaletrain.train.metrics import read_metrics
 
 def test_written_plan_trains(tmp_path, data_cache):
     best = tmp_path / "best.toml"
-    run_cli("plan", "--model", "debug", "--gpus", "2", "--gpu", "h100_sxm", "--seq-len", "128",
+    run_cli("plan", "search", "--model", "debug", "--gpus", "2", "--gpu", "h100_sxm", "--seq-len", "128",
             "--global-batch-tokens", "4096", "--write-config", str(best))
-    planned = tomllib.loads(best.read_text())["parallel"]
+    text = best.read_text()
+    assert text.startswith("# Written by `scaletrain plan`: debug on 2 x h100_sxm")
+    written = tomllib.loads(text)
+    assert written["tokenizer"] == {**written["tokenizer"], "kind": "bpe", "vocab_size": written["model"]["vocab_size"]}
+    planned = written["parallel"]
     degrees = [planned[k] for k in ("dp_replicate", "dp_shard", "tp", "pp", "cp")]
     assert degrees[0] * degrees[1] * degrees[2] * degrees[3] * degrees[4] == 2
     run = tmp_path / "run"

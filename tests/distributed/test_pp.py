@@ -1,6 +1,6 @@
 """Pipeline parallelism on 2 gloo ranks reproduces the single-device model: one step's loss and
 every parameter gradient, then the losses of 3 AdamW steps and a forward-only eval loss, for
-each schedule and micro-batch count; plus the pure layout checks of validate_pp.
+each schedule and micro-batch count (the layout rules are tested in tests/unit/test_parallel_layout.py).
 
 All cases run in one 2-process spawn (module fixture) to pay the process start-up once; each
 rank compares its own stage parameters with the same-named ones of a reference model and sends
@@ -20,17 +20,19 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from scaletrain.config.schema import ParallelConfig
-from scaletrain.errors import LayoutError
 from scaletrain.model import build_model
 from scaletrain.model.flavors import model_config_for
-from scaletrain.parallel.pp import build_pipeline, pipeline_split, validate_pp, virtual_stages
+from scaletrain.parallel.layout import virtual_stages
+from scaletrain.parallel.pp import build_pipeline, pipeline_split
 
 PP = 2
 BATCH, SEQ = 8, 32
 TRAIN_STEPS = 3
-# (schedule, micro-batches, model layers): interleaved needs pp * 2 virtual stages = 4 layers.
-CASES = [(s, m, 4 if s == "interleaved_1f1b" else 2) for s in ("gpipe", "1f1b", "interleaved_1f1b") for m in (2, 4)]
-IDS = [f"{s}-m{m}" for s, m, _ in CASES]
+# (schedule, micro-batches, model layers, parallel.pp_virtual_stages): interleaved needs pp * v
+# virtual stages of layers (0 = the default 2; 3 checks that pp.py honours the config's count).
+CASES = [(s, m, 4 if s == "interleaved_1f1b" else 2, 0) for s in ("gpipe", "1f1b", "interleaved_1f1b") for m in (2, 4)]
+CASES.append(("interleaved_1f1b", 4, 6, 3))
+IDS = [f"{s}-m{m}" + (f"-v{v}" if v else "") for s, m, _, v in CASES]
 # fp32 throughout; the pipeline only changes the order of reductions (per-micro-batch means
 # averaged, gradients summed over micro-batches then divided by m), i.e. float32 rounding
 # (~1e-7 relative), amplified a little by the Adam steps. 1e-5 leaves 100x headroom.
@@ -56,11 +58,12 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> str | None:
     return None
 
 
-def _run_case(rank: int, schedule: str, m: int, n_layers: int) -> dict:
+def _run_case(rank: int, schedule: str, m: int, n_layers: int, v: int) -> dict:
     cfg = model_config_for("debug", n_layers=n_layers)
     ref = build_model(cfg, seed=0)
     # Split before the reference backward: deepcopy would copy .grad too.
-    stages = pipeline_split(ref, rank, PP, virtual_stages(schedule))
+    stages = pipeline_split(ref, rank, PP, virtual_stages(ParallelConfig(pp=PP, pp_schedule=schedule,
+                                                                         pp_virtual_stages=v)))
     pipe = build_pipeline(stages, dist.group.WORLD, torch.device("cpu"), m, schedule, loss_fn)
     ref_params = dict(ref.named_parameters())
     stage_params = [(n, p) for st in stages for n, p in st.named_parameters()]
@@ -147,33 +150,3 @@ def test_pipeline_matches_single_device(pp_results, case_id):
     assert last["ref_losses"][-1] != last["ref_losses"][0]
     assert last["eval"] == pytest.approx(last["ref_eval"], rel=TOL["rtol"], abs=TOL["atol"])
     assert per_rank[0]["eval"] is None
-
-
-def _pcfg(**kw) -> ParallelConfig:
-    return ParallelConfig(**{"pp": 2, "dp_shard": 1, **kw})
-
-
-@pytest.mark.parametrize("cfg, n_layers, batch, tie, needles", [
-    (_pcfg(pp=3), 4, 8, False, ["model.n_layers=4", "parallel.pp=3", "[2, 4]"]),
-    (_pcfg(pp_schedule="interleaved_1f1b"), 2, 8, False, ["model.n_layers=2", "parallel.pp=2", "virtual"]),
-    (_pcfg(pp_microbatches=3), 4, 8, False, ["parallel.pp_microbatches=3", "data.batch_size=8"]),
-    (_pcfg(pp=4), 4, 6, False, ["parallel.pp_microbatches=4 (0 = pp)", "data.batch_size=6"]),
-    (_pcfg(pp_microbatches=1), 4, 8, False, ["parallel.pp_microbatches >= parallel.pp", "gpipe"]),
-    (_pcfg(pp=4, pp_microbatches=9, pp_schedule="interleaved_1f1b"), 8, 18, False,
-     ["parallel.pp_microbatches", "multiple of", "parallel.pp=4"]),
-    (_pcfg(pp_schedule="zero_bubble"), 4, 8, False, ["parallel.pp_schedule='zero_bubble'", "interleaved_1f1b"]),
-    (_pcfg(), 4, 8, True, ["model.tie_embeddings=false", "parallel.pp=2"]),
-], ids=["layers", "layers-virtual", "mb-divides-batch", "mb-default-pp", "1f1b-mb-lt-pp",
-        "interleaved-rounds", "schedule", "tied"])
-def test_validate_pp_errors(cfg, n_layers, batch, tie, needles):
-    with pytest.raises(LayoutError) as info:
-        validate_pp(cfg, n_layers=n_layers, batch_size=batch, tie_embeddings=tie)
-    for needle in needles:
-        assert needle in str(info.value), str(info.value)
-
-
-@pytest.mark.parametrize("cfg", [_pcfg(), _pcfg(pp_schedule="gpipe", pp_microbatches=1),
-                                 _pcfg(pp_schedule="interleaved_1f1b", pp_microbatches=4),
-                                 ParallelConfig(pp=1, pp_microbatches=3)])
-def test_validate_pp_accepts_valid_layouts(cfg):
-    validate_pp(cfg, n_layers=4, batch_size=8, tie_embeddings=False)

@@ -23,7 +23,6 @@ from scaletrain.config.schema import ParallelConfig
 from scaletrain.errors import ConfigError
 from scaletrain.model import Transformer, build_model
 from scaletrain.model.flavors import model_config_for
-from scaletrain.parallel import parallelize
 from scaletrain.parallel.dims import resolve_dims
 from scaletrain.parallel.fp8 import apply_fp8, check_fp8, fp8_filter, fp8_supported
 from scaletrain.train.metrics import read_metrics
@@ -180,7 +179,7 @@ def test_missing_torchao_is_a_config_error(monkeypatch):
     reason = fp8_supported("cpu")
     assert reason is not None and "pip install" in reason and "torchao" in reason
     with pytest.raises(ConfigError, match="pip install"):
-        check_fp8("tensorwise", 1, "cpu")
+        check_fp8("tensorwise", "cpu")
 
 
 def test_cli_without_torchao_exits_2_before_writing(tmp_path, data_cache):
@@ -196,19 +195,16 @@ def test_cli_without_torchao_exits_2_before_writing(tmp_path, data_cache):
 
 
 @needs_torchao
-def test_unsupported_combinations_are_config_errors(monkeypatch):
-    with pytest.raises(ConfigError, match=r"fp8 with tp > 1 is not supported yet"):
-        check_fp8("tensorwise", 2, "cpu")
+def test_unsupported_combinations_are_refused_before_any_process_group(monkeypatch):
     with pytest.raises(ConfigError, match="fp8_recipe"):
-        check_fp8("blockwise", 1, "cpu")
-    # parallelize checks before touching the model or any mesh.
+        check_fp8("blockwise", "cpu")
+    # fp8 + tensor parallelism: the one layout checker refuses it before anything is built.
+    from scaletrain.errors import LayoutError
+    from scaletrain.parallel.layout import check_layout
+
     dims = resolve_dims(ParallelConfig(tp=2, dp_shard=1), world_size=2)
-    with torch.device("meta"):
-        model = Transformer(model_config_for("debug"))
-    with pytest.raises(ConfigError, match="tp > 1"):
-        parallelize(model, dims, None, ParallelConfig(tp=2, dp_shard=1), compile_blocks=False, seq_len=64,
-                    precision="fp8", device="cpu")
-    assert _kinds(model)["layers.0.attention.wq"] == "Linear"
+    with pytest.raises(LayoutError, match=r"train.precision='fp8' with parallel.tp=2 is not supported yet"):
+        check_layout(dims, ParallelConfig(tp=2, dp_shard=1), model_config_for("debug"), 64, 2, precision="fp8")
     # An Ampere GPU has no float8 tensor cores: torch._scaled_mm needs compute capability 8.9.
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")

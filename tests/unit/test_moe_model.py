@@ -41,7 +41,8 @@ def test_cli_refuses_bad_moe_config_in_one_line(capsys):
 def test_moe_refuses_model_parallel_layouts_before_starting(degrees):
     from scaletrain.config.schema import ParallelConfig
     from scaletrain.errors import LayoutError
-    from scaletrain.parallel.dims import check_layout, resolve_dims
+    from scaletrain.parallel.dims import resolve_dims
+    from scaletrain.parallel.layout import check_layout
 
     parallel = ParallelConfig(dp_shard=1, **degrees)
     with pytest.raises(LayoutError, match="an MoE model .* cannot run with parallel.* data parallelism only"):

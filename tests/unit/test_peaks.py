@@ -24,6 +24,10 @@ CASES = [
     ("NVIDIA A100-SXM4-40GB", "fp32", 19.5e12),
     ("NVIDIA B200", "bf16", 2250e12),
     ("NVIDIA B200", "fp8", 4500e12),
+    ("NVIDIA B300 SXM6 AC", "bf16", 2250e12),
+    ("NVIDIA GB200", "bf16", 2500e12),
+    ("NVIDIA GB200", "fp8", 5000e12),
+    ("NVIDIA GB300", "fp8", 5000e12),
     ("NVIDIA L40S", "bf16", 362.05e12),
     ("AMD Instinct MI300X", "bf16", 1307.4e12),
     ("AMD Instinct MI300X", "fp8", 2614.9e12),
@@ -40,7 +44,7 @@ def test_lookup_is_case_and_space_insensitive():
 
 
 @pytest.mark.parametrize("name", [
-    "NVIDIA GeForce RTX 4090", "NVIDIA L40", "NVIDIA GB200", "AMD Instinct MI300A",
+    "NVIDIA GeForce RTX 4090", "NVIDIA L40", "NVIDIA GB100", "AMD Instinct MI300A",
     "NVIDIA A100X", "NVIDIA H100", "cpu", "",
 ])
 def test_unknown_device_gives_none(name):

@@ -1,34 +1,40 @@
-"""Layout enumeration rules and ranking (plan/search.py)."""
+"""Layout enumeration and ranking (plan/search.py): every layout the search emits is one the
+trainer's checker accepts, and the order is deterministic."""
 
 import pytest
 
 from scaletrain.errors import ConfigError
 from scaletrain.model.flavors import model_config_for
+from scaletrain.parallel.layout import check_layout
 from scaletrain.plan.cost import Workload
 from scaletrain.plan.hardware import get_hardware
-from scaletrain.plan.search import enumerate_layouts, search
+from scaletrain.plan.search import enumerate_layouts, layout_config, rank_key, search
 
 
-def _w(flavor="llama3_8b", seq=8192, tokens=2**21):
-    return Workload(model_config_for(flavor), seq, tokens // seq)
+def _w(flavor="llama3_8b", seq=8192, tokens=2**21, precision="bf16"):
+    return Workload(model_config_for(flavor), seq, tokens // seq, precision)
 
 
-def test_every_enumerated_layout_is_valid():
+def test_every_enumerated_layout_is_accepted_by_the_trainers_checker():
     w, hw, gpus = _w(), get_hardware("h100_sxm"), 64
     layouts = enumerate_layouts(w, gpus, hw)
     assert len(layouts) > 100
-    m = w.model
     for lay in layouts:
         assert lay.world_size == gpus
-        assert m.n_heads % lay.tp == 0 and m.n_kv_heads % lay.tp == 0 and lay.tp <= hw.gpus_per_node
-        assert m.n_layers % (lay.pp * lay.virtual_stages) == 0
-        assert lay.cp == 1 or w.seq_len % (2 * lay.cp) == 0
-        assert w.global_batch % (lay.dp * lay.micro_batch) == 0
         n_micro = w.global_batch // (lay.dp * lay.micro_batch)
-        assert lay.pp == 1 or n_micro >= lay.pp
-        assert lay.virtual_stages == 1 or (lay.pp_schedule == "interleaved_1f1b" and n_micro % lay.pp == 0)
+        dims, parallel, batch, grad_accum = layout_config(lay, n_micro)
+        check_layout(dims, parallel, w.model, w.seq_len, batch, w.precision, gpus_per_node=hw.gpus_per_node)
+        assert batch * grad_accum * lay.dp == w.global_batch
     assert {lay.ac for lay in layouts} == {"none", "selective", "full"}
     assert {lay.pp_schedule for lay in layouts if lay.pp > 1} == {"gpipe", "1f1b", "interleaved_1f1b"}
+    # interleaved schedules with more than 2 virtual stages are emitted, and the config says so
+    deep = [lay for lay in layouts if lay.virtual_stages > 2]
+    assert deep and all(layout_config(lay, 4)[1].pp_virtual_stages == lay.virtual_stages for lay in deep)
+
+
+def test_fp8_layouts_never_use_tensor_parallelism():
+    layouts = enumerate_layouts(_w(precision="fp8"), 16, get_hardware("h100_sxm"))
+    assert layouts and {lay.tp for lay in layouts} == {1}
 
 
 def test_tp_limited_by_node_and_heads():
@@ -46,8 +52,19 @@ def test_search_never_recommends_a_layout_that_does_not_fit():
     assert res.ranked and res.not_fitting
     assert all(e.fits and e.memory.total <= hw.hbm_bytes for e in res.ranked)
     assert res.not_fitting[0].tokens_per_s_per_gpu > res.ranked[0].tokens_per_s_per_gpu
-    speeds = [e.tokens_per_s_per_gpu for e in res.ranked]
+    speeds = [float(f"{e.tokens_per_s_per_gpu:.4g}") for e in res.ranked]
     assert speeds == sorted(speeds, reverse=True)
+
+
+def test_ranking_is_deterministic_and_ties_go_to_the_simpler_layout():
+    w, hw = _w(tokens=2**20), get_hardware("h100_sxm")
+    first, again = search(w, 16, hw, top=20), search(w, 16, hw, top=20)
+    assert [e.layout for e in first.ranked] == [e.layout for e in again.ranked]
+    keys = [rank_key(e) for e in first.ranked]
+    assert keys == sorted(keys)
+    for a, b in zip(first.ranked, first.ranked[1:]):  # equal speed: the simpler layout first
+        if rank_key(a)[0] == rank_key(b)[0]:
+            assert rank_key(a)[1:6] <= rank_key(b)[1:6]
 
 
 def test_nothing_fits_gives_empty_ranking():

@@ -1,0 +1,110 @@
+"""`plan validate` against the published development set shipped as package data
+(scaletrain/plan/data/): row parsing, skip reasons, Stack switches, and the CLI."""
+
+import csv
+import json
+
+import pytest
+
+from conftest import main_exit
+from scaletrain.plan.validate import case_for_row, dev_set_path, read_rows, stack_for, summary, validate_file
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return read_rows()
+
+
+def test_the_development_set_ships_with_the_package(rows):
+    path = dev_set_path()
+    assert path.is_file() and path.with_suffix(".md").is_file()
+    assert "scaletrain" in path.parts and len(rows) >= 280 and "row_id" in rows[0]
+
+
+def test_moe_and_mla_rows_are_skipped_with_a_reason_never_priced_as_dense(rows):
+    moe = [r for r in rows if r["arch_type"] != "dense"]
+    assert moe
+    for r in moe:
+        assert case_for_row(r) == "MoE model: MoE pricing is not in the cost model yet"
+    mla = dict(rows[0], attention="mla", arch_type="dense")
+    assert "MLA" in case_for_row(mla)
+
+
+def test_every_skip_names_its_reason_and_priced_rows_cover_today_s_gpus(rows):
+    results = validate_file()
+    assert all(r.skipped or r.rel_error is not None for r in results)
+    gpus = {case_for_row(r).hw.name for r in rows if not isinstance(case_for_row(r), str)}
+    assert {"gb200_nvl72", "gb300_nvl72", "b200", "h100_sxm", "a100_80gb"} <= gpus
+    s = summary(results)
+    assert s["predicted"] >= 180 and s["median_abs_rel_error"] < 0.07 and s["p90_abs_rel_error"] < 0.2
+
+
+def test_recompute_text_maps_to_the_ac_policy(rows):
+    """torchtitan's op-level SAC rows get the cost model's "op" policy, selective (attention)
+    rows "selective", full recompute "full"."""
+    seen = {}
+    for row in rows:
+        c = case_for_row(row)
+        if not isinstance(c, str):
+            seen.setdefault((row.get("act_recompute") or "none").lower(), set()).add(c.layout.ac)
+    assert seen["selective op"] == {"op"} and seen["selective (op, config default)"] == {"op"}
+    assert all(v == {"full"} for k, v in seen.items() if k.startswith("full"))
+    assert all(v == {"selective"} for k, v in seen.items() if k.startswith("selective") and " op" not in k
+               and "(op" not in k)
+
+
+@pytest.mark.parametrize("text, switches", [
+    ({"framework": "NeMo (NeMo Launcher, Megatron-Core)"},
+     dict(fused=True, tp_overlap=True, fused_attention=True, fsdp=False, cp_comm="ring")),
+    ({"framework": "torchtitan (FSDP2/DTensor)", "optimizations": "FSDP + torch.compile + Float8"},
+     dict(fused=True, fused_attention=False, fsdp=True, cp_comm="allgather_overlap")),
+    ({"framework": "llm-foundry / Composer (PyTorch FSDP1)", "optimizations": "FSDP FULL_SHARD, MP mode PURE"},
+     dict(fused=False, fsdp=True, grad_reduce_fp32=False)),
+    ({"framework": "llm-foundry", "optimizations": "FSDP SHARD_GRAD_OP, MP mode DEFAULT"},
+     dict(reshard_after_forward=False, grad_reduce_fp32=True)),
+])
+def test_stack_switches_come_from_the_software_a_row_names(text, switches):
+    stack = stack_for({"optimizations": "", "framework": "", "precision": "", **text})
+    for name, value in switches.items():
+        assert getattr(stack, name) == value, name
+
+
+def test_validate_cli_uses_the_shipped_set_and_writes_json(tmp_path, capsys, rows):
+    keep = [r for r in rows if r["source_id"] in ("dgxc_benchmarking", "megatron_lm_readme_2022_mfu")][:8]
+    small = tmp_path / "small.csv"
+    with small.open("w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+        wr.writeheader()
+        wr.writerows(keep)
+    out = tmp_path / "v.json"
+    from scaletrain.cli import run
+
+    assert run(["plan", "validate", "--published", str(small), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert len(res) == len(keep)
+    for obj in res:
+        assert {"row_id", "predicted_tokens_per_s_per_gpu", "measured_tokens_per_s_per_gpu", "rel_error", "skipped"} <= set(obj)
+    assert any(o["skipped"] for o in res) and any(o["rel_error"] is not None for o in res)
+    text = capsys.readouterr().out
+    assert "median |rel error|" in text and "skipped" in text
+    assert run(["plan", "validate"]) == 0  # no path: the shipped development set
+    assert "rows 287" in capsys.readouterr().out
+
+
+def test_validate_cv_cli(capsys, tmp_path, rows):
+    small = tmp_path / "two_sources.csv"
+    keep = [r for r in rows if r["source_id"] in ("torchtitan_perf_md_2024", "torchtitan_bench_2412")]
+    with small.open("w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+        wr.writeheader()
+        wr.writerows(keep)
+    from scaletrain.cli import run
+
+    assert run(["plan", "validate", "--published", str(small), "--cv", "source"]) == 0
+    out = capsys.readouterr().out
+    assert "Leave-one-source-out" in out and "torchtitan_perf_md_2024" in out and "overall" in out
+
+
+def test_missing_file_exits_2_with_one_line(capsys, tmp_path):
+    code, err = main_exit(capsys, "plan", "validate", "--published", str(tmp_path / "nope.csv"))
+    assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
