@@ -7,6 +7,7 @@ before any process-group work so an impossible layout fails fast with a fix.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
 
