@@ -20,8 +20,8 @@ import numpy as np
 
 from scaletrain.config.schema import DataConfig, TokenizerConfig
 from scaletrain.data.corpus import Corpus, CorpusStats, Doc, corpus_fingerprint, list_documents, load_corpus
-from scaletrain.data.pysplit import split_python_source
 from scaletrain.data.loader import MixedLoader, TokenLoader, val_batches
+from scaletrain.data.pysplit import split_python_source
 from scaletrain.data.shards import build_shards, find_shards, open_split, read_manifest, shard_dir_for
 from scaletrain.data.tokenizer import (
     ByteTokenizer,

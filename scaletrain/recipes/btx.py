@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scaletrain.config.load import config_to_dict, write_config
+from scaletrain.config.load import _did_you_mean, config_from_dict, config_to_dict, read_toml, write_config
 from scaletrain.config.schema import Config
 from scaletrain.errors import CheckpointError, ConfigError
 from scaletrain.recipes.stages import (
@@ -39,12 +39,14 @@ from scaletrain.recipes.stages import (
 from scaletrain.train.checkpoint import MARKER, verify_checkpoint
 
 STAGES = ("seed", "branch", "mix", "finetune", "report")
+IMPLEMENTED = ("seed", "branch")
 CONFIG_FILE = "btx_config.toml"
 STATE_FILE = "btx_state.json"
-# Config sections every stage must agree on (the model's shape, its tokenizer, the domains). The
-# rest may differ between invocations: another layout or device for a branch on another
-# machine, other [btx] steps (a stage then trains on to its new final step), other optimizer or
-# schedule settings; each stage's own config.toml records what it ran with.
+# Config sections every stage must agree on: the model's shape, its tokenizer and the domains
+# (data.cache_dir, a local folder, and data.batch_size, per rank, may change). The rest may
+# differ between invocations: another layout or device for a branch on another machine, other
+# [btx] steps (a stage then trains on to its new final step), other optimizer or schedule
+# settings; each stage's own config.toml records what it ran with.
 PINNED = ("model", "tokenizer", "data")
 
 
@@ -100,11 +102,10 @@ def check_recipe_config(cfg: Config, out: Path) -> None:
     saved = out / CONFIG_FILE
     if not saved.is_file():
         return
-    from scaletrain.config.load import config_from_dict, read_toml
-
     old, new = config_to_dict(config_from_dict(read_toml(saved))), config_to_dict(cfg)
-    for d in (old, new):
+    for d in (old, new):  # a folder of this machine; the per-rank batch (another dp degree keeps the global one)
         d["data"].pop("cache_dir")
+        d["data"].pop("batch_size")
     diffs = [f"{s}.{k}: {old[s][k]!r} -> {new[s][k]!r}" for s in PINNED for k in new[s] if old[s].get(k) != new[s][k]]
     if diffs:
         raise ConfigError(f"{out} was started with another config ({saved}); changed: {'; '.join(diffs[:6])}"
@@ -157,11 +158,9 @@ class Btx:
         if branch is not None and stage != "branch":
             raise ConfigError("--branch NAME needs --stage branch (it selects which branch to run).")
         if branch is not None and branch not in names:
-            from scaletrain.config.load import _did_you_mean
-
             raise ConfigError(f"--branch {branch!r} is not one of the domains ({', '.join(names)})."
                               f"{_did_you_mean(branch, names)}")
-        if stage in ("mix", "finetune", "report"):
+        if stage is not None and stage not in IMPLEMENTED:
             raise _not_available(stage, self.out)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,11 @@ def _stacked(*contexts: contextlib.AbstractContextManager) -> contextlib.ExitSta
     return stack
 
 
+def _mean(losses: dict[str, float]) -> float:
+    """The validation loss of a run: the unweighted mean over its domains (each counts once)."""
+    return sum(losses.values()) / len(losses)
+
+
 class Trainer:
     """Builds everything a run needs from `cfg`; `fit()` trains and returns a summary.
 
@@ -133,12 +138,10 @@ class Trainer:
         self.injector = Injector(self.rank)
         self.phases = NullPhases()  # `scaletrain bench` swaps in a PhaseTimer (bench/phases.py)
         self.watchdog = Watchdog(0, self.rank, self.run_dir)  # armed in fit()
-        self.init_from = None
         if resume_from is not None:
             self._load(resume_from)
         elif init_from is not None:
-            self.init_from = Path(init_from)
-            self._load(self.init_from, weights_only=True)
+            self._load(Path(init_from), weights_only=True)
 
         precision = t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.precision = precision
@@ -363,8 +366,7 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean validation loss (nats/token): over the fixed validation batches, or with
         [[data.domains]] the unweighted mean of the domains' losses."""
-        losses = self.evaluate_domains()
-        return sum(losses.values()) / len(losses)
+        return _mean(self.evaluate_domains())
 
     @torch.no_grad()
     def evaluate_domains(self) -> dict[str, float]:
@@ -396,8 +398,7 @@ class Trainer:
 
     def _fit(self) -> dict[str, Any]:
         t, c = self.cfg.train, self.cfg.checkpoint
-        summary: dict[str, Any] = {"start_step": self.step, "run_dir": str(self.run_dir),
-                                   "init_from": str(self.init_from) if self.init_from else None}
+        summary: dict[str, Any] = {"start_step": self.step, "run_dir": str(self.run_dir)}
         reset_peak_memory(self.device)
         with Progress(t.steps, self.cfg.metrics.progress, self.rank, start_step=self.step,
                       log_interval=self.cfg.metrics.log_interval) as progress:
@@ -448,7 +449,7 @@ class Trainer:
     def _eval_and_log(self, progress: Progress) -> float:
         self.watchdog.beat("evaluation (all-reduce of the validation loss)")
         losses = self.evaluate_domains()
-        val_loss = sum(losses.values()) / len(losses)
+        val_loss = _mean(losses)
         per_domain = {f"val_loss_{name}": v for name, v in losses.items() if name}
         self.metrics.log_eval(self.step, val_loss, per_domain)
         progress.note(f"step {self.step}: val_loss {val_loss:.4f}" + "".join(
