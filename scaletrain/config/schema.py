@@ -46,7 +46,7 @@ class DomainConfig:
     val_fraction, max_documents, cache_dir, ...) comes from [data]. See docs/btx.md."""
 
     name: str = ""  # required; letters, digits, '_', '-': names `val_loss_<name>` and a BTX branch folder
-    source: str = "builtin"  # as data.source; "builtin_code" | "builtin_prose" are the built-in split
+    source: str = "builtin"  # as data.source: "builtin" | "builtin_code" | "builtin_prose" | "text" | "jsonl" | "parquet" | "hf_disk"
     path: str = ""  # file or folder for every source but the builtin ones
     text_field: str = "text"  # column / key holding the text (jsonl, parquet, hf_disk)
     weight: float = 1.0  # share of training sequences: weight / sum of weights (0 = validation only)

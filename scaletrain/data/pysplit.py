@@ -16,8 +16,8 @@ leaves the code and appears in the prose, so no text is in both. The definition 
   (decoration such as ``# ------`` is dropped from both). Comments on consecutive lines form one
   paragraph, one line each.
 - Prose paragraphs follow source order, separated by a blank line.
-- A file that ``ast`` or ``tokenize`` rejects (a few deliberately broken test files) stays in
-  code unchanged, with no prose.
+- A file that ``ast`` or ``tokenize`` rejects (a few deliberately broken test files), or with
+  a carriage return outside CRLF line ends, stays in code unchanged, with no prose.
 
 Deterministic for a given interpreter: ``ast`` and ``tokenize`` are the running Python's, so
 another Python version (another stdlib, another parser) gives other bytes.
@@ -66,7 +66,9 @@ def split_python_source(text: str) -> tuple[str, str]:
 
     Cached, because the code and the prose domain each read every file (a stdlib pass costs
     ~20-40 s): ``prepare_data`` clears the cache once the shards are built."""
-    lines = io.StringIO(text).readlines()  # the lines tokenize and ast number
+    if "\r" in text.replace("\r\n", ""):  # a lone CR ends a line for ast but not for readlines
+        return text, ""
+    lines = io.StringIO(text).readlines()  # the lines tokenize and ast number (CRLF stays in a line)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # SyntaxWarning (invalid escapes) of old files
@@ -89,7 +91,8 @@ def split_python_source(text: str) -> tuple[str, str]:
             continue
         row, col = tok.start[0] - 1, tok.start[1]
         if row not in docstring_rows:  # a docstring's trailing comment left with its lines
-            head, ending = lines[row][:col], "\n" if lines[row].endswith("\n") else ""
+            line = lines[row]
+            head, ending = line[:col], line[len(line.rstrip("\r\n")):]
             code[row] = head.rstrip() + ending if head.strip() else None
         words = tok.string.lstrip("#").strip()
         if any(ch.isalnum() for ch in words):

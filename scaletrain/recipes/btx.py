@@ -65,11 +65,11 @@ class Stage:
         return self.cfg.train.steps
 
 
-def stage_config(cfg: Config, kind: str, domain: str = "") -> Config:
-    """The run config of one stage: `cfg` with train.steps from [btx], data.domain = `domain`
-    ("" = the mixture) and a final checkpoint (which marks the stage complete)."""
+def stage_config(cfg: Config, steps: int, domain: str = "") -> Config:
+    """The run config of one training stage: `cfg` with train.steps = `steps`, data.domain =
+    `domain` ("" = the mixture) and a final checkpoint (which marks the stage complete)."""
     out = copy.deepcopy(cfg)
-    out.train.steps = getattr(cfg.btx, f"{kind}_steps")
+    out.train.steps = steps
     out.data.domain = domain
     out.checkpoint.save_final = True
     return out
@@ -77,10 +77,10 @@ def stage_config(cfg: Config, kind: str, domain: str = "") -> Config:
 
 def training_stages(cfg: Config, out: Path) -> list[Stage]:
     """The seed and one branch per domain, in table order."""
-    stages = [Stage("seed", "seed", out / "seed", stage_config(cfg, "seed"), "btx.seed_steps")]
+    stages = [Stage("seed", "seed", out / "seed", stage_config(cfg, cfg.btx.seed_steps), "btx.seed_steps")]
     for d in cfg.data.domains:
         stages.append(Stage("branch", f"branch/{d.name}", out / "branches" / d.name,
-                            stage_config(cfg, "branch", d.name), "btx.branch_steps"))
+                            stage_config(cfg, cfg.btx.branch_steps, d.name), "btx.branch_steps"))
     return stages
 
 

@@ -114,6 +114,8 @@ def test_split_moves_docstrings_and_comments_and_keeps_code_valid():
                                    "after the doc"]
     ast.parse(code)
     assert split_python_source("def broken(:\n    # comment\n") == ("def broken(:\n    # comment\n", "")
+    assert split_python_source("x = 1  # c\r\ny = 2\r\n") == ("x = 1\r\ny = 2\r\n", "c")  # CRLF kept
+    assert split_python_source("x = 1\ry = 2  # c\n") == ("x = 1\ry = 2  # c\n", "")  # lone CR: left whole
 
 
 def test_builtin_domains_are_disjoint_deterministic_and_keep_document_ids():
