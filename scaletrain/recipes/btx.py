@@ -162,6 +162,8 @@ class Btx:
                               f"{_did_you_mean(branch, names)}")
         if stage is not None and stage not in IMPLEMENTED:
             raise _not_available(stage, self.out)
+        if stage == "branch":
+            self._seed_checkpoint()  # the seed must exist before anything is written
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             if not (self.out / CONFIG_FILE).is_file():

@@ -177,7 +177,7 @@ def test_user_errors_exit_2_with_the_fix(recipe, tmp_path, data_cache, capsys):
     for args, needle in cases:
         code, err = main_exit(capsys, "btx", *args)
         assert code == 2 and needle in err and "Traceback" not in err, (args, err)
-    assert not (tmp_path / "one").exists() and not (tmp_path / "new").exists()
+    assert not any((tmp_path / d).exists() for d in ("one", "new", "fresh", "s"))  # refused before writing
 
 
 def test_a_branch_runs_alone_under_torchrun_with_another_layout(recipe, tmp_path):
