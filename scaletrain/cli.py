@@ -1,4 +1,4 @@
-"""The one entry point: `scaletrain train | plan | bench | generate | export | import | data | launch`.
+"""The one entry point: `scaletrain train | plan | bench | generate | export | import | data | launch | btx`.
 
 User mistakes (ScaletrainError) print one message on stderr without a traceback and exit 2;
 anything else is a crash with a traceback and exit 1.
@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     from scaletrain.bench.cli import add_bench_parser
 
     add_bench_parser(sub)
+    from scaletrain.recipes.cli import add_btx_parser
+
+    add_btx_parser(sub)
     return p
 
 
@@ -141,8 +144,13 @@ def _cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
 
     cfg = load_config(args.config, overrides)
     data = prepare_data(cfg.data, cfg.tokenizer, note=lambda msg: print(f"data: {msg}", flush=True))
-    print(f"shards in {data.shard_dir}: {data.manifest['total_tokens']:,} tokens "
-          f"(tokenizer vocab {data.tokenizer.vocab_size})")
+    for d in data.domains:
+        print(f"{f'domain {d.name}: ' if d.name else ''}shards in {d.shard_dir}: {d.manifest['total_tokens']:,} tokens "
+              f"({d.stats['tokens_train']:,} train / {d.stats['tokens_val']:,} val; {d.stats.get('documents_train', 0):,} / "
+              f"{d.stats.get('documents_val', 0):,} documents)")
+    print(f"tokenizer vocab {data.tokenizer.vocab_size}" + (
+        f"; {data.stats['tokens_train'] + data.stats['tokens_val']:,} tokens in {len(data.domains)} domains"
+        if data.domains[0].name else ""))
     return 0
 
 
@@ -169,7 +177,7 @@ def run(argv: list[str] | None = None) -> int:
 
         return run_ffn_cmd(argv[2:])
     args, rest = _parser().parse_known_args(argv)
-    takes_overrides = args.command in ("train", "data", "launch", "bench")
+    takes_overrides = args.command in ("train", "data", "launch", "bench", "btx")
     if rest and not takes_overrides:
         _parser().error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "train":
@@ -184,6 +192,10 @@ def run(argv: list[str] | None = None) -> int:
         from scaletrain.bench.cli import run_bench_cmd
 
         return run_bench_cmd(args, rest)
+    if args.command == "btx":
+        from scaletrain.recipes.cli import run_btx_cmd
+
+        return run_btx_cmd(args, rest)
     if args.command == "plan":
         from scaletrain.plan.cli import run_plan
 

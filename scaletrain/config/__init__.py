@@ -9,9 +9,11 @@ from scaletrain.config.load import (
     write_config,
 )
 from scaletrain.config.schema import (
+    BtxConfig,
     CheckpointConfig,
     Config,
     DataConfig,
+    DomainConfig,
     MetricsConfig,
     ModelConfig,
     OptimConfig,
@@ -22,7 +24,7 @@ from scaletrain.config.schema import (
 )
 
 __all__ = [
-    "CheckpointConfig", "Config", "DataConfig", "MetricsConfig", "ModelConfig", "OptimConfig",
+    "BtxConfig", "CheckpointConfig", "Config", "DataConfig", "DomainConfig", "MetricsConfig", "ModelConfig", "OptimConfig",
     "ParallelConfig", "ScheduleConfig", "TokenizerConfig", "TrainConfig", "config_from_dict",
     "config_to_dict", "load_config", "parse_overrides", "read_toml", "write_config",
 ]

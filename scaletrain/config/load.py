@@ -42,9 +42,39 @@ def section_types() -> dict[str, type]:
     return _field_types(Config)
 
 
+def _table_type(typ: Any) -> type | None:
+    """The dataclass `T` of a `list[T]` field (an array of TOML tables), else None."""
+    args = typing.get_args(typ)
+    if typing.get_origin(typ) is list and len(args) == 1 and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return None
+
+
+def coerce_table(key: str, table: Any, node_cls: type) -> Any:
+    """Build dataclass `node_cls` from one TOML table, each value coerced to its field's type;
+    ConfigError naming `key` for a non-table or an unknown key (with "did you mean")."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{key} must be a table, got {table!r}.")
+    types = _field_types(node_cls)
+    for name in table:
+        if name not in types:
+            raise ConfigError(f"unknown key '{name}' in {key}.{_did_you_mean(name, types)} "
+                              f"Keys: {', '.join(types)}.")
+    return node_cls(**{name: coerce(f"{key}.{name}", v, types[name]) for name, v in table.items()})
+
+
 def coerce(key: str, value: Any, typ: type, from_cli: bool = False) -> Any:
     """Convert a TOML value (typed) or a CLI string (`from_cli`) to `typ`, raising ConfigError
-    naming `key`. A TOML string never stands in for a number: `steps = "10"` is an error."""
+    naming `key`. A TOML string never stands in for a number: `steps = "10"` is an error.
+    A `list[Dataclass]` field is an array of tables (`[[section.key]]`), TOML only."""
+    node_cls = _table_type(typ)
+    if node_cls is not None:
+        if from_cli:
+            raise ConfigError(f"{key} is a list of tables ([[{key}]] in the TOML file) and cannot be set "
+                              "on the command line; edit the config file.")
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list of tables: write each entry as a [[{key}]] table.")
+        return [coerce_table(f"{key}[{i}]", item, node_cls) for i, item in enumerate(value)]
     from_cli = from_cli and isinstance(value, str) and typ is not str
     if typ is bool:
         if isinstance(value, bool):

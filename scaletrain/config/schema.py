@@ -54,8 +54,21 @@ class TokenizerConfig:
 
 
 @dataclass
+class DomainConfig:
+    """One data domain of a mixture, a `[[data.domains]]` table: where its documents come from
+    (as in [data]) and its share of the training sequences. Every other data setting (seq_len,
+    val_fraction, max_documents, cache_dir, ...) comes from [data]. See docs/btx.md."""
+
+    name: str = ""  # required; letters, digits, '_', '-': names `val_loss_<name>` and a BTX branch folder
+    source: str = "builtin"  # as data.source: "builtin" | "builtin_code" | "builtin_prose" | "text" | "jsonl" | "parquet" | "hf_disk"
+    path: str = ""  # file or folder for every source but the builtin ones
+    text_field: str = "text"  # column / key holding the text (jsonl, parquet, hf_disk)
+    weight: float = 1.0  # share of training sequences: weight / sum of weights (0 = validation only)
+
+
+@dataclass
 class DataConfig:
-    source: str = "builtin"  # "builtin" | "text" | "jsonl" | "parquet" | "hf_disk"
+    source: str = "builtin"  # "builtin" | "builtin_code" | "builtin_prose" | "text" | "jsonl" | "parquet" | "hf_disk"
     path: str = ""  # file or folder for every source but "builtin"
     text_field: str = "text"  # column / key holding the text (jsonl, parquet, hf_disk)
     cache_dir: str = "data_cache"  # shards and trained tokenizers are cached here
@@ -64,6 +77,10 @@ class DataConfig:
     seq_len: int = 256  # tokens per training sequence
     batch_size: int = 8  # sequences per micro-batch per data-parallel rank
     seed: int = 0  # seed of the sample order (independent of train.seed)
+    # [[data.domains]] tables replace source/path/text_field with several named corpora, mixed by
+    # weight; validation then reports every domain (val_loss_<name>) and their mean (val_loss).
+    domains: list[DomainConfig] = field(default_factory=list)
+    domain: str = ""  # train on this one domain of data.domains ("" = the weighted mixture); validation still covers all
 
 
 @dataclass
@@ -142,6 +159,17 @@ class ParallelConfig:
 
 
 @dataclass
+class BtxConfig:
+    """Steps of each stage of `scaletrain btx` (Branch-Train-MiX, recipes/btx.py, docs/btx.md).
+    Every stage is an ordinary run of this same config with train.steps set from here (so
+    train.steps itself is what `scaletrain train` on this config runs: a dense run on the mixture)."""
+
+    seed_steps: int = 100  # stage seed: dense optimizer steps on the mixture of data.domains
+    branch_steps: int = 100  # stage branch: dense optimizer steps of each branch on its own domain
+    finetune_steps: int = 100  # stage finetune: MoE optimizer steps on the mixture after the mix
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -152,3 +180,4 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    btx: BtxConfig = field(default_factory=BtxConfig)

@@ -6,14 +6,17 @@ degrees vs ranks) run where that information exists: the trainer and parallel/di
 
 from __future__ import annotations
 
-from scaletrain.config.schema import Config
+import re
+
+from scaletrain.config.load import _did_you_mean
+from scaletrain.config.schema import Config, DataConfig
 from scaletrain.errors import ConfigError
 
 CHOICES = {
     "model.moe_router": ("softmax", "sigmoid"),
     "model.moe_balance": ("aux_loss", "bias", "none"),
     "tokenizer.kind": ("byte", "bpe", "file"),
-    "data.source": ("builtin", "text", "jsonl", "parquet", "hf_disk"),
+    "data.source": ("builtin", "builtin_code", "builtin_prose", "text", "jsonl", "parquet", "hf_disk"),
     "optim.name": ("adamw",),
     "optim.fused": ("auto", "true", "false"),
     "schedule.kind": ("cosine", "wsd", "constant", "linear"),
@@ -59,7 +62,8 @@ def validate_config(cfg: Config) -> None:
     _require(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}.")
     _require(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}.")
     _require(d.max_documents >= 0, f"data.max_documents must be >= 0 (0 = all), got {d.max_documents}.")
-    _require(d.source == "builtin" or d.path != "", f"data.source = '{d.source}' needs data.path (a file or folder).")
+    _require(d.source.startswith("builtin") or d.path != "", f"data.source = '{d.source}' needs data.path (a file or folder).")
+    _validate_domains(d)
     _require(cfg.tokenizer.kind != "file" or cfg.tokenizer.path != "", "tokenizer.kind = 'file' needs tokenizer.path (a tokenizer.json).")
     _require(cfg.tokenizer.vocab_size >= 259, f"tokenizer.vocab_size must be >= 259 (256 bytes + specials), got {cfg.tokenizer.vocab_size}.")
 
@@ -94,3 +98,39 @@ def validate_config(cfg: Config) -> None:
     _require(p.dp_shard >= 1 or p.dp_shard == -1, f"parallel.dp_shard must be >= 1 or -1 (the rest), got {p.dp_shard}.")
     _require(p.ac_every >= 1, f"parallel.ac_every must be >= 1 (checkpoint every k-th block), got {p.ac_every}.")
     _require(p.pp_microbatches >= 0, f"parallel.pp_microbatches must be >= 0, got {p.pp_microbatches}.")
+    for name in ("seed_steps", "branch_steps", "finetune_steps"):
+        v = getattr(cfg.btx, name)
+        _require(v >= 1, f"btx.{name} must be >= 1, got {v}.")
+
+
+_DOMAIN_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _validate_domains(d: DataConfig) -> None:
+    """[[data.domains]]: named, unique, a known source with its path, weights >= 0 summing > 0;
+    data.domain names one of them; data.source/path/text_field are left to the domain tables."""
+    if not d.domains:
+        _require(d.domain == "", f"data.domain = {d.domain!r} selects a domain, but the config has no "
+                                 "[[data.domains]] tables; add them or drop data.domain.")
+        return
+    _require((d.source, d.path, d.text_field) == ("builtin", "", "text"),
+             "data.source / data.path / data.text_field are set per domain when [[data.domains]] is "
+             "present; move them into the domain tables.")
+    names = []
+    for i, dom in enumerate(d.domains):
+        where = f"data.domains[{i}]" + (f" ('{dom.name}')" if dom.name else "")
+        _require(_DOMAIN_NAME.fullmatch(dom.name) is not None,
+                 f"{where}: name = {dom.name!r} must be non-empty letters, digits, '_' or '-' "
+                 "(it names the metrics key val_loss_<name> and a folder).")
+        _require(dom.name not in names, f"{where}: the name '{dom.name}' is used twice; domain names must be unique.")
+        names.append(dom.name)
+        allowed = CHOICES["data.source"]
+        _require(dom.source in allowed, f"{where}: source = {dom.source!r} is not one of {', '.join(map(repr, allowed))}.")
+        _require(dom.source.startswith("builtin") or dom.path != "",
+                 f"{where}: source = '{dom.source}' needs path (a file or folder).")
+        _require(dom.weight >= 0, f"{where}: weight must be >= 0 (0 = validation only), got {dom.weight}.")
+    _require(sum(dom.weight for dom in d.domains) > 0 or d.domain != "",
+             "every [[data.domains]] weight is 0: nothing to train on. Give at least one domain a weight > 0.")
+    if d.domain:
+        _require(d.domain in names, f"data.domain = {d.domain!r} is not one of the [[data.domains]] names "
+                                    f"({', '.join(names)}).{_did_you_mean(d.domain, names)}")

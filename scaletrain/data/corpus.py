@@ -11,6 +11,10 @@ Sources (``DataConfig.source``):
   ``__pycache__`` excluded; the ``test`` packages are kept: they are real code and double the
   text), then one document per ``pydoc_data.topics`` entry. ``pydoc_data/topics.py`` itself is
   skipped because its text is those topics. About 30 MB of text, no download.
+- ``builtin_code`` / ``builtin_prose``: the same corpus split into two domains
+  (``data/pysplit.py``): the code of every file without its docstrings and comments, and the
+  prose, i.e. those docstrings and comments plus the pydoc topics. A file keeps its document
+  id (``stdlib/<relpath>``) in both, so its code and its prose land in the same split.
 - ``text``: a file, or a folder read recursively (hidden entries skipped); every file is a
   document. Binary (a NUL byte) or non-UTF-8 files are skipped and counted.
 - ``jsonl``: a ``*.jsonl`` file or folder of them; each non-blank line is a JSON object whose
@@ -42,6 +46,7 @@ from scaletrain.errors import DataError
 log = logging.getLogger(__name__)
 
 FINGERPRINT_VERSION = 1
+BUILTIN_SOURCES = ("builtin", "builtin_code", "builtin_prose")
 _BUILTIN_EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
 
@@ -105,7 +110,7 @@ def _walk(root: str, suffixes: tuple[str, ...] | None, skip_dirs: set[str], hidd
 
 def _source_files(cfg: DataConfig) -> list[tuple[str, str]]:
     """The (relpath, abspath) files a source reads, in document order. DataError if missing."""
-    if cfg.source == "builtin":
+    if cfg.source in BUILTIN_SOURCES:
         return _walk(_stdlib_root(), (".py",), _BUILTIN_EXCLUDED_DIRS, hidden=True)
     if cfg.source not in _READERS:
         raise DataError(f"data.source = {cfg.source!r} is unknown; use one of {', '.join(sorted(_READERS))}.")
@@ -131,6 +136,8 @@ def _source_files(cfg: DataConfig) -> list[tuple[str, str]]:
 def corpus_fingerprint(cfg: DataConfig, files: list[tuple[str, str]] | None = None) -> str:
     """Cheap hash of everything that decides the documents and their split: source, settings
     and (relpath, size in bytes, mtime in ns) of every file read. Costs one stat per file."""
+    from scaletrain.data.pysplit import SPLIT_VERSION
+
     files = _source_files(cfg) if files is None else files
     payload = {
         "version": FINGERPRINT_VERSION,
@@ -138,9 +145,11 @@ def corpus_fingerprint(cfg: DataConfig, files: list[tuple[str, str]] | None = No
         "text_field": cfg.text_field if cfg.source in ("jsonl", "parquet", "hf_disk") else None,
         "val_fraction": cfg.val_fraction,
         "max_documents": cfg.max_documents,
-        "python": sys.version if cfg.source == "builtin" else None,
+        "python": sys.version if cfg.source in BUILTIN_SOURCES else None,
         "files": [(rel, st.st_size, st.st_mtime_ns) for rel, st in ((r, os.stat(p)) for r, p in files)],
     }
+    if cfg.source in ("builtin_code", "builtin_prose"):  # only here: other fingerprints stay as they were
+        payload["split_version"] = SPLIT_VERSION
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -165,13 +174,19 @@ def _read_text_file(path: str, stats: CorpusStats) -> str | None:
         return None
 
 
-def _read_builtin(cfg, files, stats):
+def _read_builtin(cfg, files, stats, part: int | None = None):
+    """The stdlib files then the pydoc topics; ``part`` 0 / 1 keeps only the code / prose of
+    each file (``split_python_source``), and the topics only as prose."""
+    from scaletrain.data.pysplit import split_python_source
+
     for rel, path in files:
         if rel == "pydoc_data/topics.py":
             continue
         text = _read_text_file(path, stats)
         if text is not None:
-            yield Doc(f"stdlib/{rel}", text), None
+            yield Doc(f"stdlib/{rel}", text if part is None else split_python_source(text)[part]), None
+    if part == 0:
+        return
     from pydoc_data.topics import topics
 
     for name in sorted(topics):
@@ -267,7 +282,8 @@ def _read_hf_disk(cfg, files, stats):
 
 
 _READERS: dict[str, Reader] = {
-    "builtin": _read_builtin, "text": _read_text, "jsonl": _read_jsonl,
+    "builtin": _read_builtin, "builtin_code": lambda cfg, files, stats: _read_builtin(cfg, files, stats, 0),
+    "builtin_prose": lambda cfg, files, stats: _read_builtin(cfg, files, stats, 1), "text": _read_text, "jsonl": _read_jsonl,
     "parquet": _read_parquet, "hf_disk": _read_hf_disk,
 }
 
@@ -320,7 +336,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         if cfg.max_documents and len(kept) >= cfg.max_documents:
             break
     if not kept:
-        where = "the builtin corpus" if cfg.source == "builtin" else f"data.path = {cfg.path!r}"
+        where = "the builtin corpus" if cfg.source in BUILTIN_SOURCES else f"data.path = {cfg.path!r}"
         raise DataError(f"{where} (source '{cfg.source}') has no documents: {stats.files} files read, "
                         f"{stats.skipped_undecodable} skipped as binary/non-UTF-8, {stats.skipped_empty} "
                         "empty. Point data.path at UTF-8 text (or set data.source/data.text_field).")

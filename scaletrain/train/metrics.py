@@ -189,14 +189,17 @@ class MetricsWriter:
                 if key != "step" and type(value) in (int, float):  # not bool, str, None
                     self._tb.add_scalar(f"train/{key}", value, clean["step"])
 
-    def log_eval(self, step: int, val_loss: float) -> None:
-        """Write one validation result (mean cross-entropy, nats/token) for `step`."""
+    def log_eval(self, step: int, val_loss: float, extra: dict[str, float] | None = None) -> None:
+        """Write one validation result (mean cross-entropy, nats/token) for `step`; `extra`
+        adds more losses by key (the trainer's `val_loss_<domain>`)."""
         if not self.enabled:
             return
-        record = {"step": int(step), "kind": "eval", "val_loss": _to_python(val_loss)}
+        record = {"step": int(step), "kind": "eval", "val_loss": _to_python(val_loss), **_to_python(extra or {})}
         self._write_line(record)
         if self._tb is not None:
-            self._tb.add_scalar("eval/val_loss", record["val_loss"], record["step"])
+            for key, value in record.items():
+                if key not in ("step", "kind"):
+                    self._tb.add_scalar(f"eval/{key}", value, record["step"])
 
     def close(self) -> None:
         """Flush and close the JSONL file and the TensorBoard writer (idempotent)."""

@@ -57,15 +57,24 @@ def _stacked(*contexts: contextlib.AbstractContextManager) -> contextlib.ExitSta
     return stack
 
 
+def _mean(losses: dict[str, float]) -> float:
+    """The validation loss of a run: the unweighted mean over its domains (each counts once)."""
+    return sum(losses.values()) / len(losses)
+
+
 class Trainer:
     """Builds everything a run needs from `cfg`; `fit()` trains and returns a summary.
 
     Before anything is built, the planner's memory model predicts the per-rank peak and a run
-    predicted not to fit is refused (ConfigError with the breakdown) unless `force`."""
+    predicted not to fit is refused (ConfigError with the breakdown) unless `force`.
+
+    `init_from` (a checkpoint folder) starts a run that has nothing to resume from with that
+    checkpoint's model weights at step 0 (fresh optimizer, schedule and data position): how a
+    BTX branch starts from its seed. Ignored once the run has a checkpoint of its own."""
 
     def __init__(self, cfg: Config, run_dir: str | Path, resume: str = "never", overwrite: bool = False,
-                 force: bool = False):
-        from scaletrain.data import TokenLoader, prepare_data, val_batches
+                 force: bool = False, init_from: str | Path | None = None):
+        from scaletrain.data import build_loader, prepare_data, validation_sets
 
         self.cfg, self.run_dir = cfg, Path(run_dir)
         t = cfg.train
@@ -102,11 +111,9 @@ class Trainer:
             )
         dp_rank = self.meshes.dp_rank if self.meshes else 0
         d = cfg.data
-        self.loader = TokenLoader(self.data.train_tokens, d.seq_len, d.batch_size, d.seed, dp_rank, self.dims.dp)
-        # The same validation sequences under every layout: global batches, this rank's slice.
-        rows = slice(dp_rank * d.batch_size, (dp_rank + 1) * d.batch_size)
-        self.val = [(x[rows], y[rows]) for x, y in
-                    val_batches(self.data.val_tokens, d.seq_len, d.batch_size * self.dims.dp, t.eval_batches)]
+        self.loader = build_loader(self.data, d, dp_rank, self.dims.dp)
+        # The same validation sequences under every layout, per domain with [[data.domains]].
+        self.val_sets = validation_sets(self.data, d, t.eval_batches, dp_rank, self.dims.dp)
 
         # Model: built on the meta device, parallelised from outside into this rank's parts (one
         # module, or its pipeline stages), then allocated and initialised shard by shard, so no
@@ -141,6 +148,8 @@ class Trainer:
         self.resumed_from = resume_from
         if resume_from is not None:
             self._load(resume_from)
+        elif init_from is not None:
+            self._load(Path(init_from), weights_only=True)
 
         precision = t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.precision = precision
@@ -198,7 +207,7 @@ class Trainer:
         return {"model": config_to_dict(self.cfg)["model"], "tokenizer": self.data.tokenizer.fingerprint(),
                 "world_size": self.env.world_size, "tokens_seen": self.step * self.tokens_per_step}
 
-    def _load(self, path: Path) -> None:
+    def _load(self, path: Path, weights_only: bool = False) -> None:
         self.checkpointer.wait()  # a pending async save is committed (or its error raised) first
         meta = ckpt_lib.read_marker(path)
         mine = config_to_dict(self.cfg)["model"]
@@ -210,7 +219,7 @@ class Trainer:
         if meta.get("tokenizer") not in (None, self.data.tokenizer.fingerprint()):
             raise CheckpointError(f"checkpoint {path} was trained with a different tokenizer; use the run's tokenizer settings.")
         state = self._state()
-        if meta.get("contents") == "model":  # imported weights: fine-tune from step 0
+        if weights_only or meta.get("contents") == "model":  # imported/initial weights: train from step 0
             state = {"model": state["model"]}
             self.checkpointer.load(path, state)
             self._set_state(state["model"], None)
@@ -394,13 +403,22 @@ class Trainer:
         raise NumericsError(report + " (train.nan_policy = 'abort'; 'skip' drops such steps, 'rollback' "
                             "reloads the last checkpoint and skips the batch).")
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss (nats/token) over the fixed validation batches."""
+        """Mean validation loss (nats/token): over the fixed validation batches, or with
+        [[data.domains]] the unweighted mean of the domains' losses."""
+        return _mean(self.evaluate_domains())
+
+    @torch.no_grad()
+    def evaluate_domains(self) -> dict[str, float]:
+        """Validation loss (nats/token) per domain name ("" without [[data.domains]]), each the
+        mean over that domain's fixed validation batches."""
         for part in self.parts:
             part.eval()
+        return {name: self._val_loss(batches) for name, batches in self.val_sets.items()}
+
+    def _val_loss(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         total = torch.zeros((), device=self.device)
-        for batch in self.val:
+        for batch in batches:
             inputs, targets = self._batch(batch)
             if self.pipeline is not None:
                 with self.autocast():
@@ -408,7 +426,7 @@ class Trainer:
                 total += loss if loss is not None else 0.0
             else:
                 total += self._forward_loss(inputs, targets)
-        return float(global_mean(total, self._reports_loss)) / len(self.val)
+        return float(global_mean(total, self._reports_loss)) / len(batches)
 
     def fit(self) -> dict[str, Any]:
         """Train to train.steps (with the hang watchdog armed when configured); returns a summary."""
@@ -472,9 +490,12 @@ class Trainer:
 
     def _eval_and_log(self, progress: Progress) -> float:
         self.watchdog.beat("evaluation (all-reduce of the validation loss)")
-        val_loss = self.evaluate()
-        self.metrics.log_eval(self.step, val_loss)
-        progress.note(f"step {self.step}: val_loss {val_loss:.4f}")
+        losses = self.evaluate_domains()
+        val_loss = _mean(losses)
+        per_domain = {f"val_loss_{name}": v for name, v in losses.items() if name}
+        self.metrics.log_eval(self.step, val_loss, per_domain)
+        progress.note(f"step {self.step}: val_loss {val_loss:.4f}" + "".join(
+            f" | {name} {v:.4f}" for name, v in losses.items() if name))
         return val_loss
 
     def _finish(self, summary: dict[str, Any]) -> None:

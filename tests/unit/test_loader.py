@@ -1,4 +1,5 @@
-"""TokenLoader windows, determinism, epochs, exact resume, dp resharding and val batches."""
+"""TokenLoader windows, determinism, epochs, exact resume, dp resharding and val batches; MixedLoader:
+the weighted round robin over domains, per-domain shuffles, exact resume and resharding."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from scaletrain.data.loader import TokenLoader, val_batches
+from scaletrain.data.loader import MixedLoader, TokenLoader, val_batches
 from scaletrain.errors import DataError
 
 SEQ = 8
@@ -19,7 +20,7 @@ def stream(num_samples: int) -> np.ndarray:
     return np.arange(num_samples * SEQ + 1, dtype=np.uint16)
 
 
-def take(loader: TokenLoader, n: int):
+def take(loader: TokenLoader | MixedLoader, n: int):
     out = []
     for _ in range(n):
         x, y = loader.next_batch()
@@ -63,15 +64,20 @@ def test_resume_yields_exactly_the_remaining_batches():
             assert torch.equal(x, fx) and torch.equal(y, fy) and np.array_equal(ids, fids)
 
 
-def test_ranks_take_contiguous_slices_of_the_global_batch():
-    single = TokenLoader(stream(48), SEQ, batch_size=6, seed=1)
-    ranks = [TokenLoader(stream(48), SEQ, batch_size=3, seed=1, dp_rank=r, dp_size=2) for r in range(2)]
-    for _ in range(10):
+def assert_ranks_slice_the_single_batch(single, ranks, steps: int) -> None:
+    """Over `steps` steps the ranks' batches concatenate to the single loader's; states agree."""
+    for _ in range(steps):
         single.next_batch()
         for r in ranks:
             r.next_batch()
         assert np.array_equal(np.concatenate([r.last_sample_ids for r in ranks]), single.last_sample_ids)
         assert ranks[0].state_dict() == ranks[1].state_dict() == single.state_dict()
+
+
+def test_ranks_take_contiguous_slices_of_the_global_batch():
+    single = TokenLoader(stream(48), SEQ, batch_size=6, seed=1)
+    ranks = [TokenLoader(stream(48), SEQ, batch_size=3, seed=1, dp_rank=r, dp_size=2) for r in range(2)]
+    assert_ranks_slice_the_single_batch(single, ranks, 10)
 
 
 def test_resharding_dp2_to_dp4_mid_epoch_covers_each_sample_once():
@@ -130,3 +136,88 @@ def test_val_batches_are_fixed_sequential_and_capped():
     assert torch.equal(batches[0][1], batches[0][0] + 1)
     with pytest.raises(DataError, match=r"validation split has 20 tokens; one batch of 3 x 8 tokens needs 25"):
         val_batches(np.arange(20), SEQ, batch_size=3, n_batches=1)
+
+
+# --------------------------------------------------------------------------- MixedLoader
+
+def streams(*num_samples: int) -> list[np.ndarray]:
+    """Domain d's sample i starts with token 1000*d + i*SEQ, so a window names its domain."""
+    return [(1000 * d + np.arange(n * SEQ + 1)).astype(np.uint16) for d, n in enumerate(num_samples)]
+
+
+def make(weights=(1.0, 1.0), sizes=(10, 7), batch=4, seed=0, rank=0, dp=1) -> MixedLoader:
+    names = ["code", "prose", "math"][: len(weights)]
+    return MixedLoader(streams(*sizes), names, list(weights), SEQ, batch, seed, rank, dp)
+
+
+def test_slots_follow_the_weights_exactly_and_windows_come_from_their_domain():
+    loader = make(weights=(1.0, 3.0), sizes=(50, 50), batch=4)
+    x, y = loader.next_batch()
+    assert x.shape == y.shape == (4, SEQ) and torch.equal(y[:, :-1], x[:, 1:])
+    assert (x[:, 0] // 1000).tolist() == [1, 0, 1, 1]  # p = (1/4, 3/4): deficit order prose, code, prose, prose
+    for _ in range(24):
+        loader.next_batch()
+        s = loader.global_position
+        assert all(abs(c - p * s) < 1 for c, p in zip(loader.counts, loader.shares))
+    assert loader.counts == [25, 75]
+    # ids number samples over the concatenated domains (prose's start at 50); the window starts where its id says
+    x, _ = loader.next_batch()
+    domain, within = loader.last_sample_ids // 50, loader.last_sample_ids % 50
+    assert x[:, 0].tolist() == (1000 * domain + within * SEQ).tolist()
+    alternating = make(batch=6)
+    alternating.next_batch()
+    assert (alternating.last_sample_ids >= 10).tolist() == [False, True] * 3  # equal weights alternate
+
+
+def test_each_domain_is_shuffled_per_pass_and_a_zero_weight_domain_is_never_drawn():
+    loader = make(weights=(1.0, 0.0, 1.0), sizes=(6, 3, 5), batch=2)
+    batches = take(loader, 11)  # 22 slots: 11 per trained domain, more than one pass of each
+    ids = np.concatenate([b[2] for b in batches])
+    code = ids[ids < 6]
+    math = ids[ids >= 9] - 9
+    assert not np.any((ids >= 6) & (ids < 9))  # prose has weight 0: validated only
+    assert sorted(code[:6]) == list(range(6)) and sorted(math[:5]) == list(range(5))  # a permutation per pass
+    assert loader.counts == [11, 0, 11]
+    other_seed = take(make(weights=(1.0, 0.0, 1.0), sizes=(6, 3, 5), batch=2, seed=1), 11)
+    assert not all(np.array_equal(a[2], b[2]) for a, b in zip(batches, other_seed))
+
+
+def test_resume_from_a_json_state_yields_exactly_the_remaining_batches():
+    full = take(make(weights=(2.0, 1.0), batch=3), 20)  # crosses several passes of each domain
+    for k in (0, 3, 11):
+        loader = make(weights=(2.0, 1.0), batch=3)
+        take(loader, k)
+        state = json.loads(json.dumps(loader.state_dict()))
+        resumed = make(weights=(2.0, 1.0), batch=3, seed=99)
+        resumed.load_state_dict(state)
+        for (x, y, ids), (fx, fy, fids) in zip(take(resumed, 20 - k), full[k:]):
+            assert torch.equal(x, fx) and torch.equal(y, fy) and np.array_equal(ids, fids)
+
+
+def test_ranks_slice_the_global_batch_and_reshard_dp2_to_dp1():
+    single = make(batch=6)
+    ranks = [make(batch=3, rank=r, dp=2) for r in range(2)]
+    assert_ranks_slice_the_single_batch(single, ranks, 5)
+    # resume the dp=2 position on one rank with the same global batch: the same sequences follow
+    one = make(batch=6, seed=7)
+    one.load_state_dict(ranks[0].state_dict())
+    for _ in range(4):
+        single.next_batch()
+        one.next_batch()
+        assert np.array_equal(one.last_sample_ids, single.last_sample_ids)
+
+
+def test_state_from_another_mixture_or_loader_is_rejected():
+    loader = make()
+    state = loader.state_dict()
+    with pytest.raises(DataError, match="weights = \\[1.0, 2.0\\] but this run has \\[1.0, 1.0\\]"):
+        loader.load_state_dict({**state, "weights": [1.0, 2.0]})
+    with pytest.raises(DataError, match="domains = \\['prose', 'code'\\]"):
+        loader.load_state_dict({**state, "domains": ["prose", "code"]})
+    with pytest.raises(DataError, match="read one corpus but this config mixes"):
+        loader.load_state_dict(TokenLoader(streams(10)[0], SEQ, 2, 0).state_dict())
+    with pytest.raises(DataError, match="mixed \\[\\[data.domains\\]\\] but this config has none"):
+        TokenLoader(streams(10)[0], SEQ, 2, 0).load_state_dict(state)
+    with pytest.raises(DataError, match="domain 'prose': its training split has too few tokens"):
+        MixedLoader(streams(5, 0), ["code", "prose"], [1.0, 1.0], SEQ, 2, 0)
+    MixedLoader(streams(5, 0), ["code", "prose"], [1.0, 0.0], SEQ, 2, 0)  # an empty domain may be validation-only
