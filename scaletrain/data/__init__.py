@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from scaletrain.config.schema import DataConfig, TokenizerConfig
+from scaletrain.errors import DataError
 from scaletrain.data.corpus import Corpus, CorpusStats, Doc, corpus_fingerprint, list_documents, load_corpus
 from scaletrain.data.loader import MixedLoader, TokenLoader, val_batches
 from scaletrain.data.pysplit import split_python_source
@@ -117,7 +118,8 @@ def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, force: bool = F
     seconds = round(time.perf_counter() - t0, 3)
     built = any(d.stats["built"] for d in domains)
     if built:
-        note(f"ready in {seconds:.1f} s")
+        note(f"ready in {seconds:.1f} s: {sum(d.stats['tokens_train'] for d in domains):,} train + "
+             f"{sum(d.stats['tokens_val'] for d in domains):,} validation tokens (tokenizer vocab {tokenizer.vocab_size})")
     if data_cfg.domains:
         stats = {"tokens_train": sum(d.stats["tokens_train"] for d in domains),
                  "tokens_val": sum(d.stats["tokens_val"] for d in domains)}
@@ -157,9 +159,8 @@ def _prepare_shards(name: str, weight: float, cache_dir: str, source_fp: str, to
         log.warning("cached shards in %s failed verification (%s); rebuilt them from the corpus", shard_dir,
                     e.problem)
     stats = {**manifest.get("stats", {}), "tokens_train": int(len(train)), "tokens_val": int(len(val)), "built": built}
-    if built:
-        note(f"{f'domain {name}: ' if name else ''}{len(train):,} train + {len(val):,} validation tokens "
-             f"(tokenizer vocab {tokenizer.vocab_size})")
+    if built and name:
+        note(f"domain {name}: {len(train):,} train + {len(val):,} validation tokens")
     return DomainData(name, weight, shard_dir, manifest, train, val, stats)
 
 
