@@ -167,6 +167,9 @@ class BtxConfig:
     seed_steps: int = 100  # stage seed: dense optimizer steps on the mixture of data.domains
     branch_steps: int = 100  # stage branch: dense optimizer steps of each branch on its own domain
     finetune_steps: int = 100  # stage finetune: MoE optimizer steps on the mixture after the mix
+    seed_expert: bool = False  # stage mix: the seed's FFN joins the branches' as one more expert (the paper's generalist)
+    router_init: str = "normal"  # stage mix: "normal" (N(0, model.init_std), as any new MoE router) | "zero" (uniform)
+    baselines: bool = True  # also run the compute-matched baselines dense, btm and upcycle (docs/btx.md)
 
 
 @dataclass

@@ -30,6 +30,7 @@ CHOICES = {
     "metrics.progress": ("auto", "rich", "plain", "none"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b"),
     "parallel.ac": ("none", "full", "selective"),
+    "btx.router_init": ("normal", "zero"),
 }
 
 
