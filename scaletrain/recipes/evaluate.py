@@ -1,12 +1,13 @@
 """Validation loss per domain, and where an MoE routes each domain's tokens, for any recipe
 checkpoint: the numbers of the BTX report (docs/btx.md).
 
-Every model is measured the same way: the recipe config's fixed validation batches of each
-domain (`data.validation_sets`, one process's view: `train.eval_batches` batches of
-`data.batch_size` sequences), the trainer's loss function and precision, mean over the batches
-as the trainer's evaluation computes it. So a number here equals the `val_loss_<domain>` a
-single-process training run of the same config logs for the same weights
-(tests/unit/test_btx_mix.py checks this).
+Every model is measured the same way: each domain's fixed validation batches as the trainer
+of this invocation sees them (`data.validation_sets`: `train.eval_batches` global batches of
+data.batch_size x the data-parallel degree sequences), the trainer's loss function and
+precision, and the trainer's arithmetic: one loss per data-parallel rank's rows, summed over
+the batches, averaged over the ranks, divided by the batches. So a number here equals the
+`val_loss_<domain>` a training run of the same config logs for the same weights: bit for bit in
+one process (tests/e2e/test_btx.py checks this), to float32 reduction order under torchrun.
 
 Routing is recorded by a read-only forward hook on each MoE layer's router (removed
 afterwards; nothing in the model changes): for each domain and MoE layer, over that domain's
@@ -18,6 +19,7 @@ is assigned to every expert.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,13 +55,16 @@ class Evaluator:
         from scaletrain.data import prepare_data, validation_sets
 
         self.cfg = cfg
-        self.device = read_env(cfg.train.device).device
+        env, p = read_env(cfg.train.device), cfg.parallel
+        self.device = env.device
+        self.dp = max(1, env.world_size // (p.tp * p.pp * p.cp))  # the trainer's data-parallel degree
         if rank != 0:
             barrier()
         data = prepare_data(cfg.data, cfg.tokenizer)
         if rank == 0:
             barrier()
-        self.val_sets = validation_sets(data, cfg.data, cfg.train.eval_batches)
+        whole = dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size * self.dp)  # every rank's rows
+        self.val_sets = validation_sets(data, whole, cfg.train.eval_batches)
         precision = cfg.train.precision
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
@@ -87,13 +92,16 @@ class Evaluator:
             for name, batches in self.val_sets.items():
                 counts.update({k: [torch.zeros(r.gate.weight.shape[0], dtype=torch.long) for r in routers]
                                for k in ("slots", "first")})
-                total = torch.zeros((), device=self.device)  # summed on the device, as Trainer._val_loss
-                for inputs, targets in batches:
-                    inputs, targets = inputs.to(self.device), targets.to(self.device)
-                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                        logits = model(inputs)  # [batch, seq, vocab]
-                    total += cross_entropy_loss(logits, targets)
-                out.losses[name] = float(total) / len(batches)
+                # one total per data-parallel rank's rows, summed on the device, as Trainer._val_loss
+                totals = [torch.zeros((), device=self.device) for _ in range(self.dp)]
+                for batch in batches:
+                    rows = self.cfg.data.batch_size
+                    for r, (inputs, targets) in enumerate(zip(*(x.split(rows) for x in batch))):
+                        inputs, targets = inputs.to(self.device), targets.to(self.device)
+                        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                            logits = model(inputs)  # [rows, seq, vocab]
+                        totals[r] += cross_entropy_loss(logits, targets)
+                out.losses[name] = float(sum(totals) / self.dp) / len(batches)  # global_mean, then per batch
                 if routers:
                     out.routing[name] = {k: [c.tolist() for c in v] for k, v in counts.items()}
         finally:
