@@ -332,8 +332,25 @@ class Btx:
     def _report(self) -> None:
         from scaletrain.recipes.report import write_report
 
-        paths = write_report(self)
+        if self.rank == 0:
+            self._write_state()
+        paths = write_report(self.cfg, self.out, self._complete_models(), self.state, self.rank, self.say)
         self.say(f"report: {', '.join(str(p) for p in paths)}")
+
+    def _complete_models(self) -> dict[str, tuple[Any, Path]]:
+        """Report name -> (model config, final checkpoint) of every model whose stage is complete."""
+        out = {}
+        known = self.state.get("seed_from")
+        for name in ["seed", *[f"branch/{d.name}" for d in self.cfg.data.domains], "btm", "mix", "btx", "upcycle",
+                     "dense"]:
+            stage = self.by_name.get("finetune" if name == "btx" else name)  # the others: named as their stage
+            if name == "seed" and known:
+                out[name] = (self.cfg.model, Path(known["path"]))
+            elif stage is not None:
+                ckpt = final_checkpoint(stage.run_dir, stage.steps, stage.steps_key or stage.name)
+                if ckpt is not None:
+                    out[name] = (stage.cfg.model, ckpt)
+        return out
 
     # ------------------------------------------------------------------ accounting
     def _write_state(self) -> None:

@@ -10,22 +10,30 @@ job on all N GPUs (k x branch_steps steps at the step time on N GPUs). With perf
 the two are equal; the planner predicts how much the smaller jobs gain from less
 communication and better per-GPU efficiency.
 
-MoE stages (the finetune and the upcycling baseline) are not priced: plan/ prices an MoE
-flavor's FFN as one dense FFN today (no routed experts, router or all-to-all; docs/moe.md),
-which would understate their step time. The mix is a host-side job: its memory is given
-(recipes/mix.py `peak_bytes`), not a GPU time.
+MoE stages (the finetune and the upcycling baseline) are priced the same way where the planner
+prices MoE layers (plan/cost_moe.py: routed experts' GEMMs and memory, the router, all-to-all
+under expert parallelism, which the search then also ranks). A planner without it priced an MoE
+flavor's FFN as one dense FFN, which would understate their step time, so they are left
+unpriced there. The mix is a host-side job: its memory is given (recipes/mix.py
+`peak_bytes`), not a GPU time.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 from scaletrain.config.schema import Config, ModelConfig
 from scaletrain.errors import ConfigError
 from scaletrain.recipes.btx import matched_steps, n_experts
-from scaletrain.recipes.mix import peak_bytes
+from scaletrain.recipes.mix import moe_config, peak_bytes
 
-MOE_NOT_PRICED = "not priced: the planner prices no MoE layer yet (plan/ treats the experts as one dense FFN)"
+MOE_NOT_PRICED = "not priced: this planner prices no MoE layer (it would treat the experts as one dense FFN)"
+
+
+def planner_prices_moe() -> bool:
+    """Whether this scaletrain's planner prices MoE layers (it does from plan/cost_moe.py on)."""
+    return importlib.util.find_spec("scaletrain.plan.cost_moe") is not None
 
 
 @dataclass
@@ -80,23 +88,26 @@ def price_btx(cfg: Config, gpus: int, hw, global_batch_tokens: int | None = None
         raise ConfigError(f"--global-batch-tokens {tokens} is not a multiple of data.seq_len {seq}.")
     batch = tokens // seq
     precision = "bf16" if cfg.train.precision == "auto" else cfg.train.precision
-    step = {}
-    for n in (gpus, gpus // k):
-        step[n] = best_step(cfg.model, seq, batch, n, hw, precision, bool(cfg.train.compile))
+    moe = moe_config(cfg.model, n_experts(cfg))
+    step = {(m.moe_experts, n): best_step(m, seq, batch, n, hw, precision, bool(cfg.train.compile))
+            for m, n in ((cfg.model, gpus), (cfg.model, gpus // k), (moe, gpus)) if not m.moe_experts
+            or planner_prices_moe()}
 
-    def dense(name: str, n: int, jobs: int, steps: int) -> PricedStage:
-        t, lay = step[n]
+    def priced(name: str, model: ModelConfig, n: int, jobs: int, steps: int) -> PricedStage:
+        if (model.moe_experts, n) not in step:
+            return PricedStage(name, n, jobs, steps, note=MOE_NOT_PRICED)
+        t, lay = step[model.moe_experts, n]
         return PricedStage(name, n, jobs, steps, t, lay if t is not None else "", "" if t is not None else lay)
 
     mix_gib = peak_bytes(cfg.model, n_experts(cfg)) / 2**30
-    rows = [dense("seed", gpus, 1, b.seed_steps),
-            dense(f"branches: {k} independent jobs", gpus // k, k, b.branch_steps),
-            dense("  the same tokens as one synchronous job", gpus, 1, k * b.branch_steps),
+    rows = [priced("seed", cfg.model, gpus, 1, b.seed_steps),
+            priced(f"branches: {k} independent jobs", cfg.model, gpus // k, k, b.branch_steps),
+            priced("  the same tokens as one synchronous job", cfg.model, gpus, 1, k * b.branch_steps),
             PricedStage("mix", 0, 1, 0, note=f"host job: ~{mix_gib:.1f} GiB of memory, seconds to minutes"),
-            PricedStage("finetune (MoE)", gpus, 1, b.finetune_steps, note=MOE_NOT_PRICED)]
+            priced(f"finetune (MoE, {moe.moe_experts} experts, top-{moe.moe_top_k})", moe, gpus, 1, b.finetune_steps)]
     if b.baselines:
-        rows += [dense("baseline dense (compute-matched)", gpus, 1, matched_steps(cfg)),
-                 PricedStage("baseline upcycle (MoE)", gpus, 1, matched_steps(cfg), note=MOE_NOT_PRICED)]
+        rows += [priced("baseline dense (compute-matched)", cfg.model, gpus, 1, matched_steps(cfg)),
+                 priced("baseline upcycle (MoE)", moe, gpus, 1, matched_steps(cfg))]
     return rows
 
 

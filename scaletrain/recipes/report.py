@@ -17,13 +17,12 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from scaletrain.recipes.stages import final_checkpoint, write_json
-
-if TYPE_CHECKING:
-    from scaletrain.recipes.btx import Btx
+from scaletrain.config.schema import Config, ModelConfig
+from scaletrain.recipes.stages import write_json
 
 REPORT_MD, REPORT_JSON, PICTURE = "report.md", "report.json", "btx.png"
 CLAIM_GAP = 0.02  # the paper's claim checked per domain: BTX within 2% of that domain's own branch
@@ -58,24 +57,6 @@ def method_totals(stages: dict[str, Any], domains: list[str]) -> dict[str, Any]:
     return out
 
 
-def _checkpoints(btx: Btx) -> dict[str, tuple[Any, Path]]:
-    """Model name -> (model config, final checkpoint) for every model whose stage is complete."""
-    out = {}
-    known = btx.state.get("seed_from")
-    if known:
-        out["seed"] = (btx.cfg.model, Path(known["path"]))
-    final = {"mix": "mix", "btx": "finetune", "btm": "btm", "upcycle": "upcycle", "dense": "dense"}
-    names = ["seed", *[f"branch/{d.name}" for d in btx.cfg.data.domains], "btm", "mix", "btx", "upcycle", "dense"]
-    for name in names:
-        stage = btx.by_name.get(final.get(name, name))
-        if name in out or stage is None:
-            continue
-        ckpt = final_checkpoint(stage.run_dir, stage.steps, stage.steps_key or stage.name)
-        if ckpt is not None:
-            out[name] = (stage.cfg.model, ckpt)
-    return out
-
-
 def claims(evals: dict[str, Any], domains: list[str]) -> dict[str, Any]:
     """The paper's claim on this run: BTX's mean validation loss below the dense baseline's and
     BTM's, and on each domain within CLAIM_GAP of that domain's own branch (True/False, None
@@ -95,46 +76,41 @@ def claims(evals: dict[str, Any], domains: list[str]) -> dict[str, Any]:
     return out
 
 
-def write_report(btx: Btx) -> list[Path]:
-    """Evaluate every complete model of the recipe and write the report files (rank 0; every
-    rank evaluates, as checkpoint reads are collective under torchrun). Returns the paths."""
+def write_report(cfg: Config, out: Path, models: dict[str, tuple[ModelConfig, Path]], state: dict[str, Any],
+                 rank: int = 0, say: Callable[[str], None] = print) -> list[Path]:
+    """Evaluate `models` (name -> (model config, final checkpoint), in report order) and write
+    the report files into `out` from them and the recipe `state` (btx_state.json's content).
+    Every rank evaluates (checkpoint reads are collective under torchrun); rank 0 writes.
+    Returns the paths written."""
     from scaletrain.parallel.dims import init_distributed, read_env
     from scaletrain.recipes.evaluate import Evaluator
 
-    init_distributed(read_env(btx.cfg.train.device))
-    domains = [d.name for d in btx.cfg.data.domains]
-    evaluator = Evaluator(btx.cfg, btx.rank)
+    init_distributed(read_env(cfg.train.device))
+    domains = [d.name for d in cfg.data.domains]
+    evaluator = Evaluator(cfg, rank)
     evals = {}
-    for name, (model_cfg, ckpt) in _checkpoints(btx).items():
-        btx.say(f"report: evaluating {name} ({ckpt})")
+    for name, (model_cfg, ckpt) in models.items():
+        say(f"report: evaluating {name} ({ckpt})")
         ev = evaluator(model_cfg, ckpt)
         evals[name] = {"checkpoint": str(ckpt), "losses": ev.losses, "mean": ev.mean, "routing": ev.routing or None}
-    if btx.rank != 0:
+    if rank != 0:
         return []
-    btx._write_state()
-    state = btx.state
     load = os.getloadavg()
+    experts = domains + (["seed"] if cfg.btx.seed_expert else [])  # what each expert of the mix was made from
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "domains": domains, "models": evals,
               "methods": state["methods"], "stages": state["stages"], "claims": claims(evals, domains),
-              "experts": expert_names(btx), "machine": {
+              "experts": experts, "machine": {
                   "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                   "cpus": os.cpu_count(), "load_average_1_5_15": [round(x, 2) for x in load],
                   "device": str(evaluator.device)}}
-    out = btx.out
     write_json(out / REPORT_JSON, report)
     paths = [out / REPORT_JSON]
     if "btx" in evals and evals["btx"]["routing"]:
-        paths.append(plot_routing(evals["btx"]["routing"], report["experts"], out / PICTURE))
-    text = format_report(report, btx.cfg)
+        paths.append(plot_routing(evals["btx"]["routing"], experts, out / PICTURE))
     tmp = out / (REPORT_MD + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.write_text(format_report(report, cfg), encoding="utf-8")
     tmp.replace(out / REPORT_MD)
     return [out / REPORT_MD, *paths]
-
-
-def expert_names(btx: Btx) -> list[str]:
-    """What each expert of the mix was made from, in order."""
-    return [d.name for d in btx.cfg.data.domains] + (["seed"] if btx.cfg.btx.seed_expert else [])
 
 
 def routing_shares(routing: dict[str, dict[str, list[list[int]]]], kind: str) -> dict[str, list[list[float]]]:
@@ -177,7 +153,7 @@ def _f(v: Any, fmt: str = ".4f") -> str:
     return "-" if v is None else format(v, fmt)
 
 
-def format_report(r: dict[str, Any], cfg) -> str:
+def format_report(r: dict[str, Any], cfg: Config) -> str:
     """report.md from the report dict (tables of models, stages and routing, the claim check)."""
     domains, models, methods = r["domains"], r["models"], r["methods"]
     m = r["machine"]

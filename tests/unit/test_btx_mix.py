@@ -22,7 +22,7 @@ from scaletrain.config.load import config_to_dict
 from scaletrain.config.schema import CheckpointConfig, Config
 from scaletrain.errors import CheckpointError, ConfigError
 from scaletrain.model import build_model
-from scaletrain.model.flavors import model_config_for
+from scaletrain.model import model_config_for
 from scaletrain.recipes import mix
 from scaletrain.train.checkpoint import Checkpointer
 

@@ -9,7 +9,8 @@ import pytest
 from conftest import ROOT, main_exit, main_run
 from scaletrain.config import load_config
 from scaletrain.plan.hardware import get_hardware
-from scaletrain.recipes.btx_plan import MOE_NOT_PRICED, best_step, format_plan, price_btx
+from scaletrain.recipes.btx_plan import MOE_NOT_PRICED, best_step, format_plan, planner_prices_moe, price_btx
+from scaletrain.recipes.mix import moe_config
 
 GPU_CONFIG = str(ROOT / "configs" / "btx_gpu.toml")
 
@@ -26,7 +27,7 @@ def test_branches_are_priced_as_independent_jobs_against_one_synchronous_job(pri
     b, k = cfg.btx, len(cfg.data.domains)
     by_name = {r.name.strip(): r for r in rows}
     assert k == 4 and [r.name.split(":")[0].strip() for r in rows] == [
-        "seed", "branches", "the same tokens as one synchronous job", "mix", "finetune (MoE)",
+        "seed", "branches", "the same tokens as one synchronous job", "mix", "finetune (MoE, 5 experts, top-2)",
         "baseline dense (compute-matched)", "baseline upcycle (MoE)"]
     global_batch = cfg.data.batch_size * cfg.train.grad_accum * 8  # the config as written on 8 GPUs
     on_8, _ = best_step(cfg.model, cfg.data.seq_len, global_batch, 8, hw, "bf16", False)
@@ -40,8 +41,13 @@ def test_branches_are_priced_as_independent_jobs_against_one_synchronous_job(pri
     assert by_name["seed"].seconds == b.seed_steps * on_8
     dense = by_name["baseline dense (compute-matched)"]
     assert dense.steps == 4 * b.branch_steps + b.finetune_steps and dense.seconds == dense.steps * on_8
-    for moe in ("finetune (MoE)", "baseline upcycle (MoE)"):
-        assert by_name[moe].seconds is None and by_name[moe].note == MOE_NOT_PRICED
+    finetune, upcycle = rows[4], rows[6]
+    assert (finetune.steps, upcycle.steps) == (b.finetune_steps, dense.steps)
+    if planner_prices_moe():  # the MoE stages priced like the others, with the mixed model
+        moe, _ = best_step(moe_config(cfg.model, 5), cfg.data.seq_len, global_batch, 8, hw, "bf16", False)
+        assert moe > on_8 and finetune.seconds == b.finetune_steps * moe and upcycle.seconds == dense.steps * moe
+    else:  # a planner that would price the experts as one dense FFN: no number rather than a wrong one
+        assert finetune.seconds is None is upcycle.seconds and finetune.note == upcycle.note == MOE_NOT_PRICED
     text = format_plan(cfg, rows, 8, hw.name, global_batch * cfg.data.seq_len)
     saved = 1 - branches.seconds / sync.seconds
     assert f"{saved:+.1%} wall-clock saved" in text and "4 x 2" in text
