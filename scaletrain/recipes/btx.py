@@ -163,16 +163,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest_checkpoint(p)
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 class Btx:
     """One invocation of the recipe on folder `out` (see the module docstring)."""
 
     def __init__(self, cfg: Config, out: str | Path, seed: str | None = None, force: bool = False):
         self.cfg, self.out, self.force = cfg, Path(out), force
-        self.rank = _rank()
+        self.rank = int(os.environ.get("RANK", "0"))
         check_recipe_config(cfg, self.out)
         self.stages = recipe_stages(cfg, self.out)
         self.by_name = {s.name: s for s in self.stages}
@@ -294,14 +290,15 @@ class Btx:
         from scaletrain.parallel.dims import init_distributed, read_env
 
         inputs = self._inputs(stage)
-        recipe = {"inputs": [checkpoint_identity(p) for p in inputs], "seed_expert": self.cfg.btx.seed_expert,
-                  "router_init": self.cfg.btx.router_init, "experts": stage.cfg.model.moe_experts}
+        e = stage.cfg.model.moe_experts
+        settings = {"experts": e, "router_init": self.cfg.btx.router_init} if e else {}  # BTM has neither
+        recipe = {"inputs": [checkpoint_identity(p) for p in inputs], **settings}
         done = final_checkpoint(stage.run_dir, 0, f"stage {stage.name} (a model-only checkpoint at step 0)")
         if done is not None:
             recorded = read_json(stage.run_dir / "sources.json") or {}
             same = len(recorded.get("inputs", [])) == len(recipe["inputs"]) and all(
                 same_checkpoint(a, b) for a, b in zip(recorded["inputs"], recipe["inputs"]))
-            if not same or any(recorded.get(k) != recipe[k] for k in ("seed_expert", "router_init", "experts")):
+            if not same or any(recorded.get(k) != v for k, v in settings.items()):
                 raise ConfigError(f"{stage.run_dir} was built from other checkpoints or settings than the recipe now "
                                   f"has (see its sources.json: a stage before it was trained again, or btx.seed_expert"
                                   f" / btx.router_init changed). Delete {stage.run_dir} (and the stages trained from "
@@ -309,7 +306,6 @@ class Btx:
             self.say(f"stage {stage.name}: complete ({done}), skipped")
             return
         init_distributed(read_env(self.cfg.train.device))  # under torchrun the checkpoint reads are collective
-        e = stage.cfg.model.moe_experts
         self.say(f"stage {stage.name}: building {stage.run_dir} from {', '.join(stage.inputs)} (host memory "
                  f"~{mix.peak_bytes(self.cfg.model, e) / 2**30:.2f} GiB per process)")
         start = time.time()

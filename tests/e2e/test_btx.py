@@ -129,7 +129,7 @@ def test_the_mix_is_an_moe_run_folder_and_the_finetune_trains_it(recipe):
     assert marker["contents"] == "model" and marker["model"]["moe_experts"] == 2
     sources = json.loads((out / "mix" / "sources.json").read_text())
     assert [s["path"].split("/")[-3] for s in sources["inputs"]] == ["code", "prose"]
-    assert (sources["router_init"], sources["seed_expert"]) == ("normal", False)
+    assert (sources["router_init"], sources["experts"]) == ("normal", 2)
     train, evals = read_metrics(out / "finetune")
     assert [r["step"] for r in train] == list(range(1, FINETUNE_STEPS + 1))
     assert all(r["aux_loss"] > 0 and r["expert_imbalance"] >= 1 for r in train)  # balanced by the aux loss
