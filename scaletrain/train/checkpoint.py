@@ -39,6 +39,7 @@ from scaletrain.config.schema import CheckpointConfig
 from scaletrain.errors import CheckpointError
 from scaletrain.fsutil import fsync_dir, sha256_file
 from scaletrain.parallel.dims import barrier
+from scaletrain.train.safe_dcp import SafePlanner, SafeReader
 
 MARKER = "COMPLETE"
 _PREFIX = "step-"
@@ -65,6 +66,15 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+def _scaletrain_error(exc: BaseException) -> CheckpointError | None:
+    """The CheckpointError a rank raised inside DCP (which wraps it in CheckpointException)."""
+    if isinstance(exc, CheckpointError):
+        return exc
+    if isinstance(exc, CheckpointException):
+        return next((err for err, _trace in exc.failures.values() if isinstance(err, CheckpointError)), None)
+    return None
+
+
 def step_dir_name(step: int) -> str:
     return f"{_PREFIX}{step:08d}"
 
@@ -72,11 +82,6 @@ def step_dir_name(step: int) -> str:
 # Optimizer state keyed per parameter name ("state.layers.0.attention.wq.weight.exp_avg"), so it
 # reshards between layouts whose ranks hold different subsets of parameters.
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
-
-
-def has_key(ckpt: Path, key: str) -> bool:
-    """Whether the DCP checkpoint at `ckpt` holds the flattened state key `key`."""
-    return key in dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
 
 
 def _damaged(path: Path) -> bool:
@@ -284,13 +289,18 @@ class Checkpointer:
     @staticmethod
     def load(path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
         """Load checkpoint `path` into `state` in place (DCP reshards to the current layout);
-        returns the marker metadata."""
+        returns the marker metadata. Runs no code from the files (see train/safe_dcp.py):
+        CheckpointError if they hold anything but DCP metadata, tensors and plain values."""
         meta = verify_checkpoint(Path(path))
+        reader = SafeReader(path)
+        reader.read_metadata()  # refuses a hostile .metadata here, on every rank alike
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
             try:
-                dcp.load(state, checkpoint_id=str(path))
-            except (RuntimeError, KeyError, ValueError) as e:
+                dcp.load(state, storage_reader=reader, planner=SafePlanner())
+            except (RuntimeError, KeyError, ValueError, CheckpointException) as e:
+                if (refusal := _scaletrain_error(e)) is not None:  # raised on some rank inside DCP
+                    raise refusal from None
                 raise CheckpointError(f"checkpoint {path} does not match this model/optimizer: {e}") from None
         return meta
 
@@ -304,6 +314,8 @@ def capture_rng(device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def restore_rng(states: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(states["cpu"])
+    """Set the RNG states `capture_rng` returned (those present)."""
+    if "cpu" in states:
+        torch.set_rng_state(states["cpu"])
     if device.type == "cuda" and "cuda" in states:
         torch.cuda.set_rng_state(states["cuda"], device)

@@ -42,6 +42,17 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     )
 
 
+# Param-group values a checkpoint must not override: the config's hyperparameters (lr excepted:
+# the schedule sets it every step) and how this process runs the kernels.
+_FROM_CONFIG = ("weight_decay", "betas", "eps", "foreach", "fused")
+# How a differing value is reported: (config name, checkpoint value, config value) triples.
+_SHOWN = {
+    "weight_decay": lambda old, new: [("weight_decay", old, new)],
+    "eps": lambda old, new: [("eps", old, new)],
+    "betas": lambda old, new: [("beta1", old[0], new[0]), ("beta2", old[1], new[1])],
+}
+
+
 class PartsOptimizer:
     """One AdamW per model part (a pipeline rank may hold several stage modules), used as one.
 
@@ -55,6 +66,25 @@ class PartsOptimizer:
     @property
     def param_groups(self) -> list[dict]:
         return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def settings(self) -> list[dict]:
+        """Each param group's values that come from the config (`_FROM_CONFIG`), in order."""
+        return [{k: g[k] for k in _FROM_CONFIG if k in g} for g in self.param_groups]
+
+    def apply_settings(self, settings: list[dict]) -> dict[str, tuple]:
+        """Set `settings` (from `settings()` before a checkpoint's param groups were loaded)
+        back on the groups, so a resumed run uses its config's weight decay, betas and eps (lr
+        follows the schedule). Returns {"optim.<key>": (checkpoint value, config value)} for
+        each user-visible setting that differed."""
+        changed: dict[str, tuple] = {}
+        for group, want in zip(self.param_groups, settings, strict=True):
+            for key, value in want.items():
+                if key in _SHOWN:
+                    for name, old, new in _SHOWN[key](group[key], value):
+                        if old != new:
+                            changed[f"optim.{name}"] = (old, new)
+                group[key] = value
+        return changed
 
     def step(self) -> None:
         for opt in self.optimizers:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from scaletrain.parallel.dims import barrier, build_meshes, check_layout, init_d
 from scaletrain.parallel.fp8 import precompute_scales
 from scaletrain.train import checkpoint as ckpt_lib
 from scaletrain.train.checkpoint import Checkpointer
+from scaletrain.train.safe_dcp import read_metadata
 from scaletrain.train import metrics as metrics_lib
 from scaletrain.train.metrics import MetricsWriter, peak_memory_bytes, plot_loss, reset_peak_memory
 from scaletrain.train.optim import LRSchedule, PartsOptimizer
@@ -159,7 +161,8 @@ class Trainer:
     def _state(self) -> dict[str, Any]:
         """Model and optimizer keyed by the full model's parameter names (optimizer flattened
         per parameter), so a checkpoint reshards onto any layout; DCP fills in what each rank
-        holds."""
+        holds. The rest of the train state is JSON in the marker (`_train_state`), except each
+        rank's RNG state (uint8 tensors)."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         model_sd: dict[str, Any] = {}
@@ -167,10 +170,13 @@ class Trainer:
         for part, opt in zip(self.parts, self.optimizer.optimizers):
             model_sd.update(get_model_state_dict(part))
             optim_sd.update(get_optimizer_state_dict(part, opt, options=ckpt_lib.FLAT))
-        train = {"step": self.step, "schedule": self.schedule.state_dict(), "loader": self.loader.state_dict(),
-                 f"rng_rank{self.rank}": ckpt_lib.capture_rng(self.device),
-                 "skip_positions": json.dumps(sorted(self.skip_positions))}
-        return {"model": model_sd, "optim": optim_sd, "train": train}
+        return {"model": model_sd, "optim": optim_sd,
+                "train": {f"rng_rank{self.rank}": ckpt_lib.capture_rng(self.device)}}
+
+    def _train_state(self) -> dict[str, Any]:
+        """Step, schedule, loader position and skipped batches: plain JSON, the same on every rank."""
+        return {"step": self.step, "schedule": self.schedule.state_dict(), "loader": self.loader.state_dict(),
+                "skip_positions": sorted(list(p) for p in self.skip_positions)}
 
     def _set_state(self, model_sd: dict[str, Any], optim_sd: dict[str, Any] | None) -> None:
         from torch.distributed.checkpoint.state_dict import (
@@ -187,7 +193,8 @@ class Trainer:
 
     def _metadata(self) -> dict[str, Any]:
         return {"model": config_to_dict(self.cfg)["model"], "tokenizer": self.data.tokenizer.fingerprint(),
-                "world_size": self.env.world_size, "tokens_seen": self.step * self.tokens_per_step}
+                "world_size": self.env.world_size, "tokens_seen": self.step * self.tokens_per_step,
+                "train_state": self._train_state()}
 
     def _load(self, path: Path) -> None:
         self.checkpointer.wait()  # a pending async save is committed (or its error raised) first
@@ -206,20 +213,37 @@ class Trainer:
             self.checkpointer.load(path, state)
             self._set_state(state["model"], None)
             return
-        rng_key = f"rng_rank{self.rank}"
-        if not ckpt_lib.has_key(path, f"train.{rng_key}"):  # saved by fewer ranks: keep this rank's seed
-            del state["train"][rng_key]
-        if not ckpt_lib.has_key(path, "train.skip_positions"):
-            del state["train"]["skip_positions"]
+        rng_key, stored = f"rng_rank{self.rank}", read_metadata(path).state_dict_metadata
+        # RNG states this rank saved (none when the checkpoint had fewer ranks: keep this rank's seed)
+        rng = {k: v for k, v in state["train"][rng_key].items() if f"train.{rng_key}.{k}" in stored}
+        state["train"] = {rng_key: rng} if rng else {}
+        train = meta.get("train_state")
+        if train is None:  # written before the train state moved into the marker: see _legacy_train_state
+            state["train"].update(self._legacy_train_state(stored))
         self.checkpointer.load(path, state)
+        configured = self.optimizer.settings()
         self._set_state(state["model"], state["optim"])
-        train = state["train"]
+        changed = self.optimizer.apply_settings(configured)
+        if changed and self.rank == 0:
+            print(f"resuming from {path} with changed optimizer settings (checkpoint -> config, used from now on): "
+                  + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), file=sys.stderr, flush=True)
+        if train is None:
+            train = dict(state["train"], skip_positions=json.loads(state["train"].get("skip_positions", "[]")))
         self.step = int(train["step"])
         self.schedule.load_state_dict(train["schedule"])
         self.loader.load_state_dict(train["loader"])
-        if rng_key in train:
-            ckpt_lib.restore_rng(train[rng_key], self.device)
-        self.skip_positions = {tuple(p) for p in json.loads(train.get("skip_positions", "[]"))}
+        if rng_key in state["train"]:
+            ckpt_lib.restore_rng(state["train"][rng_key], self.device)
+        self.skip_positions = {tuple(p) for p in train["skip_positions"]}
+
+    def _legacy_train_state(self, stored: dict[str, Any]) -> dict[str, Any]:
+        """Templates of the train state as checkpoints before the marker held it stored it: DCP
+        values (ints, dicts, a JSON string), which the checkpointer reads with
+        torch.load(weights_only=True), so loading them runs no code either."""
+        legacy = {"step": 0, "schedule": self.schedule.state_dict(), "loader": self.loader.state_dict()}
+        if "train.skip_positions" in stored:
+            legacy["skip_positions"] = "[]"
+        return legacy
 
     def _save_tokenizer(self) -> None:
         self.data.tokenizer.save(str(self.run_dir / "tokenizer"))  # atomic per file, tokenizer.json last
