@@ -23,6 +23,11 @@ class CheckpointError(ScaletrainError):
     """A checkpoint or run folder is missing, incomplete or incompatible."""
 
 
+class StorageError(ScaletrainError):
+    """A file could not be written: disk full, quota, permission denied, read-only file system
+    (scaletrain.fsutil.storage_error words the message after the cause)."""
+
+
 class LayoutError(ScaletrainError):
     """A parallel layout cannot run on the given world size or model."""
 

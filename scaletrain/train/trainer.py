@@ -35,6 +35,7 @@ from scaletrain.train import metrics as metrics_lib
 from scaletrain.train.metrics import MetricsWriter, peak_memory_bytes, plot_loss, reset_peak_memory
 from scaletrain.train.optim import LRSchedule, PartsOptimizer
 from scaletrain.train.peaks import device_peak_flops
+from scaletrain.train.lock import RunLock
 from scaletrain.train.faults import Injector, Watchdog, first_nonfinite, host_values
 from scaletrain.bench.phases import NullPhases
 from scaletrain.train.progress import Progress
@@ -76,6 +77,9 @@ class Trainer:
 
         self.memory_estimate = (estimate_for_config if force else check_fits)(cfg, self.env.world_size, self.env.device)
         check_writable(self.run_dir)
+        # One writer per run folder (train/lock.py): rank 0 locks an existing folder before it
+        # reads it, a new one when it creates it below.
+        self.lock = RunLock(self.run_dir).acquire() if self.env.rank == 0 and self.run_dir.is_dir() else None
         resume_from = resolve_resume(self.run_dir, resume, overwrite, cfg.checkpoint)  # every rank checks alike
         init_distributed(self.env)
         self.rank, self.device = self.env.rank, self.env.device
@@ -148,6 +152,8 @@ class Trainer:
         self.peak_flops = device_peak_flops(self.device, precision)
         # Every check passed: only now touch the run folder, so bad input never costs a file.
         if self.rank == 0:
+            if self.lock is None:
+                self.lock = RunLock(self.run_dir).acquire(new=True)
             if overwrite and resume_from is None:
                 clear_run_dir(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -401,6 +407,8 @@ class Trainer:
             return self._fit()
         finally:
             self.watchdog.stop()
+            if self.lock is not None:
+                self.lock.release()
 
     def _fit(self) -> dict[str, Any]:
         t, c = self.cfg.train, self.cfg.checkpoint
