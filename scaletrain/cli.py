@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from scaletrain.errors import EXIT_INTERRUPTED, EXIT_NUMERICS, EXIT_USER_ERROR, NumericsError, ScaletrainError
+from scaletrain.errors import EXIT_INTERRUPTED, EXIT_NUMERICS, EXIT_USER_ERROR, NumericsError, ScaletrainError, Stopped
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -174,6 +174,10 @@ def main(argv: list[str] | None = None) -> None:
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"{prefix}error: {e}", file=sys.stderr)
         code = EXIT_USER_ERROR
+    except Stopped as e:  # a signal during training: the checkpoint is saved (train/preempt.py)
+        if os.environ.get("RANK", "0") == "0":
+            print(e, file=sys.stderr)
+        code = e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED

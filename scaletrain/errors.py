@@ -38,6 +38,17 @@ class NumericsError(Exception):
     exits 3."""
 
 
+class Stopped(BaseException):
+    """Training stopped on a signal (train/preempt.py): SIGTERM/SIGUSR1 exit 5, Ctrl-C 130, after
+    saving a checkpoint when a step had run. A BaseException, like KeyboardInterrupt, so that no
+    `except Exception` on its way swallows it. The CLI prints the message (rank 0) and exits
+    with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 # Process exit codes: the one table (docs: README "Contract"). Launchers (Slurm scripts, the
 # torchrun wrapper) rely on them: 2 and 3 repeat when retried, 4 and 5 are worth a restart.
 EXIT_OK = 0

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from scaletrain.config.load import config_to_dict, write_config
 from scaletrain.config.schema import Config
-from scaletrain.errors import CheckpointError, ConfigError, NumericsError
+from scaletrain.errors import CheckpointError, ConfigError, NumericsError, ScaletrainError
 from scaletrain.model import Transformer, build_model
 from scaletrain.model.transformer import materialize
 from scaletrain.model.flops import flops_per_token
@@ -36,10 +36,11 @@ from scaletrain.train.metrics import MetricsWriter, peak_memory_bytes, plot_loss
 from scaletrain.train.optim import LRSchedule, PartsOptimizer
 from scaletrain.train.peaks import device_peak_flops
 from scaletrain.train.lock import RunLock
+from scaletrain.train.preempt import StopSignals
 from scaletrain.train.faults import Injector, Watchdog, first_nonfinite, host_values
 from scaletrain.bench.phases import NullPhases
 from scaletrain.train.progress import Progress
-from scaletrain.train.reduce import clip_grad_norm, global_mean
+from scaletrain.train.reduce import clip_grad_norm, global_mean, global_mean_and_any
 from scaletrain.train.rundir import check_writable, clear_run_dir, resolve_resume
 from scaletrain.train.runinfo import run_info_header, write_run_info
 
@@ -67,6 +68,7 @@ class Trainer:
                  force: bool = False):
         from scaletrain.data import TokenLoader, prepare_data, val_batches
 
+        self.stop = StopSignals()  # SIGTERM/SIGUSR1 end the setup at once; in fit() they stop after a step
         self.cfg, self.run_dir = cfg, Path(run_dir)
         t = cfg.train
         self.env = read_env(t.device)
@@ -301,6 +303,7 @@ class Trainer:
         The optimizer's kernels may still be running on the device when it returns."""
         for part in self.parts:
             part.train()
+        self.loader_at_step_start = self.loader.state_dict()  # what "abort" saves (plain ints)
         self.schedule.set_for_step(self.step + 1)
         self.watchdog.beat("forward/backward", self.step + 1)
         accum = self.cfg.train.grad_accum
@@ -329,10 +332,13 @@ class Trainer:
                                    self.meshes.pp.get_group() if self.pipeline is not None else None)
         mark("grad norm + clip")
         self.watchdog.beat("all-reduce of the loss")
-        loss = global_mean(loss_sum / accum, self._reports_loss)
+        # Any rank's stop request (train/preempt.py) rides along in the loss all-reduce.
+        loss, stops = global_mean_and_any(loss_sum / accum, self._reports_loss, self.stop.requested)
         # The step's only host sync, before the update (a bad step never touches the weights);
         # none after it, so the host prepares the next step while the optimizer runs.
-        values = host_values(loss, grad_norm)
+        *values, stops = host_values(loss, grad_norm, stops)
+        self.stop.agreed = stops > 0
+        values = tuple(values)
         if not all(math.isfinite(v) for v in values):
             return self._nonfinite(values[0], values[1], positions, sample_ids)
         mark("loss all-reduce + finite check")
@@ -381,8 +387,16 @@ class Trainer:
             self.skip_positions |= skip
             self.rollbacks.append({"step": step, "to": self.step, "skipped": [list(p) for p in repeat]})
             return None
+        self.optimizer.zero_grad(set_to_none=True)  # the bad update is never applied
+        self.loader.load_state_dict(self.loader_at_step_start)  # nor are its batches consumed
+        try:
+            saved = self._save_now()
+            kept = (f" The last good state (after step {self.step}) is in {saved}." if saved else
+                    " No step had finished, so there was no state to save.")
+        except ScaletrainError as e:
+            kept = f" Saving the last good state (after step {self.step}) failed: {e}"
         raise NumericsError(report + " (train.nan_policy = 'abort'; 'skip' drops such steps, 'rollback' "
-                            "reloads the last checkpoint and skips the batch).")
+                            "reloads the last checkpoint and skips the batch)." + kept)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -403,9 +417,11 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to train.steps (with the hang watchdog armed when configured); returns a summary."""
         self.watchdog = Watchdog(self.cfg.train.hang_timeout_s, self.rank, self.run_dir)
+        self.stop.defer()  # a stop signal now finishes the step in flight and saves it (train/preempt.py)
         try:
             return self._fit()
         finally:
+            self.stop.restore()
             self.watchdog.stop()
             if self.lock is not None:
                 self.lock.release()
@@ -427,6 +443,8 @@ class Trainer:
                 if result is None:
                     progress.note(f"non-finite step: rolled back to step {self.step} from the newest checkpoint "
                                   "(a batch that fails twice is skipped)")
+                    if self.stop.agreed:
+                        self._stop_on_signal()
                     continue
                 loss, grad_norm = result
                 loss_value = float(loss)  # a host float already (train_step's one sync)
@@ -435,6 +453,8 @@ class Trainer:
                 record["nonfinite_steps"] = self.nonfinite_steps
                 self.metrics.log_step(record)
                 progress.update(self.step, record)
+                if self.stop.agreed:
+                    self._stop_on_signal()
                 if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.steps:
                     self._eval_and_log(progress)
                 if c.interval and self.step % c.interval == 0 and self.step < t.steps:
@@ -450,6 +470,26 @@ class Trainer:
                        measured_peak_bytes=peak_memory_bytes(self.device), device=self.device.type)
         self._finish(summary)
         return summary
+
+    def _save_now(self) -> Path | None:
+        """Commit a checkpoint of the current step unless one exists (or no step has run);
+        returns its folder (None at step 0). Collective."""
+        self.watchdog.beat("checkpoint wait")
+        self.checkpointer.wait()
+        folder = self.checkpointer.root / ckpt_lib.step_dir_name(self.step)
+        if self.step == 0:
+            return None
+        if not folder.exists():
+            self.save_checkpoint()
+            self.checkpointer.wait()
+        return folder
+
+    def _stop_on_signal(self) -> None:
+        """Some rank got SIGTERM/SIGUSR1/SIGINT and every rank finished the same step: save it
+        and end the process (train/preempt.py); steps lost: none."""
+        folder = self._save_now()
+        self.metrics.close()
+        raise self.stop.stopped(self.step, folder)
 
     def _record(self, loss: float, grad_norm: float, dt: float) -> dict[str, Any]:
         tokens_per_s = self.tokens_per_step / dt
