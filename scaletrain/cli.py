@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from scaletrain.errors import EXIT_INTERRUPTED, EXIT_NUMERICS, EXIT_USER_ERROR, NumericsError, ScaletrainError, Stopped
+from scaletrain.fsutil import STORAGE_ERRNOS, storage_error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -169,7 +170,11 @@ def main(argv: list[str] | None = None) -> None:
     except NumericsError as e:
         print(f"error: {e}", file=sys.stderr)
         code = EXIT_NUMERICS
-    except ScaletrainError as e:
+    except (ScaletrainError, OSError) as e:
+        if isinstance(e, OSError):  # a full disk, a quota, no permission, a read-only file system
+            if e.errno not in STORAGE_ERRNOS:
+                raise
+            e = storage_error(e, f"writing {e.filename or 'a file'}")
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"{prefix}error: {e}", file=sys.stderr)

@@ -15,22 +15,26 @@ _CAUSES = {
     errno.EDQUOT: ("the disk quota is exceeded", "free space within the quota or raise it"),
     errno.EFBIG: ("the file exceeds the file-size limit (ulimit -f, or the file system's largest file)",
                   "raise the limit or write elsewhere"),
-    errno.EACCES: ("permission denied", "make it writable for this user or choose another folder"),
-    errno.EPERM: ("the operation is not permitted", "make it writable for this user or choose another folder"),
+    errno.EACCES: ("permission denied", "give this user access to it or choose another folder"),
+    errno.EPERM: ("the operation is not permitted", "give this user access to it or choose another folder"),
     errno.EROFS: ("the file system is read-only", "write to a writable file system"),
 }
 STORAGE_ERRNOS = frozenset(_CAUSES)
+
+
+def storage_cause(exc: OSError) -> str:
+    """What `exc` means and what to do, e.g. "the disk is full (...) [ENOSPC]; free space there"."""
+    cause, fix = _CAUSES.get(exc.errno, (exc.strerror or str(exc), "fix the storage"))
+    code = errno.errorcode.get(exc.errno, "")
+    return f"{cause}{f' [{code}]' if code else ''}; {fix}"
 
 
 def storage_error(exc: OSError, doing: str, then: str = "") -> StorageError:
     """The user error for `exc` raised while `doing` (e.g. "writing RUN/metrics.jsonl"), worded
     after its cause (disk full, quota, permission, read-only, ...); `then` is appended (e.g.
     how to continue the run)."""
-    cause, fix = _CAUSES.get(exc.errno, (exc.strerror or str(exc), "fix the storage"))
     where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in doing else ""
-    code = errno.errorcode.get(exc.errno, "")
-    return StorageError(f"{doing} failed{where}: {cause}{f' [{code}]' if code else ''}; {fix}"
-                        f"{f', then {then}' if then else ''}.")
+    return StorageError(f"{doing} failed{where}: {storage_cause(exc)}{f', then {then}' if then else ''}.")
 
 
 def sha256_file(path: str | Path, chunk: int = 16 * 2**20) -> str:

@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 from scaletrain.config.schema import CheckpointConfig
 from scaletrain.errors import CheckpointError
-from scaletrain.fsutil import fsync_dir, sha256_file
+from scaletrain.fsutil import STORAGE_ERRNOS, fsync_dir, sha256_file, storage_cause, storage_error
 from scaletrain.parallel.dims import barrier
 from scaletrain.train.safe_dcp import SafePlanner, SafeReader
 
@@ -131,6 +131,20 @@ class Checkpointer:
         self.rank = rank
         self._pending: Future | None = None  # committed folder of the in-flight async save
         self._async_group: dist.ProcessGroup | None = None
+
+    def check_writable(self) -> None:
+        """Rank 0, before training: create `checkpoints/` and write and delete a probe file in
+        it, so a read-only or unwritable folder fails now, not at the first save."""
+        probe = self.root / f".write-test-{os.getpid()}"
+        if self.root.exists() and not self.root.is_dir():
+            raise CheckpointError(f"{self.root} is a file, not a folder; move it away so checkpoints can be saved.")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as f:
+                f.write(b"scaletrain write test\n")
+            probe.unlink()
+        except OSError as e:
+            raise storage_error(e, f"checking that {self.root} takes checkpoints, before training,") from None
 
     def complete_steps(self) -> list[tuple[int, Path]]:
         """(step, folder) of checkpoints holding the completion marker, oldest first."""
@@ -270,10 +284,18 @@ class Checkpointer:
         committed = self.complete_steps()
         previous = (f"the previous checkpoint {committed[-1][1]} is intact and loadable"
                     if committed else "no earlier checkpoint of this run was touched")
+        if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
+            why = f": {storage_cause(cause)}."
+        elif isinstance(cause, FileNotFoundError):  # the folder vanished under the writers
+            why = (": another process removed files of the save; is a second run writing to "
+                   f"{self.root.parent}? (one run folder takes one writer: see its .lock file).")
+        elif isinstance(cause, OSError):
+            why = ": an I/O error of the storage; check the file system."
+        else:  # not a file error: a rank died or the process group broke during the save
+            why = ": another rank or the process group failed during the save; see the first rank's error."
         return CheckpointError(
-            f"saving checkpoint step {step} failed while writing {tmp} "
-            f"({type(cause).__name__}: {cause}); nothing was committed for this step and {previous}. "
-            "Free disk space (or fix the storage) and resume with --resume auto."
+            f"saving checkpoint step {step} failed while writing {tmp} ({type(cause).__name__}: {cause}){why} "
+            f"Nothing was committed for this step and {previous}; resume with --resume auto."
         )
 
     def _retain(self) -> None:

@@ -159,6 +159,7 @@ class Trainer:
             if overwrite and resume_from is None:
                 clear_run_dir(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.checkpointer.check_writable()  # refused now, not at the first save
             write_config(cfg, self.run_dir / "config.toml")
             self._save_tokenizer()
             self.run_info = write_run_info(self.run_dir, {"world_size": self.env.world_size})
