@@ -473,14 +473,15 @@ class Trainer:
         return summary
 
     def _save_now(self) -> Path | None:
-        """Commit a checkpoint of the current step unless one exists (or no step has run);
-        returns its folder (None at step 0). Collective."""
+        """Commit a checkpoint of the current step unless a good one exists (or no step has
+        run: None); returns its folder. A damaged one is replaced (the save moves it aside).
+        Collective."""
         self.watchdog.beat("checkpoint wait")
         self.checkpointer.wait()
         folder = self.checkpointer.root / ckpt_lib.step_dir_name(self.step)
         if self.step == 0:
             return None
-        if not folder.exists():
+        if not folder.is_dir() or ckpt_lib._damaged(folder):  # main has Checkpointer.has_good for this
             self.save_checkpoint()
             self.checkpointer.wait()
         return folder
