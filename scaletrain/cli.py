@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(e, OSError):  # a full disk, a quota, no permission, a read-only file system
             if e.errno not in STORAGE_ERRNOS:
                 raise
-            e = storage_error(e, f"writing {e.filename or 'a file'}")
+            e = storage_error(e, f"accessing {e.filename or 'a file'}")
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"{prefix}error: {e}", file=sys.stderr)

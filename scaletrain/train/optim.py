@@ -45,12 +45,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
 # Param-group values a checkpoint must not override: the config's hyperparameters (lr excepted:
 # the schedule sets it every step) and how this process runs the kernels.
 _FROM_CONFIG = ("weight_decay", "betas", "eps", "foreach", "fused")
-# How a differing value is reported: (config name, checkpoint value, config value) triples.
-_SHOWN = {
-    "weight_decay": lambda old, new: [("weight_decay", old, new)],
-    "eps": lambda old, new: [("eps", old, new)],
-    "betas": lambda old, new: [("beta1", old[0], new[0]), ("beta2", old[1], new[1])],
-}
+
+
+def _as_config(key: str, old, new) -> list[tuple]:
+    """(config key, checkpoint value, config value) of a param-group entry the user sets."""
+    if key == "betas":
+        return [("beta1", old[0], new[0]), ("beta2", old[1], new[1])]
+    return [(key, old, new)] if key in ("weight_decay", "eps") else []
 
 
 class PartsOptimizer:
@@ -79,10 +80,9 @@ class PartsOptimizer:
         changed: dict[str, tuple] = {}
         for group, want in zip(self.param_groups, settings, strict=True):
             for key, value in want.items():
-                if key in _SHOWN:
-                    for name, old, new in _SHOWN[key](group[key], value):
-                        if old != new:
-                            changed[f"optim.{name}"] = (old, new)
+                for name, old, new in _as_config(key, group[key], value):
+                    if old != new:
+                        changed[f"optim.{name}"] = (old, new)
                 group[key] = value
         return changed
 

@@ -54,6 +54,7 @@ class StopSignals:
         if self.signum is None:
             self.signum = signum
         if not self._deferred:
+            self.restore()
             raise Stopped(f"stopped by {signal.Signals(signum).name} before training started; no step had run, "
                           "so there was nothing to save.", EXIT_CODES[signum])
 

@@ -337,9 +337,9 @@ class Trainer:
         loss, stops = global_mean_and_any(loss_sum / accum, self._reports_loss, self.stop.requested)
         # The step's only host sync, before the update (a bad step never touches the weights);
         # none after it, so the host prepares the next step while the optimizer runs.
-        *values, stops = host_values(loss, grad_norm, stops)
-        self.stop.agreed = stops > 0
-        values = tuple(values)
+        values = host_values(loss, grad_norm, stops)
+        self.stop.agreed = values[2] > 0
+        values = values[:2]
         if not all(math.isfinite(v) for v in values):
             return self._nonfinite(values[0], values[1], positions, sample_ids)
         mark("loss all-reduce + finite check")
