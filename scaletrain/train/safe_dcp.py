@@ -7,9 +7,9 @@ Python object in the state dict) with `torch.load(weights_only=False)`; either r
 crafted file asks for. Here:
 
 - `.metadata` goes through `MetadataUnpickler`, which builds only the classes a DCP metadata
-  file really contains (listed in `_ALLOWED`, found by reading the opcodes of checkpoints saved
-  by every layout) plus plain containers, numbers, strings and torch dtypes; any other global
-  (a function, `os.system`, a class of another module) is refused before it is looked up;
+  file really contains (listed in `_ALLOWED`, read from the pickle opcodes of real saves) plus
+  plain containers, numbers, strings and torch dtypes; any other global (a function,
+  `os.system`, a class of another module) is refused before it is looked up;
 - "bytes" items are read with `torch.load(weights_only=True)` (tensors, plain containers and
   numbers only);
 - tensors were already read with `torch.load(weights_only=True)` by DCP itself.
@@ -34,8 +34,9 @@ from torch.distributed.checkpoint.planner import ReadItem
 from scaletrain.errors import CheckpointError
 
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
-# (module, name) of every global a DCP `.metadata` holds (torch 2.4 - 2.13): DCP's own records,
-# torch.Size, a layout by name, the folder path it was saved to.
+# (module, name) of every global the `.metadata` of scaletrain checkpoints holds (read from the
+# pickle opcodes of single-process and FSDP saves, torch 2.13): DCP's own records, torch.Size,
+# a layout by name, the folder path the save was written to. Dtypes are admitted separately.
 _ALLOWED = {
     *((_DCP_METADATA, n) for n in ("Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata",
                                    "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
@@ -44,8 +45,6 @@ _ALLOWED = {
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),
     ("pathlib", "PosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("collections", "OrderedDict"),
 }
 _REFUSAL = "refusing to load it (loading a checkpoint runs no code)"
 
