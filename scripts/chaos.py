@@ -42,7 +42,6 @@ import random
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,26 +69,46 @@ def _train_args(run: Path, data_cache: Path, steps: int, dp_shard: int) -> list[
 
 def _metric_lines(run: Path) -> int:
     metrics = run / "metrics.jsonl"
-    return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+    return len(metrics.read_text().splitlines()) if metrics.is_file() and not metrics.is_symlink() else 0
+
+
+# The second writer: imports everything first (seconds), then waits until the job's rank 0 has
+# taken the run-folder lock (RUN/.lock changes) and only then starts `train`, so it meets a
+# held lock. Its model shape differs from the job's: were the lock ever free, it would stop
+# with exit 2 ("different model shape") before writing anything, and not count as refused.
+_SECOND_WRITER = """
+import sys, time, pathlib
+lock = pathlib.Path(sys.argv[1]) / ".lock"
+before = lock.read_bytes() if lock.exists() else b""
+import scaletrain.cli, scaletrain.train.trainer, scaletrain.plan.memcheck
+while not lock.exists() or lock.read_bytes() == before:
+    time.sleep(0.01)
+scaletrain.cli.main(sys.argv[2:])
+"""
 
 
 def _job(run: Path, data_cache: Path, ranks: int, steps: int, env_extra: dict[str, str], timeout: float,
          second_writer: list | None = None):
-    """One torchrun launch of the job. With `second_writer` (a list), a single-process run on the
-    same folder is started once this launch logged a step, and its CompletedProcess is appended."""
+    """One torchrun launch of the job. With `second_writer` (a list), a single-process `train` on
+    the same folder runs alongside (see _SECOND_WRITER); its CompletedProcess is appended when it
+    ran (it is stopped if the job ended before taking the lock)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
            *_train_args(run, data_cache, steps, ranks)]
+    second = None
+    if second_writer is not None:
+        args = [*_train_args(run, data_cache, steps, 1)[2:], "--model.dim", "128", "--model.ffn_dim", "256"]
+        second = subprocess.Popen([sys.executable, "-c", _SECOND_WRITER, str(run), *args], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=_env({}), cwd=ROOT)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(env_extra),
                             cwd=ROOT)
-    if second_writer is not None:
-        seen, deadline = _metric_lines(run), time.time() + timeout
-        while proc.poll() is None and time.time() < deadline and _metric_lines(run) <= seen:
-            time.sleep(0.05)
-        if proc.poll() is None:
-            second_writer.append(subprocess.run([sys.executable, *_train_args(run, data_cache, steps, 1)],
-                                                capture_output=True, text=True, env=_env({}), cwd=ROOT,
-                                                timeout=timeout))
     out, err = proc.communicate(timeout=timeout)
+    if second is not None:
+        try:
+            second_out, second_err = second.communicate(timeout=20)
+            second_writer.append(subprocess.CompletedProcess(second.args, second.returncode, second_out, second_err))
+        except subprocess.TimeoutExpired:  # the job ended before it took the lock
+            second.kill()
+            second.communicate()
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 

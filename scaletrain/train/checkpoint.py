@@ -146,6 +146,17 @@ class Checkpointer:
         except OSError as e:
             raise storage_error(e, f"checking that {self.root} takes checkpoints, before training,") from None
 
+    def set_aside_newer(self, step: int) -> None:
+        """Rank 0, after `--resume auto` chose the checkpoint of `step`: every complete one newer
+        than it failed verification (`latest()` skipped it). Rename them `damaged-step-<n>-<time>`
+        (kept for inspection), so the folder holds only checkpoints that load even when the run
+        never saves those steps again (a preemption checkpoint between two interval steps)."""
+        for s, path in self.complete_steps():
+            if s > step:
+                aside = path.with_name(f"damaged-{path.name}-{int(time.time())}")
+                path.replace(aside)
+                warnings.warn(f"moved damaged checkpoint {path} to {aside} (resuming from step {step})", stacklevel=2)
+
     def complete_steps(self) -> list[tuple[int, Path]]:
         """(step, folder) of checkpoints holding the completion marker, oldest first."""
         if not self.root.is_dir():

@@ -158,6 +158,8 @@ class Trainer:
                 self.lock = RunLock(self.run_dir).acquire(new=True)
             if overwrite and resume_from is None:
                 clear_run_dir(self.run_dir)
+            elif resume == "auto":  # checkpoints newer than the one chosen are damaged
+                self.checkpointer.set_aside_newer(self.step)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.checkpointer.check_writable()  # refused now, not at the first save
             write_config(cfg, self.run_dir / "config.toml")

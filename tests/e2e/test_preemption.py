@@ -135,3 +135,21 @@ def test_sigterm_to_one_torchrun_worker_stops_both_at_one_step(tmp_path, data_ca
     proc = run_torchrun(2, *args, "--resume", "auto")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [s for s, _ in _losses(run)] == list(range(1, STEPS + 1))
+
+
+def test_a_damaged_preemption_checkpoint_is_set_aside_on_resume(reference, tmp_path, data_cache, capsys, monkeypatch):
+    """A preemption checkpoint falls between interval steps, so the resumed run never saves its
+    step again: a damaged one is moved aside when the resume skips it."""
+    run = tmp_path / "run"
+    monkeypatch.setenv("SCALETRAIN_FAULT_SIGNAL", "0:3:TERM")
+    assert main_exit(capsys, *_args(run, data_cache, "--checkpoint.interval", "2"))[0] == EXIT_PREEMPTED
+    monkeypatch.delenv("SCALETRAIN_FAULT_SIGNAL")
+    data = run / "checkpoints" / "step-00000003" / "__0_0.distcp"
+    data.write_bytes(data.read_bytes()[:100])
+    code, err = main_exit(capsys, *_args(run, data_cache, "--checkpoint.interval", "2"), "--resume", "auto")
+    assert code == 0, err
+    assert _steps(run) == ["step-00000006", "step-00000008"]  # checkpoint.keep = 2
+    assert [p.name.startswith("damaged-step-00000003-") for p in (run / "checkpoints").iterdir()].count(True) == 1
+    for ckpt in (run / "checkpoints").glob("step-*"):
+        verify_checkpoint(ckpt, checksums=True)
+    assert _losses(run) == reference
