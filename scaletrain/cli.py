@@ -13,7 +13,8 @@ import warnings
 from pathlib import Path
 
 from scaletrain.errors import (EXIT_INTERRUPTED, EXIT_NUMERICS, EXIT_USER_ERROR, LayoutError, NumericsError,
-                               ScaletrainError)
+                               ScaletrainError, Stopped)
+from scaletrain.fsutil import STORAGE_ERRNOS, storage_error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -228,9 +229,17 @@ def main(argv: list[str] | None = None) -> None:
     except NumericsError as e:
         print(f"error: {e}", file=sys.stderr)
         code = EXIT_NUMERICS
-    except ScaletrainError as e:
+    except (ScaletrainError, OSError) as e:
+        if isinstance(e, OSError):  # a full disk, a quota, no permission, a read-only file system
+            if e.errno not in STORAGE_ERRNOS:
+                raise
+            e = storage_error(e, f"accessing {e.filename or 'a file'}")
         _report_user_error(e)
         code = EXIT_USER_ERROR
+    except Stopped as e:  # a signal during training: the checkpoint is saved (train/preempt.py)
+        if os.environ.get("RANK", "0") == "0":
+            print(e, file=sys.stderr)
+        code = e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED

@@ -25,6 +25,8 @@ Fault injection (tests and scripts/chaos.py), from the environment so configs st
   SCALETRAIN_FAULT_SLEEP="1:3:30[:FILE]"  rank 1 sleeps 30 s inside step 3 (once, if FILE given)
   SCALETRAIN_FAULT_KILL="2:5:FILE"   rank 2 SIGKILLs itself inside step 5 unless FILE exists
                                      (it creates FILE first, so a restarted job runs clean)
+  SCALETRAIN_FAULT_SIGNAL="1:3:TERM" rank 1 sends itself SIGTERM (or USR1, INT) inside step 3
+                                     (preemption, train/preempt.py)
 """
 
 from __future__ import annotations
@@ -83,6 +85,11 @@ class Injector:
         if spec:
             r, step, marker = spec.split(":", 2)
             self.kill = (int(r), int(step), Path(marker))
+        self.signal: tuple[int, int, signal.Signals] | None = None
+        spec = os.environ.get("SCALETRAIN_FAULT_SIGNAL", "")
+        if spec:
+            r, step, name = spec.split(":", 2)
+            self.signal = (int(r), int(step), signal.Signals[f"SIG{name}"])
 
     def after_backward(self, step: int, parts: list[nn.Module], sample_ids: list[int]) -> None:
         """Apply the faults planned for optimizer step `step` (1-based) on this rank, whose
@@ -105,6 +112,8 @@ class Injector:
         if self.kill and self.kill[0] == self.rank and self.kill[1] == step and not self.kill[2].exists():
             self.kill[2].write_text(f"rank {self.rank} killed itself at step {step}\n")
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.signal and self.signal[:2] == (self.rank, step):
+            os.kill(os.getpid(), self.signal[2])
 
 
 class Watchdog:

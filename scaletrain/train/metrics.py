@@ -10,6 +10,7 @@ optionally `total_steps`. Train lines carry
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
@@ -25,6 +26,7 @@ import torch
 
 from scaletrain.config.schema import MetricsConfig
 from scaletrain.errors import CheckpointError
+from scaletrain.fsutil import storage_error
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -145,33 +147,92 @@ def _to_python(value: Any) -> Any:
     return str(value)
 
 
+def repair_torn_tail(path: Path) -> int:
+    """Make a metrics file end with a whole line: a crash or a full disk in the middle of a
+    write leaves a torn last line, and the next record appended would be glued to it. A tail
+    that is a complete JSON record only lacking its newline gets the newline; anything else
+    after the last newline is cut off. Returns the bytes removed."""
+    if not path.is_file():
+        return 0
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        keep, pos = 0, size
+        while pos > 0:  # find the last newline, reading backwards 64 KiB at a time
+            start = max(0, pos - 2**16)
+            f.seek(start)
+            newline = f.read(pos - start).rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            pos = start
+        if keep == size:
+            return 0
+        f.seek(keep)
+        try:
+            json.loads(f.read())
+            f.write(b"\n")
+            return 0
+        except ValueError:
+            f.truncate(keep)
+            return size - keep
+
+
 class MetricsWriter:
     """Appends every step to `run_dir/metrics.jsonl` and, when `cfg.tensorboard`, to
     TensorBoard events in `run_dir/tb`. Only rank 0 writes; elsewhere methods are no-ops.
 
-    The JSONL file is opened for append, so a resumed run continues it; `read_metrics` lets
-    a later line for a step replace an earlier one. Each line is flushed when written."""
+    The JSONL file is opened for append, so a resumed run continues it (after repairing a torn
+    last line, `repair_torn_tail`); `read_metrics` lets a later line for a step replace an
+    earlier one. Each line is one `os.write` call (no buffering of ours can tear it); if the
+    disk fills in the middle of a line, the file is cut back to the line's start. A write that
+    fails (disk full, permission, read-only) raises StorageError naming the cause."""
 
     def __init__(self, run_dir: str | Path, cfg: MetricsConfig, rank: int):
         self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS_FILE
         self.cfg = cfg
         self.enabled = rank == 0
-        self._file = self._tb = None
+        self._fd: int | None = None
+        self._tb = None
         if not self.enabled:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
+        with self._storage(f"opening {self.path}"):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            torn = repair_torn_tail(self.path)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if torn:
+            print(f"warning: {self.path}: removed a torn last line ({torn} bytes) left by a crash or a full disk",
+                  file=sys.stderr, flush=True)
         if cfg.tensorboard:
             # Imported here: tensorboard is heavy and unneeded when disabled.
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.run_dir / "tb"), flush_secs=30)
+            with self._storage(f"writing TensorBoard events to {self.run_dir / 'tb'}"):
+                self._tb = SummaryWriter(str(self.run_dir / "tb"), flush_secs=30)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _storage(doing: str):
+        """OSError -> StorageError worded after its cause."""
+        try:
+            yield
+        except OSError as e:
+            raise storage_error(e, doing, then="resume with --resume auto") from None
 
     def _write_line(self, record: dict[str, Any]) -> None:
         # json writes floats with repr(): shortest round-trip, so full precision; NaN and
         # inf are written as NaN/Infinity, which Python's json reads back.
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        data = (json.dumps(record) + "\n").encode()
+        with self._storage(f"appending to {self.path}"):
+            start = os.fstat(self._fd).st_size
+            try:
+                written = os.write(self._fd, data)
+                while written < len(data):  # a short write (the disk filled): this raises why
+                    written += os.write(self._fd, data[written:])
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, start)  # no torn line left behind
+                raise
 
     def log_step(self, record: dict[str, Any]) -> None:
         """Write one training step. `record` must hold an integer `step`; numeric values
@@ -185,9 +246,10 @@ class MetricsWriter:
         clean = {"step": int(clean.pop("step")), "kind": "train", **clean}
         self._write_line(clean)
         if self._tb is not None:
-            for key, value in clean.items():
-                if key != "step" and type(value) in (int, float):  # not bool, str, None
-                    self._tb.add_scalar(f"train/{key}", value, clean["step"])
+            with self._storage(f"writing TensorBoard events to {self.run_dir / 'tb'}"):
+                for key, value in clean.items():
+                    if key != "step" and type(value) in (int, float):  # not bool, str, None
+                        self._tb.add_scalar(f"train/{key}", value, clean["step"])
 
     def log_eval(self, step: int, val_loss: float, extra: dict[str, float] | None = None) -> None:
         """Write one validation result (mean cross-entropy, nats/token) for `step`; `extra`
@@ -197,18 +259,20 @@ class MetricsWriter:
         record = {"step": int(step), "kind": "eval", "val_loss": _to_python(val_loss), **_to_python(extra or {})}
         self._write_line(record)
         if self._tb is not None:
-            for key, value in record.items():
-                if key not in ("step", "kind"):
-                    self._tb.add_scalar(f"eval/{key}", value, record["step"])
+            with self._storage(f"writing TensorBoard events to {self.run_dir / 'tb'}"):
+                for key, value in record.items():
+                    if key not in ("step", "kind"):
+                        self._tb.add_scalar(f"eval/{key}", value, record["step"])
 
     def close(self) -> None:
-        """Flush and close the JSONL file and the TensorBoard writer (idempotent)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Close the JSONL file and flush and close the TensorBoard writer (idempotent)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+            tb, self._tb = self._tb, None
+            with self._storage(f"writing TensorBoard events to {self.run_dir / 'tb'}"):
+                tb.close()
 
     def __enter__(self) -> MetricsWriter:
         return self

@@ -18,12 +18,21 @@ def global_mean(value: torch.Tensor, contributes: bool) -> torch.Tensor:
     (equal token counts), tensor-parallel peers contribute identical copies, and pipeline
     stages other than the last contribute nothing.
     """
+    return global_mean_and_any(value, contributes, False)[0]
+
+
+def global_mean_and_any(value: torch.Tensor, contributes: bool, flag: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`global_mean(value, contributes)` and the number of ranks that raised `flag` (a 0-d
+    float tensor), from the same all-reduce: a stop request rides along with the loss, so
+    agreeing on it costs no collective of its own."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
+        return value, torch.full((), float(flag), dtype=torch.float32, device=value.device)
     weight = 1.0 if contributes else 0.0
-    pair = torch.stack([value.detach().float() * weight, torch.tensor(weight, device=value.device)])
-    dist.all_reduce(pair)
-    return pair[0] / pair[1]
+    # torch.full rather than torch.tensor: a fill kernel, not a host-to-device copy (no host sync)
+    triple = torch.stack([value.detach().float() * weight, torch.full((), weight, dtype=torch.float32, device=value.device),
+                          torch.full((), float(flag), dtype=torch.float32, device=value.device)])
+    dist.all_reduce(triple)
+    return triple[0] / triple[1], triple[2]
 
 
 def clip_grad_norm(parts: list[nn.Module], max_norm: float, pp_group=None) -> torch.Tensor:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from scaletrain.config.load import config_to_dict, write_config
 from scaletrain.config.schema import Config
-from scaletrain.errors import CheckpointError, ConfigError, NumericsError
+from scaletrain.errors import CheckpointError, ConfigError, NumericsError, ScaletrainError
 from scaletrain.model import Transformer, build_model
 from scaletrain.model.transformer import materialize
 from scaletrain.model.flops import flops_per_token
@@ -31,15 +32,18 @@ from scaletrain.parallel.layout import check_layout
 from scaletrain.parallel.fp8 import precompute_scales
 from scaletrain.train import checkpoint as ckpt_lib
 from scaletrain.train.checkpoint import Checkpointer
+from scaletrain.train.safe_dcp import read_metadata
 from scaletrain.train import metrics as metrics_lib
 from scaletrain.train.metrics import MetricsWriter, peak_memory_bytes, plot_loss, reset_peak_memory
 from scaletrain.train.moe_stats import METRIC_KEYS as MOE_METRIC_KEYS, ExpertStats
 from scaletrain.train.optim import LRSchedule, PartsOptimizer
 from scaletrain.train.peaks import device_peak_flops
+from scaletrain.train.lock import RunLock
+from scaletrain.train.preempt import StopSignals
 from scaletrain.train.faults import Injector, Watchdog, first_nonfinite, host_values
 from scaletrain.bench.phases import NullPhases
 from scaletrain.train.progress import Progress
-from scaletrain.train.reduce import clip_grad_norm, global_mean
+from scaletrain.train.reduce import clip_grad_norm, global_mean, global_mean_and_any
 from scaletrain.train.rundir import check_writable, clear_run_dir, resolve_resume
 from scaletrain.train.runinfo import run_info_header, write_run_info
 
@@ -76,6 +80,7 @@ class Trainer:
                  force: bool = False, init_from: str | Path | None = None):
         from scaletrain.data import build_loader, prepare_data, validation_sets
 
+        self.stop = StopSignals()  # SIGTERM/SIGUSR1 end the setup at once; in fit() they stop after a step
         self.cfg, self.run_dir = cfg, Path(run_dir)
         t = cfg.train
         self.env = read_env(t.device)
@@ -87,6 +92,9 @@ class Trainer:
 
         self.memory_estimate = (estimate_for_config if force else check_fits)(cfg, self.env.world_size, self.env.device)
         check_writable(self.run_dir)
+        # One writer per run folder (train/lock.py): rank 0 locks an existing folder before it
+        # reads it, a new one when it creates it below.
+        self.lock = RunLock(self.run_dir).acquire() if self.env.rank == 0 and self.run_dir.is_dir() else None
         resume_from = resolve_resume(self.run_dir, resume, overwrite, cfg.checkpoint)  # every rank checks alike
         init_distributed(self.env)
         self.rank, self.device = self.env.rank, self.env.device
@@ -163,9 +171,14 @@ class Trainer:
         self.peak_flops = device_peak_flops(self.device, precision)
         # Every check passed: only now touch the run folder, so bad input never costs a file.
         if self.rank == 0:
+            if self.lock is None:
+                self.lock = RunLock(self.run_dir).acquire(new=True)
             if overwrite and resume_from is None:
                 clear_run_dir(self.run_dir)
+            elif resume == "auto":  # checkpoints newer than the one chosen are damaged
+                self.checkpointer.set_aside_newer(self.step)
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.checkpointer.check_writable()  # refused now, not at the first save
             write_config(cfg, self.run_dir / "config.toml")
             self._save_tokenizer()
             self.run_info = write_run_info(self.run_dir, {"world_size": self.env.world_size,
@@ -177,7 +190,8 @@ class Trainer:
     def _state(self) -> dict[str, Any]:
         """Model and optimizer keyed by the full model's parameter names (optimizer flattened
         per parameter), so a checkpoint reshards onto any layout; DCP fills in what each rank
-        holds."""
+        holds. The rest of the train state is JSON in the marker (`_train_state`), except each
+        rank's RNG state (uint8 tensors)."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         model_sd: dict[str, Any] = {}
@@ -185,10 +199,13 @@ class Trainer:
         for part, opt in zip(self.parts, self.optimizer.optimizers):
             model_sd.update(get_model_state_dict(part))
             optim_sd.update(get_optimizer_state_dict(part, opt, options=ckpt_lib.FLAT))
-        train = {"step": self.step, "schedule": self.schedule.state_dict(), "loader": self.loader.state_dict(),
-                 f"rng_rank{self.rank}": ckpt_lib.capture_rng(self.device),
-                 "skip_positions": json.dumps(sorted(self.skip_positions))}
-        return {"model": model_sd, "optim": optim_sd, "train": train}
+        return {"model": model_sd, "optim": optim_sd,
+                "train": {f"rng_rank{self.rank}": ckpt_lib.capture_rng(self.device)}}
+
+    def _train_state(self) -> dict[str, Any]:
+        """Step, schedule, loader position and skipped batches: plain JSON, the same on every rank."""
+        return {"step": self.step, "schedule": self.schedule.state_dict(), "loader": self.loader.state_dict(),
+                "skip_positions": sorted(list(p) for p in self.skip_positions)}
 
     def _set_state(self, model_sd: dict[str, Any], optim_sd: dict[str, Any] | None) -> None:
         from torch.distributed.checkpoint.state_dict import (
@@ -205,7 +222,8 @@ class Trainer:
 
     def _metadata(self) -> dict[str, Any]:
         return {"model": config_to_dict(self.cfg)["model"], "tokenizer": self.data.tokenizer.fingerprint(),
-                "world_size": self.env.world_size, "tokens_seen": self.step * self.tokens_per_step}
+                "world_size": self.env.world_size, "tokens_seen": self.step * self.tokens_per_step,
+                "train_state": self._train_state()}
 
     def _load(self, path: Path, weights_only: bool = False) -> None:
         self.checkpointer.wait()  # a pending async save is committed (or its error raised) first
@@ -224,20 +242,37 @@ class Trainer:
             self.checkpointer.load(path, state)
             self._set_state(state["model"], None)
             return
-        rng_key = f"rng_rank{self.rank}"
-        if not ckpt_lib.has_key(path, f"train.{rng_key}"):  # saved by fewer ranks: keep this rank's seed
-            del state["train"][rng_key]
-        if not ckpt_lib.has_key(path, "train.skip_positions"):
-            del state["train"]["skip_positions"]
+        rng_key, stored = f"rng_rank{self.rank}", read_metadata(path).state_dict_metadata
+        # RNG states this rank saved (none when the checkpoint had fewer ranks: keep this rank's seed)
+        rng = {k: v for k, v in state["train"][rng_key].items() if f"train.{rng_key}.{k}" in stored}
+        state["train"] = {rng_key: rng} if rng else {}
+        train = meta.get("train_state")
+        if train is None:  # written before the train state moved into the marker: see _legacy_train_state
+            state["train"].update(self._legacy_train_state(stored))
         self.checkpointer.load(path, state)
+        configured = self.optimizer.settings()
         self._set_state(state["model"], state["optim"])
-        train = state["train"]
+        changed = self.optimizer.apply_settings(configured)
+        if changed and self.rank == 0:
+            print(f"resuming from {path} with changed optimizer settings (checkpoint -> config, used from now on): "
+                  + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), file=sys.stderr, flush=True)
+        if train is None:
+            train = dict(state["train"], skip_positions=json.loads(state["train"].get("skip_positions", "[]")))
         self.step = int(train["step"])
         self.schedule.load_state_dict(train["schedule"])
         self.loader.load_state_dict(train["loader"])
-        if rng_key in train:
-            ckpt_lib.restore_rng(train[rng_key], self.device)
-        self.skip_positions = {tuple(p) for p in json.loads(train.get("skip_positions", "[]"))}
+        if rng_key in state["train"]:
+            ckpt_lib.restore_rng(state["train"][rng_key], self.device)
+        self.skip_positions = {tuple(p) for p in train["skip_positions"]}
+
+    def _legacy_train_state(self, stored: dict[str, Any]) -> dict[str, Any]:
+        """Templates of the train state as checkpoints before the marker held it stored it: DCP
+        values (ints, dicts, a JSON string), which the checkpointer reads with
+        torch.load(weights_only=True), so loading them runs no code either."""
+        legacy = {"step": 0, "schedule": self.schedule.state_dict(), "loader": self.loader.state_dict()}
+        if "train.skip_positions" in stored:
+            legacy["skip_positions"] = "[]"
+        return legacy
 
     def _save_tokenizer(self) -> None:
         self.data.tokenizer.save(str(self.run_dir / "tokenizer"))  # atomic per file, tokenizer.json last
@@ -310,6 +345,7 @@ class Trainer:
         The optimizer's kernels may still be running on the device when it returns."""
         for part in self.parts:
             part.train()
+        self.loader_at_step_start = self.loader.state_dict()  # what "abort" saves (plain ints)
         self.schedule.set_for_step(self.step + 1)
         self.watchdog.beat("forward/backward", self.step + 1)
         accum = self.cfg.train.grad_accum
@@ -340,15 +376,17 @@ class Trainer:
                                    self.meshes.pp.get_group() if self.pipeline is not None else None)
         mark("grad norm + clip")
         self.watchdog.beat("all-reduce of the loss")
-        loss = global_mean(loss_sum / accum, self._reports_loss)
+        # Any rank's stop request (train/preempt.py) rides along in the loss all-reduce.
+        loss, stops = global_mean_and_any(loss_sum / accum, self._reports_loss, self.stop.requested)
         moe = ()
         if self.moe is not None:
             self.watchdog.beat("all-reduce of the expert counts (MoE)")
             moe = self.moe.reduce(self.device).unbind()
         # The step's only host sync, before the update (a bad step never touches the weights);
         # none after it, so the host prepares the next step while the optimizer runs.
-        values = host_values(loss, grad_norm, *moe)
-        self.moe_metrics = dict(zip(MOE_METRIC_KEYS, values[2:]))
+        values = host_values(loss, grad_norm, stops, *moe)
+        self.stop.agreed = values[2] > 0
+        self.moe_metrics = dict(zip(MOE_METRIC_KEYS, values[3:]))
         values = values[:2]
         if not all(math.isfinite(v) for v in values):
             return self._nonfinite(values[0], values[1], positions, sample_ids)
@@ -400,8 +438,16 @@ class Trainer:
             self.skip_positions |= skip
             self.rollbacks.append({"step": step, "to": self.step, "skipped": [list(p) for p in repeat]})
             return None
+        self.optimizer.zero_grad(set_to_none=True)  # the bad update is never applied
+        self.loader.load_state_dict(self.loader_at_step_start)  # nor are its batches consumed
+        try:
+            saved = self._save_now()
+            kept = (f" The last good state (after step {self.step}) is in {saved}." if saved else
+                    " No step had finished, so there was no state to save.")
+        except ScaletrainError as e:
+            kept = f" Saving the last good state (after step {self.step}) failed: {e}"
         raise NumericsError(report + " (train.nan_policy = 'abort'; 'skip' drops such steps, 'rollback' "
-                            "reloads the last checkpoint and skips the batch).")
+                            "reloads the last checkpoint and skips the batch)." + kept)
 
     def evaluate(self) -> float:
         """Mean validation loss (nats/token): over the fixed validation batches, or with
@@ -431,10 +477,14 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to train.steps (with the hang watchdog armed when configured); returns a summary."""
         self.watchdog = Watchdog(self.cfg.train.hang_timeout_s, self.rank, self.run_dir)
+        self.stop.defer()  # a stop signal now finishes the step in flight and saves it (train/preempt.py)
         try:
             return self._fit()
         finally:
+            self.stop.restore()
             self.watchdog.stop()
+            if self.lock is not None:
+                self.lock.release()
 
     def _fit(self) -> dict[str, Any]:
         t, c = self.cfg.train, self.cfg.checkpoint
@@ -453,6 +503,8 @@ class Trainer:
                 if result is None:
                     progress.note(f"non-finite step: rolled back to step {self.step} from the newest checkpoint "
                                   "(a batch that fails twice is skipped)")
+                    if self.stop.agreed:
+                        self._stop_on_signal()
                     continue
                 loss, grad_norm = result
                 loss_value = float(loss)  # a host float already (train_step's one sync)
@@ -461,6 +513,8 @@ class Trainer:
                 record["nonfinite_steps"] = self.nonfinite_steps
                 self.metrics.log_step(record)
                 progress.update(self.step, record)
+                if self.stop.agreed:
+                    self._stop_on_signal()
                 if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.steps:
                     self._eval_and_log(progress)
                 if c.interval and self.step % c.interval == 0 and self.step < t.steps:
@@ -478,6 +532,27 @@ class Trainer:
                        measured_peak_bytes=peak_memory_bytes(self.device), device=self.device.type)
         self._finish(summary)
         return summary
+
+    def _save_now(self) -> Path | None:
+        """Commit a checkpoint of the current step unless a good one exists (or no step has
+        run: None); returns its folder. A damaged one is replaced (the save moves it aside).
+        Collective."""
+        self.watchdog.beat("checkpoint wait")
+        self.checkpointer.wait()
+        folder = self.checkpointer.root / ckpt_lib.step_dir_name(self.step)
+        if self.step == 0:
+            return None
+        if not self.checkpointer.has_good(self.step):
+            self.save_checkpoint()
+            self.checkpointer.wait()
+        return folder
+
+    def _stop_on_signal(self) -> None:
+        """Some rank got SIGTERM/SIGUSR1/SIGINT and every rank finished the same step: save it
+        and end the process (train/preempt.py); steps lost: none."""
+        folder = self._save_now()
+        self.metrics.close()
+        raise self.stop.stopped(self.step, folder)
 
     def _record(self, loss: float, grad_norm: float, dt: float) -> dict[str, Any]:
         tokens_per_s = self.tokens_per_step / dt

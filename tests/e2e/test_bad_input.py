@@ -10,9 +10,11 @@ from conftest import debug_train_args, run_cli
 
 
 def _tree_digest(folder):
+    """Digest of every file's name and bytes, except RUN/.lock: a refused run may have held
+    the writer lock (it records the last holder's pid), which is not run data."""
     h = hashlib.sha256()
     for p in sorted(folder.rglob("*")):
-        if p.is_file():
+        if p.is_file() and p.name != ".lock":
             h.update(str(p.relative_to(folder)).encode())
             h.update(p.read_bytes())
     return h.hexdigest()

@@ -18,11 +18,11 @@ ARGS = ("--checkpoint.interval", "4", "--metrics.tensorboard", "false", "--metri
         "--data.seq_len", "64")
 
 
-def _train(run, data_cache, policy, nan_steps="6", steps=STEPS):
+def _train(run, data_cache, policy, nan_steps="6", steps=STEPS, *extra):
     env = cli_env()
     env["SCALETRAIN_FAULT_NAN_STEPS"] = nan_steps
     cmd = [sys.executable, "-m", "scaletrain", *debug_train_args(run, data_cache, steps, *ARGS,
-                                                                   "--train.nan_policy", policy)]
+                                                                   "--train.nan_policy", policy, *extra)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
 
 
@@ -44,16 +44,21 @@ def test_skip_drops_the_update_and_counts_it(tmp_path, data_cache):
     assert all(math.isfinite(loss) for _, loss, _ in got)
 
 
-def test_abort_reports_and_keeps_checkpoints(tmp_path, data_cache):
+def test_abort_reports_and_keeps_the_last_good_state(tmp_path, data_cache):
     run = tmp_path / "abort"
     proc = _train(run, data_cache, "abort")
     assert proc.returncode == 3, proc.stderr
     for part in ("non-finite gradient norm at step 6", "sample ids [", "first non-finite tensor on this rank: ",
-                 "train.nan_policy = 'abort'"):
+                 "train.nan_policy = 'abort'", f"The last good state (after step 5) is in {run}/checkpoints/step-00000005"):
         assert part in proc.stderr
     assert "Traceback" not in proc.stderr
     ckpts = Checkpointer(run, CheckpointConfig()).complete_steps()
-    assert [s for s, _ in ckpts] == [4]
+    assert [s for s, _ in ckpts] == [4, 5]
+    # Step 6's bad update was never applied: resuming the saved state continues the clean run exactly.
+    assert _train(tmp_path / "clean", data_cache, "abort", "").returncode == 0
+    proc = _train(run, data_cache, "abort", "", STEPS, "--resume", "auto")
+    assert proc.returncode == 0, proc.stderr
+    assert _losses(run) == _losses(tmp_path / "clean")
 
 
 def test_rollback_retries_a_transient_fault_exactly(tmp_path, data_cache):

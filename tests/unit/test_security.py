@@ -30,6 +30,23 @@ def test_every_torch_load_in_the_package_is_weights_only():
     assert [c for c in calls if c[1] != "True"] == []
 
 
+def test_every_checkpoint_read_goes_through_the_safe_reader():
+    """DCP's own reader unpickles `.metadata` freely and its planner reads stored values with
+    weights_only=False: the package reads checkpoints only with SafeReader + SafePlanner."""
+    loads, readers = [], []
+    for path in sorted((ROOT / "scaletrain").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            name, where = ast.unparse(node.func), f"{path.relative_to(ROOT)}:{node.lineno}"
+            if (name.split(".")[-1] in ("load", "load_state_dict") and "dcp" in name) or "checkpoint.load" in name:
+                loads.append((where, sorted(k.arg for k in node.keywords if k.arg in ("storage_reader", "planner"))))
+            if name.split(".")[-1] in ("FileSystemReader", "_load_state_dict_from_keys"):
+                readers.append(where)
+    assert loads, "the scan found no dcp.load at all (Checkpointer.load has one)"
+    assert [w for w, kw in loads if kw != ["planner", "storage_reader"]] == [] and readers == []
+
+
 def _pickled_hf_folder(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     """An HF Llama folder whose weights are only a pickled pytorch_model.bin (+ tokenizer.json)."""
     cfg = model_config_for("debug")
