@@ -88,6 +88,7 @@ class ParallelDims:
     tp: int
     pp: int
     cp: int
+    ep: int = 1  # expert parallel: a divisor of dp_shard * cp (it re-uses those ranks), not a world factor
 
     @property
     def dp(self) -> int:
@@ -118,7 +119,7 @@ def resolve_dims(cfg: ParallelConfig, world_size: int, model: ModelConfig | None
                 + _layout_fixes(cfg, world_size, fixed, model, seq_len, batch_size)
             )
         dp_shard = world_size // fixed
-    dims = ParallelDims(cfg.dp_replicate, dp_shard, cfg.tp, cfg.pp, cfg.cp)
+    dims = ParallelDims(cfg.dp_replicate, dp_shard, cfg.tp, cfg.pp, cfg.cp, cfg.ep)
     if dims.world_size != world_size:
         raise LayoutError(
             f"parallel degrees multiply to {dims.world_size} (dp_replicate={dims.dp_replicate} x "
@@ -176,7 +177,7 @@ def _nearest_layouts(cfg: ParallelConfig, world_size: int, model: ModelConfig | 
         candidate = dict(zip(_DEGREES, degrees))
         if model is not None:
             try:
-                check_layout(ParallelDims(**candidate), replace(cfg, **candidate), model, seq_len, batch_size)
+                check_layout(ParallelDims(**candidate, ep=cfg.ep), replace(cfg, **candidate), model, seq_len, batch_size)
             except ScaletrainError:
                 continue
         found.append(candidate)
@@ -192,13 +193,7 @@ def check_layout(dims: ParallelDims, parallel: ParallelConfig, model: ModelConfi
     def _divisors(n: int) -> str:
         return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
-    # Not yet (docs/moe.md): MoE takes data parallelism only until expert parallelism lands, and
-    # the q/k norms have no tensor-parallel plan.
-    for key in ("tp", "pp", "cp") if model.moe_experts > 0 else ("tp",) if model.qk_norm else ():
-        if getattr(dims, key) > 1:
-            what = "an MoE model (model.moe_experts > 0)" if model.moe_experts > 0 else "model.qk_norm = true"
-            raise LayoutError(f"{what} cannot run with parallel.{key} = {getattr(dims, key)} yet; use data "
-                              f"parallelism only (parallel.dp_shard / parallel.dp_replicate) and parallel.{key} 1.")
+    _check_ep(dims, model)
     if dims.tp > 1:
         if model.tie_embeddings:
             raise LayoutError(f"model.tie_embeddings = true cannot be used with parallel.tp = {dims.tp}: the "
@@ -227,6 +222,28 @@ def check_layout(dims: ParallelDims, parallel: ParallelConfig, model: ModelConfi
         validate_pp(parallel, model.n_layers, batch_size, model.tie_embeddings)
 
 
+# ---- expert parallelism (parallel/ep.py): its rules, kept together for the shared layout checker
+def _check_ep(dims: ParallelDims, model: ModelConfig) -> None:
+    """parallel.ep shards the E routed experts of every MoE layer over ep of the dp_shard * cp
+    ranks (the ranks that hold different tokens), so ep must divide both; a dense model has no
+    experts to shard. Names the valid ep degrees."""
+    if dims.ep == 1:
+        return
+    if model.moe_experts == 0:
+        raise LayoutError(f"parallel.ep = {dims.ep} shards MoE experts, but this model is dense "
+                          "(model.moe_experts = 0); use --parallel.ep 1 or an MoE model (e.g. --model.flavor moe_debug).")
+    ranks = dims.dp_shard * dims.cp
+    valid = [d for d in range(1, math.gcd(model.moe_experts, ranks) + 1) if math.gcd(model.moe_experts, ranks) % d == 0]
+    if model.moe_experts % dims.ep:
+        raise LayoutError(f"parallel.ep = {dims.ep} does not divide model.moe_experts = {model.moe_experts} (each ep "
+                          f"rank holds moe_experts / ep whole experts); use --parallel.ep in {{{', '.join(map(str, valid))}}}.")
+    if ranks % dims.ep:
+        raise LayoutError(f"parallel.ep = {dims.ep} does not divide parallel.dp_shard x parallel.cp = {dims.dp_shard} x "
+                          f"{dims.cp} = {ranks} (expert parallelism takes its ranks from those); use --parallel.ep in "
+                          f"{{{', '.join(map(str, valid))}}}, or raise parallel.dp_shard to a multiple of {dims.ep}.")
+# ---- end of the expert-parallel rules
+
+
 
 
 @dataclass
@@ -242,6 +259,9 @@ class Meshes:
     dp_rank: int  # which slice of the global batch this rank reads
     cp_rank: int
     pp_rank: int
+    # Expert parallelism (ep > 1): the dp_shard_cp axis re-split as (efsdp, ep), ep innermost.
+    ep: object | None = None  # the ranks one MoE layer's experts are spread over (all-to-all group)
+    expert_fsdp: object | None = None  # ("dp_replicate", "efsdp"): FSDP of each rank's experts
 
 
 def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
@@ -252,12 +272,18 @@ def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
 
     shape = tuple(getattr(dims, name) for name in MESH_DIMS)
     world = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
-    fsdp = None
+    fsdp = ep = expert_fsdp = None
     if dims.dp * dims.cp > 1:
         # One flattened dp axis (replicate-major), re-split as (dp_replicate, dp_shard_cp).
         flat = world["dp_replicate", "dp_shard", "cp"]._flatten(mesh_dim_name="dp_all")
         fsdp = flat._unflatten(0, (dims.dp_replicate, dims.dp_shard * dims.cp), ("dp_replicate", "dp_shard_cp"))
+        if dims.ep > 1:
+            # ...and as (dp_replicate, efsdp, ep): ep consecutive dp_shard_cp ranks share one
+            # layer's experts; each expert shard is FSDP-sharded over the efsdp ranks.
+            efsdp = dims.dp_shard * dims.cp // dims.ep
+            sparse = flat._unflatten(0, (dims.dp_replicate, efsdp, dims.ep), ("dp_replicate", "efsdp", "ep"))
+            ep, expert_fsdp = sparse["ep"], sparse["dp_replicate", "efsdp"]
     coord = dict(zip(MESH_DIMS, world.get_coordinate()))
     dp_rank = coord["dp_replicate"] * dims.dp_shard + coord["dp_shard"]
     return Meshes(world, fsdp, world["tp"] if dims.tp > 1 else None, world["cp"] if dims.cp > 1 else None,
-                  world["pp"] if dims.pp > 1 else None, dp_rank, coord["cp"], coord["pp"])
+                  world["pp"] if dims.pp > 1 else None, dp_rank, coord["cp"], coord["pp"], ep, expert_fsdp)
