@@ -241,14 +241,17 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.backend = "auto"
+        # Expert parallelism (parallel/ep.py) makes the weights sharded tensors of all E experts
+        # and sets this to take their local part; counts then has one entry per local expert.
+        self.local_weight: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x)
         grouped = self.backend == "grouped" or (
             self.backend == "auto" and x.is_cuda and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"))
-        # Under expert parallelism the weights are sharded tensors (DTensors) holding this
-        # rank's experts, and counts has one entry per local expert: compute on the local part.
-        w1, w2, w3 = (w.to_local() if hasattr(w, "to_local") else w for w in (self.w1, self.w2, self.w3))
+        w1, w2, w3 = self.w1, self.w2, self.w3
+        if self.local_weight is not None:  # expert parallelism: this rank's experts only
+            w1, w2, w3 = self.local_weight(w1), self.local_weight(w2), self.local_weight(w3)
         if grouped:
             return experts_grouped(x, counts, w1, w2, w3, dtype)
         return experts_reference(x, counts, w1, w2, w3)

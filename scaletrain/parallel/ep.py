@@ -25,7 +25,7 @@ divides by the dp x cp data ranks. A rank's expert gradient already sums over it
 tokens, and FSDP then reduces it over the other data ranks (efsdp x dp_replicate), so it is
 divided by dp x cp, not by FSDP's mesh size (`parallel/fsdp.py`).
 
-Communication per MoE layer and micro-batch: `model.flops.moe_dispatch_bytes`.
+Communication per MoE layer and micro-batch: `model.flops.moe_all_to_all_bytes`.
 
 Tensor parallelism (`apply_moe_tp`): the MoE FFN (router, experts, shared experts) is replicated
 over tp and runs on the whole (all-gathered) sequence of the tp group, exactly as the dense FFN's
@@ -99,6 +99,12 @@ class TokenExchange:
         return _wait(funcol.all_to_all_single_autograd(back, self.send, self.recv, self.group))
 
 
+def _local_experts(weight: torch.Tensor) -> torch.Tensor:
+    """This rank's experts of a weight sharded over ep (under FSDP: once it is gathered). Its
+    gradient stays the local experts' (to_local's backward keeps the Shard(0) placement)."""
+    return weight.to_local()
+
+
 def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> nn.Module:
     """Shard the experts of every MoE layer of `model` (a model part, on the meta device or
     materialised alike on every rank) over the 1-D `ep_mesh` (dim 0 of w1/w2/w3) and wrap
@@ -112,6 +118,7 @@ def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> nn.Module:
             # src_data_rank=None: every rank holds the same tensor (or meta); keep the local rows.
             shard = distribute_tensor(param.data, ep_mesh, [Shard(0)], src_data_rank=None)
             experts.register_parameter(name, nn.Parameter(shard, requires_grad=param.requires_grad))
+        experts.local_weight = _local_experts
         exchange = TokenExchange(ep_mesh.get_group(), ep)
         experts.register_forward_pre_hook(exchange.dispatch)
         experts.register_forward_hook(exchange.combine)

@@ -2,13 +2,15 @@
 against single-process runs of the same global batch of 8 sequences (10 steps):
 
 - 2 gloo ranks, ONE process group (one spawn) for all of: FSDP (dp_shard=2, auxiliary loss),
-  DDP-style replication (dp_replicate=2, expert bias), expert parallelism dp_shard=2 ep=2, and
+  DDP-style replication (dp_replicate=2, expert bias), expert parallelism dp_shard=2 ep=2,
   context parallelism with experts over the cp ranks (cp=2 ep=2: the sequence-wise aux loss
-  sums each sequence's counts over its cp ranks);
+  sums each sequence's counts over its cp ranks), and pipelining with gradient accumulation
+  (pp=2, 2 x 4 sequences: the aux loss's gradient is scaled like the pipeline's loss);
 - 4 gloo ranks, one more spawn: dp_shard=4 ep=4, dp_shard=4 ep=2 (experts also FSDP-sharded
   over the 2 efsdp ranks), dp_shard=2 tp=2 ep=2 (q/k norms and the MoE FFN under TP) and
-  dp_shard=2 pp=2 ep=2; then the ep=4 run's step-5 checkpoint resumes at ep=4 (bit-identical
-  steps 6-10) and at dp_shard=2 tp=2 ep=2, and, after the spawn, on one process;
+  dp_shard=2 pp=2 ep=2, and HSDP dp_replicate=2 dp_shard=2 ep=2 (expert bias: experts
+  all-reduced over dp_replicate); then the ep=4 run's step-5 checkpoint resumes at ep=4
+  (bit-identical steps 6-10) and at dp_shard=2 tp=2 ep=2, and, after the spawn, on one process;
 - gradient accumulation (4 x 2) on one process.
 
 Tolerance: relative 1e-5 on losses, grad norms and the expert metrics, 2e-5 absolute on the
@@ -17,9 +19,10 @@ is per token and the auxiliary loss is a mean over sequences, so splitting the b
 only the order of fp32 reductions; expert parallelism moves token rows between ranks without
 changing them and sums each expert's gradient in another order. The expert counts are integers
 summed exactly, so the bias updates agree exactly unless a near-tie flips a routing decision
-(none does here). A missing reduction is far outside the tolerance: experts' gradients divided
-by the wrong rank count move the grad norm by ~1e-3, the cp aux loss without whole-sequence
-counts moves the aux_loss metric by ~3e-3.
+(none does here). The mistakes these layouts guard against are far outside the tolerance
+(measured on 3 steps): experts' gradients divided by twice the data ranks move the first grad
+norm by 9e-4, the cp aux loss without whole-sequence counts moves the aux_loss metric by 3e-3,
+the pipeline's aux gradient scaled by 1/grad_accum only moves the first grad norm by 3e-4.
 """
 
 from __future__ import annotations
@@ -42,16 +45,18 @@ STEPS, GLOBAL_BATCH, SAVED_STEP = 10, 8, 5
 BALANCE = {"aux_loss": ("--model.moe_balance", "aux_loss"),
            "bias": ("--model.moe_balance", "bias", "--model.moe_bias_rate", "0.01")}
 EP = ("--parallel.ep",)
-# name -> (ranks, balancing, data-parallel degree, extra overrides)
+# name -> (ranks, balancing, batch split = data-parallel degree x grad_accum, extra overrides)
 LAYOUTS = {
     "fsdp": (2, "aux_loss", 2, ("--parallel.dp_shard", "2")),
     "ddp": (2, "bias", 2, ("--parallel.dp_replicate", "2", "--parallel.dp_shard", "1")),
     "ep2": (2, "aux_loss", 2, ("--parallel.dp_shard", "2", *EP, "2")),
     "cp_ep2": (2, "aux_loss", 1, ("--parallel.dp_shard", "1", "--parallel.cp", "2", *EP, "2")),
+    "pp2_accum2": (2, "aux_loss", 2, ("--parallel.dp_shard", "1", "--parallel.pp", "2", "--train.grad_accum", "2")),
     "ep4": (4, "aux_loss", 4, ("--parallel.dp_shard", "4", *EP, "4", "--checkpoint.interval", str(SAVED_STEP))),
     "fsdp4_ep2": (4, "aux_loss", 4, ("--parallel.dp_shard", "4", *EP, "2")),
     "tp_ep2": (4, "aux_loss", 2, ("--parallel.dp_shard", "2", "--parallel.tp", "2", *EP, "2")),
     "pp_ep2": (4, "aux_loss", 2, ("--parallel.dp_shard", "2", "--parallel.pp", "2", *EP, "2")),
+    "hsdp_ep2": (4, "bias", 4, ("--parallel.dp_replicate", "2", "--parallel.dp_shard", "2", *EP, "2")),
 }
 # Resumed from ep4's step-5 checkpoint: name -> (ranks, data-parallel degree, layout)
 RESUMED = {"ep4_resumed": (4, 4, LAYOUTS["ep4"][3][:4]),
@@ -102,9 +107,9 @@ def _worker(rank: int, world: int, port: int, root: str, data_cache: str) -> Non
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    for name, (ranks, balance, dp, layout) in LAYOUTS.items():  # one process group for every layout
+    for name, (ranks, balance, split, layout) in LAYOUTS.items():  # one process group for every layout
         if ranks == world:
-            _train(Path(root) / name, data_cache, GLOBAL_BATCH // dp, *BALANCE[balance], *layout)
+            _train(Path(root) / name, data_cache, GLOBAL_BATCH // split, *BALANCE[balance], *layout)
     for name, (ranks, _dp, _layout) in RESUMED.items():
         if ranks == world:
             _resume(Path(root), data_cache, name)
@@ -140,7 +145,7 @@ def _assert_metrics_close(got: list[dict], ref: list[dict]) -> None:
         assert [r[key] for r in got] == pytest.approx([r[key] for r in ref], rel=1e-5, abs=1e-12), key
 
 
-@pytest.mark.slow  # about N s on 2 cores: 3 single-process runs, a 2-rank and a 4-rank spawn, one resume
+@pytest.mark.slow  # 66 s on 2 cores at load ~5: 4 single-process runs, a 2-rank and a 4-rank spawn
 @pytest.mark.parametrize("name", ["accum", *LAYOUTS])
 def test_moe_layout_matches_single_device(runs, name):
     balance = LAYOUTS[name][1] if name in LAYOUTS else "aux_loss"
