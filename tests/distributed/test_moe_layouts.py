@@ -116,6 +116,19 @@ def _worker(rank: int, world: int, port: int, root: str, data_cache: str) -> Non
     if world == 2:  # the trainers left the process group up
         result = {name: _exchange(rank, counts) for name, counts in EXCHANGES.items()}
         (Path(root) / f"exchange_rank{rank}.json").write_text(json.dumps(result))
+        _bench(Path(root), data_cache, rank)
+
+
+def _bench(root: Path, data_cache: str, rank: int) -> None:
+    """`scaletrain bench`'s measurement of an EP config (smoke: 1 + 3 steps, one phase step)."""
+    from scaletrain.bench.runner import BenchOptions, run_bench
+    from scaletrain.config import load_config
+
+    cfg = load_config(DEBUG_CONFIG, ["--model.flavor", "moe_debug", "--data.cache_dir", data_cache, "--data.seq_len",
+                                     "64", "--data.batch_size", "4", *LAYOUTS["ep2"][3]])
+    result = run_bench(cfg, BenchOptions(warmup=1, steps=3, phase_steps=1, smoke=True), root / "bench_ep2")
+    if rank == 0:
+        (root / "bench_ep2.json").write_text(json.dumps(result))
 
 
 def _free_port() -> int:
@@ -145,7 +158,7 @@ def _assert_metrics_close(got: list[dict], ref: list[dict]) -> None:
         assert [r[key] for r in got] == pytest.approx([r[key] for r in ref], rel=1e-5, abs=1e-12), key
 
 
-@pytest.mark.slow  # 66 s on 2 cores at load ~5: 4 single-process runs, a 2-rank and a 4-rank spawn
+@pytest.mark.slow  # 70 s on 2 cores at load 5, 115 s at load 9: 4 one-process runs, a 2- and a 4-rank spawn
 @pytest.mark.parametrize("name", ["accum", *LAYOUTS])
 def test_moe_layout_matches_single_device(runs, name):
     balance = LAYOUTS[name][1] if name in LAYOUTS else "aux_loss"
@@ -200,3 +213,16 @@ def test_token_exchange_groups_rows_by_local_expert_and_returns_them(runs):
     cfg = model_config_for("moe_debug", dim=1, moe_experts=4, moe_top_k=2)
     sent = moe_all_to_all_bytes(cfg, batch=1, seq_len=4, ep=2, dtype_bytes=4)  # 4 tokens = 8 slots
     assert [got[r]["balanced"]["sent_away"] * 1 * 4 for r in range(2)] == [sent["dispatch"]] * 2
+
+
+@pytest.mark.slow
+def test_bench_and_plan_check_take_an_ep_run(runs, capsys):
+    """`scaletrain bench` measures an EP config (run inside the 2-rank group) and `scaletrain plan
+    check` reads an EP run's folder (the planner prices it as its dp layout for now)."""
+    from conftest import main_run
+
+    bench = json.loads((runs / "bench_ep2.json").read_text())
+    assert bench["config"]["layout"] == "dp_shard=2 ep=2" and bench["config"]["world_size"] == 2
+    assert bench["tokens_per_s"] > 0 and bench["phases_s"] and torch.isfinite(torch.tensor(bench["loss_last"]))
+    code, out, err = main_run(capsys, "plan", "check", "--run", str(runs / "ep2"), "--profile", "h100_sxm")
+    assert code == 0 and "step time (median)" in out and "2 rank(s)" in out, err

@@ -96,3 +96,15 @@ def test_all_to_all_bytes_per_layer_and_micro_batch():
     assert b["dispatch"] == b["combine"] == b["combine_grad"] == b["dispatch_grad"] == 65536 * 7 // 8 * 4096
     assert b["counts"] == 128 * 8 * 7 // 8
     assert set(moe_all_to_all_bytes(cfg, 2, 4096, ep=1).values()) == {0}
+
+
+def test_run_header_shows_ep_apart_from_the_world_factors():
+    from scaletrain.bench.runner import layout_name
+    from scaletrain.parallel.dims import ParallelDims
+    from scaletrain.train.runinfo import run_info_header
+
+    dims = ParallelDims(dp_replicate=1, dp_shard=4, tp=1, pp=1, cp=1, ep=2)
+    header = run_info_header({"world_size": 4, "layout": {k: getattr(dims, k) for k in
+                                                          ("dp_replicate", "dp_shard", "tp", "pp", "cp", "ep")}})
+    assert "world 4: dp_replicate 1 x dp_shard 4 x tp 1 x pp 1 x cp 1, experts over ep 2" in header.splitlines()
+    assert layout_name(dims) == "dp_shard=4 ep=2"
