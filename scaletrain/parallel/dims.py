@@ -244,8 +244,6 @@ def _check_ep(dims: ParallelDims, model: ModelConfig) -> None:
 # ---- end of the expert-parallel rules
 
 
-
-
 @dataclass
 class Meshes:
     """Sub-meshes of the world mesh (pp, dp_replicate, dp_shard, cp, tp) that each technique
