@@ -53,8 +53,8 @@ def check_bench_dir(run_dir: Path) -> None:
 
 
 def layout_name(dims) -> str:
-    """'single' or the degrees above 1, e.g. 'dp_shard=2 tp=2'."""
-    parts = [f"{k}={getattr(dims, k)}" for k in ("dp_replicate", "dp_shard", "tp", "pp", "cp") if getattr(dims, k) > 1]
+    """'single' or the degrees above 1, e.g. 'dp_shard=2 tp=2' ('dp_shard=4 ep=2': ep re-uses dp ranks)."""
+    parts = [f"{k}={getattr(dims, k)}" for k in ("dp_replicate", "dp_shard", "tp", "pp", "cp", "ep") if getattr(dims, k) > 1]
     return " ".join(parts) or "single"
 
 

@@ -92,7 +92,7 @@ def validate_config(cfg: Config) -> None:
              f"metrics.log_interval must be >= 0 (0 = auto, about 50 lines per run), got {cfg.metrics.log_interval}.")
 
     p = cfg.parallel
-    for name in ("dp_replicate", "tp", "pp", "cp"):
+    for name in ("dp_replicate", "tp", "pp", "cp", "ep"):
         v = getattr(p, name)
         _require(v >= 1, f"parallel.{name} must be >= 1, got {v}.")
     _require(p.dp_shard >= 1 or p.dp_shard == -1, f"parallel.dp_shard must be >= 1 or -1 (the rest), got {p.dp_shard}.")

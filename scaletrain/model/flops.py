@@ -268,6 +268,33 @@ def moe_ffn_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype_b
     return router + experts + 4 * t * f * cfg.moe_shared_experts * dtype_bytes
 
 
+def moe_all_to_all_bytes(cfg: ModelConfig, batch: int, seq_len: int, ep: int, dtype_bytes: int = 2) -> dict[str, int]:
+    """Bytes ONE rank sends to the other ranks of its expert-parallel group for ONE MoE layer
+    and micro-batch (parallel/ep.py), at balanced routing, by collective:
+
+      T = batch * seq_len   the tokens the layer sees on this rank (seq_len / cp of a sequence
+                            under context parallelism; under tensor parallelism every tp rank
+                            sees, and sends, the whole sequence: pass the full seq_len)
+      N = T * k             token slots (dropless; a capacity factor sends at most that many)
+      "dispatch"            forward all-to-all of the slots' token rows:  N * (ep-1)/ep * dim * B
+      "combine"             forward all-to-all of the expert outputs:    N * (ep-1)/ep * dim * B
+      "combine_grad"        backward of "combine" (the output gradients go to the experts): as "combine"
+      "dispatch_grad"       backward of "dispatch" (the input gradients come home): as "dispatch"
+      "counts"              forward all-to-all of the slots per expert:  E * 8 * (ep-1)/ep (int64)
+
+    B = dtype_bytes of the compute dtype (rows are cast to it before dispatch). (ep-1)/ep of
+    the slots leave the rank when routing is balanced; the rest stay local. A rank receives as
+    much as it sends on average; the rank holding the busiest experts receives up to
+    `expert_imbalance` (docs/moe.md) times the mean, and everyone waits for it. Activation
+    checkpointing ("full") repeats "dispatch", "combine" and "counts" in backward. The split
+    sizes also cost one device-to-host sync per layer and forward. Returns bytes (ints)."""
+    if ep <= 1:
+        return dict.fromkeys(("dispatch", "combine", "combine_grad", "dispatch_grad", "counts"), 0)
+    rows = batch * seq_len * cfg.moe_top_k * cfg.dim * dtype_bytes * (ep - 1) // ep
+    return {"dispatch": rows, "combine": rows, "combine_grad": rows, "dispatch_grad": rows,
+            "counts": cfg.moe_experts * 8 * (ep - 1) // ep}
+
+
 # ---------------------------------------------------------------------------------------------
 # Saved tensors, as autograd actually holds them (the planner's MEMORY model).
 #

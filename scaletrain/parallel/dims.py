@@ -88,6 +88,7 @@ class ParallelDims:
     tp: int
     pp: int
     cp: int
+    ep: int = 1  # expert parallel: a divisor of dp_shard * cp (it re-uses those ranks), not a world factor
 
     @property
     def dp(self) -> int:
@@ -118,7 +119,7 @@ def resolve_dims(cfg: ParallelConfig, world_size: int, model: ModelConfig | None
                 + _layout_fixes(cfg, world_size, fixed, model, seq_len, batch_size)
             )
         dp_shard = world_size // fixed
-    dims = ParallelDims(cfg.dp_replicate, dp_shard, cfg.tp, cfg.pp, cfg.cp)
+    dims = ParallelDims(cfg.dp_replicate, dp_shard, cfg.tp, cfg.pp, cfg.cp, cfg.ep)
     if dims.world_size != world_size:
         raise LayoutError(
             f"parallel degrees multiply to {dims.world_size} (dp_replicate={dims.dp_replicate} x "
@@ -178,7 +179,7 @@ def _nearest_layouts(cfg: ParallelConfig, world_size: int, model: ModelConfig | 
             from scaletrain.parallel.layout import check_layout  # layout.py imports this module
 
             try:
-                check_layout(ParallelDims(**candidate), replace(cfg, **candidate), model, seq_len, batch_size)
+                check_layout(ParallelDims(**candidate, ep=cfg.ep), replace(cfg, **candidate), model, seq_len, batch_size)
             except ScaletrainError:
                 continue
         found.append(candidate)
@@ -200,6 +201,9 @@ class Meshes:
     dp_rank: int  # which slice of the global batch this rank reads
     cp_rank: int
     pp_rank: int
+    # Expert parallelism (ep > 1): the dp_shard_cp axis re-split as (efsdp, ep), ep innermost.
+    ep: object | None = None  # the ranks one MoE layer's experts are spread over (all-to-all group)
+    expert_fsdp: object | None = None  # ("dp_replicate", "efsdp"): FSDP of each rank's experts
 
 
 def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
@@ -210,12 +214,18 @@ def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
 
     shape = tuple(getattr(dims, name) for name in MESH_DIMS)
     world = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
-    fsdp = None
+    fsdp = ep = expert_fsdp = None
     if dims.dp * dims.cp > 1:
         # One flattened dp axis (replicate-major), re-split as (dp_replicate, dp_shard_cp).
         flat = world["dp_replicate", "dp_shard", "cp"]._flatten(mesh_dim_name="dp_all")
         fsdp = flat._unflatten(0, (dims.dp_replicate, dims.dp_shard * dims.cp), ("dp_replicate", "dp_shard_cp"))
+        if dims.ep > 1:
+            # ...and as (dp_replicate, efsdp, ep): ep consecutive dp_shard_cp ranks share one
+            # layer's experts; each expert shard is FSDP-sharded over the efsdp ranks.
+            efsdp = dims.dp_shard * dims.cp // dims.ep
+            sparse = flat._unflatten(0, (dims.dp_replicate, efsdp, dims.ep), ("dp_replicate", "efsdp", "ep"))
+            ep, expert_fsdp = sparse["ep"], sparse["dp_replicate", "efsdp"]
     coord = dict(zip(MESH_DIMS, world.get_coordinate()))
     dp_rank = coord["dp_replicate"] * dims.dp_shard + coord["dp_shard"]
     return Meshes(world, fsdp, world["tp"] if dims.tp > 1 else None, world["cp"] if dims.cp > 1 else None,
-                  world["pp"] if dims.pp > 1 else None, dp_rank, coord["cp"], coord["pp"])
+                  world["pp"] if dims.pp > 1 else None, dp_rank, coord["cp"], coord["pp"], ep, expert_fsdp)

@@ -129,15 +129,24 @@ def _check_pp(pp: int, parallel: ParallelConfig, model: ModelConfig, batch_size:
                           f"use a multiple of parallel.pp, e.g. {pp * rounds}.")
 
 
-def _check_model_support(dims: ParallelDims, model: ModelConfig) -> None:
-    # Not yet (docs/moe.md): MoE takes data parallelism only until expert parallelism lands, and
-    # the q/k norms have no tensor-parallel plan. (getattr: the MoE fields arrive with model/moe.py.)
-    moe, qk_norm = model.moe_experts > 0, model.qk_norm
-    for key in ("tp", "pp", "cp") if moe else ("tp",) if qk_norm else ():
-        if getattr(dims, key) > 1:
-            what = "an MoE model (model.moe_experts > 0)" if moe else "model.qk_norm = true"
-            raise LayoutError(f"{what} cannot run with parallel.{key} = {getattr(dims, key)} yet; use data "
-                              f"parallelism only (parallel.dp_shard / parallel.dp_replicate) and parallel.{key} 1.")
+def _check_ep(dims: ParallelDims, model: ModelConfig) -> None:
+    """parallel.ep shards the E routed experts of every MoE layer over ep of the dp_shard * cp
+    ranks (the ranks that hold different tokens), so ep must divide both; a dense model has no
+    experts to shard. Names the valid ep degrees."""
+    if dims.ep == 1:
+        return
+    if model.moe_experts == 0:
+        raise LayoutError(f"parallel.ep = {dims.ep} shards MoE experts, but this model is dense "
+                          "(model.moe_experts = 0); use --parallel.ep 1 or an MoE model (e.g. --model.flavor moe_debug).")
+    ranks = dims.dp_shard * dims.cp
+    valid = [d for d in range(1, math.gcd(model.moe_experts, ranks) + 1) if math.gcd(model.moe_experts, ranks) % d == 0]
+    if model.moe_experts % dims.ep:
+        raise LayoutError(f"parallel.ep = {dims.ep} does not divide model.moe_experts = {model.moe_experts} (each ep "
+                          f"rank holds moe_experts / ep whole experts); use --parallel.ep in {{{', '.join(map(str, valid))}}}.")
+    if ranks % dims.ep:
+        raise LayoutError(f"parallel.ep = {dims.ep} does not divide parallel.dp_shard x parallel.cp = {dims.dp_shard} x "
+                          f"{dims.cp} = {ranks} (expert parallelism takes its ranks from those); use --parallel.ep in "
+                          f"{{{', '.join(map(str, valid))}}}, or raise parallel.dp_shard to a multiple of {dims.ep}.")
 
 
 def check_layout(dims: ParallelDims, parallel: ParallelConfig, model: ModelConfig | None, seq_len: int,
@@ -153,6 +162,6 @@ def check_layout(dims: ParallelDims, parallel: ParallelConfig, model: ModelConfi
     _check_cp(dims.cp, dims.tp, seq_len)
     if model is None:
         return
-    _check_model_support(dims, model)
+    _check_ep(dims, model)
     _check_tp(dims.tp, model, seq_len, precision, gpus_per_node)
     _check_pp(dims.pp, parallel, model, batch_size)

@@ -61,12 +61,18 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
             "attention.wv": ColwiseParallel(),
             "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),
-            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
         }
-        if hasattr(block.feed_forward, "w3"):
-            plan["feed_forward.w3"] = ColwiseParallel()
+        if hasattr(block.attention, "q_norm"):
+            # q/k norms act per head on this rank's heads [b, s, heads / tp, hd]: a shared
+            # weight over inputs sharded on dim 2, whose gradient sums over the tp ranks.
+            plan["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+            plan["attention.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        if hasattr(block.feed_forward, "w1"):  # a dense FFN; an MoE FFN has its own plan (parallel/ep.py)
+            plan["feed_forward"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+            plan["feed_forward.w1"] = ColwiseParallel()
+            plan["feed_forward.w2"] = RowwiseParallel(output_layouts=Shard(1))
+            if hasattr(block.feed_forward, "w3"):
+                plan["feed_forward.w3"] = ColwiseParallel()
         parallelize_module(block, tp_mesh, plan)
     return model
 

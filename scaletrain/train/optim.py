@@ -16,17 +16,21 @@ from scaletrain.config.schema import OptimConfig, ScheduleConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Split parameters into a decayed group (2-D weights except embeddings) and the rest."""
-    decay, no_decay = [], []
+    """Split parameters into decayed groups (2-D weights except embeddings) and the rest, one
+    group per device mesh (expert parallelism puts the experts on their own mesh, and the
+    optimizer's foreach kernels take one mesh at a time)."""
+    groups: dict[tuple[bool, object], list[nn.Parameter]] = {}
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     seen: set[int] = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))  # tied weights appear once
-        (decay if p.ndim >= 2 and id(p) not in embedding_params else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]  # a pipeline stage may lack one kind
+        decay = p.ndim >= 2 and id(p) not in embedding_params
+        groups.setdefault((decay, getattr(p, "device_mesh", None)), []).append(p)
+    # Decayed groups first; a pipeline stage may lack one kind.
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0}
+            for (decay, _), params in sorted(groups.items(), key=lambda item: not item[0][0])]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:

@@ -39,16 +39,24 @@ def clip_grad_norm(parts: list[nn.Module], max_norm: float, pp_group=None) -> to
     """Clip the gradients of every parameter in `parts` to a global L2 norm of `max_norm`
     (no clipping when <= 0) and return that norm (a plain tensor).
 
-    FSDP/TP gradients are DTensors whose norm already spans their mesh; pipeline stages then
-    combine their squared norms over `pp_group`.
+    FSDP/TP gradients are DTensors whose norm already spans their mesh. Gradients on different
+    meshes (expert parallelism puts the experts on their own) are normed per mesh, in parameter
+    order (the same on every rank of a stage, so the collectives line up), and combined; pipeline
+    stages then combine their squared norms over `pp_group`.
     """
     params = [p for part in parts for p in part.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0, foreach=True)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
+    by_mesh: dict[object, list[nn.Parameter]] = {}
+    for p in params:
+        by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+    norms = []
+    for group in by_mesh.values() or [[]]:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], 2.0, foreach=True)
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
     if pp_group is not None:
         sq = norm.float() ** 2
         dist.all_reduce(sq, group=pp_group)
         norm = sq.sqrt()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm if max_norm > 0 else math.inf, norm, foreach=True)
+    for group in by_mesh.values():  # the foreach kernels take one mesh at a time
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm if max_norm > 0 else math.inf, norm, foreach=True)
     return norm

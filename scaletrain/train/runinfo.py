@@ -217,7 +217,9 @@ def run_info_header(info: dict[str, Any]) -> str:
     ]
     if "world_size" in info:
         layout = info.get("layout") or {}
-        degrees = " x ".join(f"{name} {degree}" for name, degree in layout.items())
+        degrees = " x ".join(f"{name} {degree}" for name, degree in layout.items() if name != "ep")
+        if layout.get("ep", 1) > 1:  # expert parallelism re-uses data-parallel ranks: not a factor
+            degrees += f", experts over ep {layout['ep']}"
         lines.append(f"world {info['world_size']}" + (f": {degrees}" if degrees else ""))
     lines.append(f"cmd {info.get('command') or ' '.join(info.get('argv', []))}")
     return "\n".join(lines)

@@ -142,8 +142,11 @@ class Trainer:
         self.pipeline = self._build_pipeline() if self.dims.pp > 1 else None
         self.optimizer = PartsOptimizer(self.parts, cfg.optim, self.device)
         self.schedule = LRSchedule(self.optimizer, cfg.optim.lr, t.steps, cfg.schedule)
-        # MoE: expert load metrics and the expert-bias update (None for a dense model).
-        self.moe = ExpertStats.for_model(self.parts, cfg.model, t.grad_accum)
+        # MoE: expert load metrics and the expert-bias update (None for a dense model). The aux
+        # loss's gradient is divided as each micro-batch's task loss is before backward.
+        loss_scale = self.pipeline.loss_scale if self.pipeline is not None else t.grad_accum
+        micro = (cfg.parallel.pp_microbatches or self.dims.pp) if self.pipeline is not None else 1
+        self.moe = ExpertStats.for_model(self.parts, cfg.model, loss_scale, passes=t.grad_accum * micro)
         self.moe_metrics: dict[str, float] = {}
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, self.rank)
         self.step = 0
