@@ -15,7 +15,8 @@ from scaletrain.errors import ConfigError, LayoutError
 from scaletrain.model import model_config_for
 from scaletrain.model.flops import moe_all_to_all_bytes
 from scaletrain.model.moe import sequence_aux_loss
-from scaletrain.parallel.dims import check_layout, resolve_dims
+from scaletrain.parallel.dims import resolve_dims
+from scaletrain.parallel.layout import check_layout
 
 
 def _check(world: int, model: str = "moe_debug", seq_len: int = 64, batch: int = 8, **degrees) -> None:
