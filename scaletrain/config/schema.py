@@ -134,6 +134,10 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     cp: int = 1
+    # Expert parallelism: MoE experts sharded over `ep` of the dp_shard x cp ranks, tokens
+    # dispatched and combined by all-to-all (parallel/ep.py, docs/moe.md). Not a factor of the
+    # world size: it re-uses data-parallel ranks.
+    ep: int = 1
     pp_schedule: str = "1f1b"  # "gpipe" | "1f1b" | "interleaved_1f1b"
     pp_microbatches: int = 0  # 0 = pp degree
     pp_virtual_stages: int = 0  # model chunks per pp rank with "interleaved_1f1b" (0 = 2); 1 otherwise

@@ -88,6 +88,7 @@ class ParallelDims:
     tp: int
     pp: int
     cp: int
+    ep: int = 1  # expert parallel: a divisor of dp_shard * cp (it re-uses those ranks), not a world factor
 
     @property
     def dp(self) -> int:
@@ -118,7 +119,7 @@ def resolve_dims(cfg: ParallelConfig, world_size: int, model: ModelConfig | None
                 + _layout_fixes(cfg, world_size, fixed, model, seq_len, batch_size)
             )
         dp_shard = world_size // fixed
-    dims = ParallelDims(cfg.dp_replicate, dp_shard, cfg.tp, cfg.pp, cfg.cp)
+    dims = ParallelDims(cfg.dp_replicate, dp_shard, cfg.tp, cfg.pp, cfg.cp, cfg.ep)
     if dims.world_size != world_size:
         raise LayoutError(
             f"parallel degrees multiply to {dims.world_size} (dp_replicate={dims.dp_replicate} x "
@@ -178,7 +179,7 @@ def _nearest_layouts(cfg: ParallelConfig, world_size: int, model: ModelConfig | 
             from scaletrain.parallel.layout import check_layout  # layout.py imports this module
 
             try:
-                check_layout(ParallelDims(**candidate), replace(cfg, **candidate), model, seq_len, batch_size)
+                check_layout(ParallelDims(**candidate, ep=cfg.ep), replace(cfg, **candidate), model, seq_len, batch_size)
             except ScaletrainError:
                 continue
         found.append(candidate)

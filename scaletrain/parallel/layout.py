@@ -19,6 +19,9 @@ valid alternative. The rules and why each exists:
   max(1, microbatches // pp) (torch's ScheduleInterleaved1F1B rule);
 - model support: MoE models run data parallel only, q/k norms (Qwen3) without tp, until
   expert parallelism and their tensor-parallel plans land;
+- expert parallel (ep.py): parallel.ep shards the E routed experts of every MoE layer over ep
+  of the dp_shard * cp ranks (the ranks holding different tokens), so ep divides both
+  model.moe_experts and dp_shard * cp; a dense model takes ep = 1;
 - `gpus_per_node` (optional, the planner and `scaletrain launch`): tp stays inside one NVLink
   domain, a preference of the planner rather than a rule of torch.
 """
@@ -140,6 +143,24 @@ def _check_model_support(dims: ParallelDims, model: ModelConfig) -> None:
                               f"parallelism only (parallel.dp_shard / parallel.dp_replicate) and parallel.{key} 1.")
 
 
+def _check_ep(dims: ParallelDims, model: ModelConfig) -> None:
+    """parallel.ep divides model.moe_experts and dp_shard * cp; ep > 1 needs an MoE model."""
+    if dims.ep == 1:
+        return
+    if model.moe_experts == 0:
+        raise LayoutError(f"parallel.ep = {dims.ep} shards MoE experts, but this model is dense "
+                          "(model.moe_experts = 0); use --parallel.ep 1 or an MoE model (e.g. --model.flavor moe_debug).")
+    ranks = dims.dp_shard * dims.cp
+    valid = ", ".join(map(str, _divisors(math.gcd(model.moe_experts, ranks))))
+    if model.moe_experts % dims.ep:
+        raise LayoutError(f"parallel.ep = {dims.ep} does not divide model.moe_experts = {model.moe_experts} (each ep "
+                          f"rank holds moe_experts / ep whole experts); use --parallel.ep in {{{valid}}}.")
+    if ranks % dims.ep:
+        raise LayoutError(f"parallel.ep = {dims.ep} does not divide parallel.dp_shard x parallel.cp = {dims.dp_shard} x "
+                          f"{dims.cp} = {ranks} (expert parallelism takes its ranks from those); use --parallel.ep in "
+                          f"{{{valid}}}, or raise parallel.dp_shard to a multiple of {dims.ep}.")
+
+
 def check_layout(dims: ParallelDims, parallel: ParallelConfig, model: ModelConfig | None, seq_len: int,
                  batch_size: int, precision: str = "bf16", gpus_per_node: int | None = None) -> None:
     """Raise LayoutError, naming the keys and a valid alternative, when `model` trained on
@@ -147,12 +168,13 @@ def check_layout(dims: ParallelDims, parallel: ParallelConfig, model: ModelConfi
     (data.batch_size) in `precision` cannot be split as `dims` and `parallel` (schedule,
     micro-batches, virtual stages) ask. Pure: runs before any process-group work. `model=None`
     checks the sequence split only (cp.py's positions)."""
-    for name in ("dp_replicate", "dp_shard", "tp", "pp", "cp"):
+    for name in ("dp_replicate", "dp_shard", "tp", "pp", "cp", "ep"):
         if getattr(dims, name) < 1:
             raise LayoutError(f"parallel.{name}={getattr(dims, name)} must be >= 1.")
     _check_cp(dims.cp, dims.tp, seq_len)
     if model is None:
         return
     _check_model_support(dims, model)
+    _check_ep(dims, model)
     _check_tp(dims.tp, model, seq_len, precision, gpus_per_node)
     _check_pp(dims.pp, parallel, model, batch_size)
