@@ -127,3 +127,18 @@ register_flavor(
     max_seq_len=32768, rope_theta=1000000.0, norm_eps=1e-5,
     moe_experts=8, moe_top_k=2, moe_ffn_dim=14336,
 )  # fmt: skip
+# openai/gpt-oss-120b, from transformers' GptOssConfig (whose defaults document that checkpoint;
+# transformers 5.24): hidden_size 2880, num_hidden_layers 36, num_attention_heads 64,
+# num_key_value_heads 8, head_dim 64, intermediate_size 2880 (each expert), num_local_experts 128,
+# num_experts_per_tok 4, vocab_size 201088, rms_norm_eps 1e-5, rope_theta 150000 with YaRN x32
+# (4096 original context), max_position_embeddings 131072, tie_word_embeddings false,
+# router_aux_loss_coef 0.001. NOT modelled here: attention biases and sinks, the 128-token sliding
+# window of every other layer, the experts' biases and clamped SwiGLU, YaRN: the planner prices it
+# as plain GQA (docs/planner.md). 116.79B parameters here (the omitted biases and sinks are 40.1M more),
+# 5.71B active (5.13B without the embedding: the "5.1B active" of the model card).
+register_flavor(
+    "gpt_oss_120b",
+    dim=2880, n_layers=36, n_heads=64, n_kv_heads=8, head_dim=64, ffn_dim=2880, vocab_size=201088,
+    max_seq_len=131072, rope_theta=150000.0, norm_eps=1e-5,
+    moe_experts=128, moe_top_k=4, moe_ffn_dim=2880, moe_aux_coef=0.001,
+)  # fmt: skip

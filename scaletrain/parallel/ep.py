@@ -25,7 +25,7 @@ divides by the dp x cp data ranks. A rank's expert gradient already sums over it
 tokens, and FSDP then reduces it over the other data ranks (efsdp x dp_replicate), so it is
 divided by dp x cp, not by FSDP's mesh size (`parallel/fsdp.py`).
 
-Communication per MoE layer and micro-batch: `model.flops.moe_all_to_all_bytes`.
+Communication per MoE layer and micro-batch: `model.flops.moe_dispatch_bytes`.
 
 Tensor parallelism (`apply_moe_tp`): the MoE FFN (router, experts, shared experts) is replicated
 over tp and runs on the whole (all-gathered) sequence of the tp group, exactly as the dense FFN's

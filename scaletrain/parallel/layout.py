@@ -19,6 +19,9 @@ valid alternative. The rules and why each exists:
   max(1, microbatches // pp) (torch's ScheduleInterleaved1F1B rule);
 - model support: MoE models run data parallel only, q/k norms (Qwen3) without tp, until
   expert parallelism and their tensor-parallel plans land;
+- expert parallel (ep.py): parallel.ep shards the E routed experts of every MoE layer over ep
+  of the dp_shard * cp ranks (the ranks holding different tokens), so ep divides both
+  model.moe_experts and dp_shard * cp; a dense model takes ep = 1;
 - `gpus_per_node` (optional, the planner and `scaletrain launch`): tp stays inside one NVLink
   domain, a preference of the planner rather than a rule of torch.
 """
@@ -156,7 +159,7 @@ def check_layout(dims: ParallelDims, parallel: ParallelConfig, model: ModelConfi
     (data.batch_size) in `precision` cannot be split as `dims` and `parallel` (schedule,
     micro-batches, virtual stages) ask. Pure: runs before any process-group work. `model=None`
     checks the sequence split only (cp.py's positions)."""
-    for name in ("dp_replicate", "dp_shard", "tp", "pp", "cp"):
+    for name in ("dp_replicate", "dp_shard", "tp", "pp", "cp", "ep"):
         if getattr(dims, name) < 1:
             raise LayoutError(f"parallel.{name}={getattr(dims, name)} must be >= 1.")
     _check_cp(dims.cp, dims.tp, seq_len)

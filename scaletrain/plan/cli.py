@@ -57,6 +57,9 @@ def _search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8-recipe", default="tensorwise", choices=["tensorwise", "rowwise"],
                    help="with --precision fp8: the scaling the trainer uses (train.fp8_recipe)")
     p.add_argument("--compile", action="store_true", help="assume torch.compile (train.compile: fused kernels)")
+    p.add_argument("--expert-imbalance", type=float, default=1.0,
+                   help="MoE: tokens of the busiest expert-parallel rank / the mean (default 1.0 = balanced; a "
+                        "run's metrics.jsonl reports expert_imbalance, an upper bound of it)")
     p.add_argument("--top", type=int, default=5, help="layouts shown")
     p.add_argument("--write-config", help="write the winner as a scaletrain config TOML (e.g. runs/best.toml)")
     p.add_argument("--sweep-gpus", help="GPU counts, e.g. 8,16,...,16384: best layout per size + plot")
@@ -140,7 +143,10 @@ def _workload(args, model):
     tokens = parse_count(args.global_batch_tokens, "--global-batch-tokens")
     if tokens % seq:
         raise ConfigError(f"--global-batch-tokens {tokens} is not a multiple of --seq-len {seq}.")
-    return Workload(model, seq, tokens // seq, args.precision, args.fp8_recipe)
+    if not args.expert_imbalance >= 1.0:
+        raise ConfigError(f"--expert-imbalance is max / mean tokens per expert-parallel rank, so >= 1; got "
+                          f"{args.expert_imbalance}.")
+    return Workload(model, seq, tokens // seq, args.precision, args.fp8_recipe, args.expert_imbalance)
 
 
 def run_plan(args: argparse.Namespace) -> int:

@@ -60,7 +60,7 @@ def workload_for_config(cfg: Config, world_size: int, device_type: str) -> tuple
     n_micro = microbatch_count(par, dims.pp)
     micro = cfg.data.batch_size // n_micro if dims.pp > 1 else cfg.data.batch_size
     layout = Layout(dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp, dims.cp, par.pp_schedule, virtual_stages(par),
-                    micro, par.ac)
+                    micro, par.ac, dims.ep)
     global_batch = cfg.data.batch_size * cfg.train.grad_accum * dims.dp
     return Workload(cfg.model, cfg.data.seq_len, global_batch, precision, cfg.train.fp8_recipe), layout
 

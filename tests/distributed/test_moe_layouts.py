@@ -195,7 +195,7 @@ def test_token_exchange_groups_rows_by_local_expert_and_returns_them(runs):
     all-to-alls. The rows a rank sends away at balanced routing are the dispatch bytes of
     model/flops.py."""
     from scaletrain.model import model_config_for
-    from scaletrain.model.flops import moe_all_to_all_bytes
+    from scaletrain.model.flops import moe_dispatch_bytes
 
     got = [json.loads((runs / f"exchange_rank{r}.json").read_text()) for r in range(2)]
     for name, counts in EXCHANGES.items():
@@ -211,7 +211,7 @@ def test_token_exchange_groups_rows_by_local_expert_and_returns_them(runs):
             assert mine["counts"] == [2 * counts[e] for e in experts]  # both ranks routed alike
             assert mine["back"] == [2 * v for v in mine["x"]] and mine["grad"] == [2.0] * len(mine["x"])
     cfg = model_config_for("moe_debug", dim=1, moe_experts=4, moe_top_k=2)
-    sent = moe_all_to_all_bytes(cfg, batch=1, seq_len=4, ep=2, dtype_bytes=4)  # 4 tokens = 8 slots
+    sent = moe_dispatch_bytes(cfg, batch=1, seq_len=4, ep=2, dtype_bytes=4)  # 4 tokens = 8 slots
     assert [got[r]["balanced"]["sent_away"] * 1 * 4 for r in range(2)] == [sent["dispatch"]] * 2
 
 

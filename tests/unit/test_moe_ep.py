@@ -13,7 +13,7 @@ from scaletrain.config import load_config
 from scaletrain.config.schema import ParallelConfig
 from scaletrain.errors import ConfigError, LayoutError
 from scaletrain.model import model_config_for
-from scaletrain.model.flops import moe_all_to_all_bytes
+from scaletrain.model.flops import moe_dispatch_bytes
 from scaletrain.model.moe import sequence_aux_loss
 from scaletrain.parallel.dims import resolve_dims
 from scaletrain.parallel.layout import check_layout
@@ -93,10 +93,10 @@ def test_all_to_all_bytes_per_layer_and_micro_batch():
     """qwen3_30b_a3b (dim 2048, top-8 of 128 experts), 2 x 4096 tokens, bf16, ep = 8: 7/8 of the
     65,536 token slots leave the rank, 4 KiB each, in each of the four all-to-alls."""
     cfg = model_config_for("qwen3_30b_a3b")
-    b = moe_all_to_all_bytes(cfg, batch=2, seq_len=4096, ep=8, dtype_bytes=2)
+    b = moe_dispatch_bytes(cfg, batch=2, seq_len=4096, ep=8, dtype_bytes=2)
     assert b["dispatch"] == b["combine"] == b["combine_grad"] == b["dispatch_grad"] == 65536 * 7 // 8 * 4096
     assert b["counts"] == 128 * 8 * 7 // 8
-    assert set(moe_all_to_all_bytes(cfg, 2, 4096, ep=1).values()) == {0}
+    assert set(moe_dispatch_bytes(cfg, 2, 4096, ep=1).values()) == {0}
 
 
 def test_run_header_shows_ep_apart_from_the_world_factors():
