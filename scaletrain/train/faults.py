@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from scaletrain.errors import EXIT_HANG
-
+from scaletrain.parallel import unwrapped_name
 
 
 def first_nonfinite(parts: list[nn.Module]) -> str | None:
@@ -55,7 +55,7 @@ def first_nonfinite(parts: list[nn.Module]) -> str | None:
                 continue
             local = grad.to_local() if hasattr(grad, "to_local") else grad
             if not bool(torch.isfinite(local).all()):
-                return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+                return unwrapped_name(name)
     return None
 
 

@@ -23,13 +23,13 @@ from scaletrain.config.load import config_to_dict, write_config
 from scaletrain.config.schema import Config
 from scaletrain.errors import CheckpointError, ConfigError, NumericsError, ScaletrainError
 from scaletrain.model import Transformer, build_model
-from scaletrain.model.transformer import materialize
 from scaletrain.model.flops import flops_per_token
 from scaletrain.model.sdpa import check_sdpa_backend, sdpa_context
 from scaletrain.parallel import parallelize
 from scaletrain.parallel.dims import barrier, build_meshes, init_distributed, read_env, resolve_dims
 from scaletrain.parallel.layout import check_layout
 from scaletrain.parallel.fp8 import precompute_scales
+from scaletrain.parallel.init import materialize
 from scaletrain.train import checkpoint as ckpt_lib
 from scaletrain.train.checkpoint import Checkpointer
 from scaletrain.train.safe_dcp import read_metadata

@@ -210,7 +210,7 @@ def test_sequence_longer_than_rope_table_is_rejected():
 def test_materialize_stage_equals_full_model():
     """A meta-built part holding only some layers (a pipeline stage) initialises to exactly the
     full model's values for what it holds: the RNG stream skips what it lacks."""
-    from scaletrain.model.transformer import materialize
+    from scaletrain.parallel.init import materialize
 
     cfg = model_config_for("debug", n_layers=4)
     full = build_model(cfg, seed=3).state_dict()
