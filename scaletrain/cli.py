@@ -7,7 +7,6 @@ anything else is a crash with a traceback and exit 1.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 from scaletrain.errors import (EXIT_INTERRUPTED, EXIT_NUMERICS, EXIT_USER_ERROR, LayoutError, NumericsError,
                                ScaletrainError, Stopped)
 from scaletrain.fsutil import STORAGE_ERRNOS, storage_error
+from scaletrain.ranks import Ranks, env_ranks
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,7 +80,7 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from scaletrain.train.rundir import train_config
     from scaletrain.train.trainer import Trainer
 
-    rank0 = int(os.environ.get("RANK", "0")) == 0
+    rank0 = env_ranks().rank == 0
     run_dir = Path(args.run_dir or Path("runs") / (Path(args.config).stem if args.config else "default"))
     cfg, notes = train_config(args.config, overrides, run_dir, args.resume, args.overwrite)
     if rank0 and notes:
@@ -159,7 +159,7 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
     """`warnings.showwarning` for the CLI: each warning as one line on stderr, like the errors
     (`warning: ...`; a library's warning names the library), without the source line. Under
     torchrun only rank 0 prints them: the ranks see the same run and would repeat each other."""
-    if os.environ.get("RANK", "0") != "0":
+    if env_ranks().rank != 0:
         return
     parts = Path(filename).parts
     lib = next((parts[i + 1] for i, p in enumerate(parts[:-1]) if p in ("site-packages", "dist-packages")), None)
@@ -215,12 +215,15 @@ def _report_user_error(e: ScaletrainError) -> None:
     prefixed with its rank."""
     import torch.distributed as dist
 
-    rank = os.environ.get("RANK", "0")
-    if rank != "0":
+    try:
+        ranks = env_ranks()
+    except ScaletrainError:  # the error being reported may be this very one: print it as rank 0
+        ranks = Ranks()
+    if ranks.rank != 0:
         before_group = not (dist.is_available() and dist.is_initialized())
-        if before_group and (isinstance(e, LayoutError) or os.environ.get("LOCAL_RANK", "0") != "0"):
+        if before_group and (isinstance(e, LayoutError) or ranks.local_rank != 0):
             return
-    print(f"{'' if rank == '0' else f'[rank {rank}] '}error: {e}", file=sys.stderr)
+    print(f"{'' if ranks.rank == 0 else f'[rank {ranks.rank}] '}error: {e}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -237,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         _report_user_error(e)
         code = EXIT_USER_ERROR
     except Stopped as e:  # a signal during training: the checkpoint is saved (train/preempt.py)
-        if os.environ.get("RANK", "0") == "0":
+        if env_ranks().rank == 0:
             print(e, file=sys.stderr)
         code = e.exit_code
     except KeyboardInterrupt:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 from pathlib import Path
 
 from scaletrain.errors import ConfigError
+from scaletrain.ranks import env_ranks
 
 DEFAULT_RESULTS = "runs/bench/results.jsonl"
 
@@ -58,8 +58,8 @@ def run_bench_cmd(args: argparse.Namespace, overrides: list[str]) -> int:
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}.")
     cfg = load_config(args.config, overrides)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    ranks = env_ranks()
+    world, rank = ranks.world_size, ranks.rank
     if args.peer:
         from scaletrain.bench.peer import check_peer
 

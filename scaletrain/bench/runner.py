@@ -22,6 +22,7 @@ from scaletrain.bench.phases import NullPhases, PhaseTimer
 from scaletrain.bench.stats import check_counts, steady_state
 from scaletrain.config.schema import Config
 from scaletrain.errors import ConfigError, NumericsError
+from scaletrain.train.metrics import mfu
 from scaletrain.train.peaks import device_peak_flops
 
 BENCH_MARKER = ".scaletrain-bench"  # a folder holding this file is a disposable bench folder
@@ -134,7 +135,6 @@ def run_bench(cfg: Config, opts: BenchOptions, run_dir: Path) -> dict[str, Any]:
     trainer.metrics.close()
 
     c = trainer.cfg
-    bf16_peak = device_peak_flops(device, "bf16")
     return {
         "config": {"model": c.model.flavor, "params": param_counts(c.model)["total"], "seq_len": c.data.seq_len,
                    "batch_size": c.data.batch_size, "grad_accum": c.train.grad_accum,
@@ -148,8 +148,8 @@ def run_bench(cfg: Config, opts: BenchOptions, run_dir: Path) -> dict[str, Any]:
         "flops_per_token": trainer.flops_per_token,
         "peak_flops": trainer.peak_flops,
         # torchtitan divides by the bf16 peak whatever the precision: the number to compare fp8 runs with it
-        "mfu_vs_bf16_peak": (None if not bf16_peak else
-                             stats.tokens_per_s * trainer.flops_per_token / (bf16_peak * trainer.env.world_size)),
+        "mfu_vs_bf16_peak": mfu(stats.tokens_per_s, trainer.flops_per_token, device_peak_flops(device, "bf16"),
+                                trainer.env.world_size),
         "warmup_steps": opts.warmup,
         "smoke": opts.smoke,
         "build_s": build_s,

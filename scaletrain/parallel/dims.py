@@ -1,14 +1,13 @@
 """Process environment (rank, world size, device) and parallel degrees -> DeviceMesh.
 
-`torchrun` sets RANK / LOCAL_RANK / WORLD_SIZE; a plain `python -m scaletrain` run is rank 0
-of a world of 1 and never creates a process group. Degrees are checked against the world size
+Ranks come from scaletrain/ranks.py (torchrun's RANK / LOCAL_RANK / WORLD_SIZE); a plain
+`python -m scaletrain` run is rank 0 of a world of 1 and never creates a process group. Degrees are checked against the world size
 before any process-group work so an impossible layout fails fast with a fix.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -16,6 +15,7 @@ import torch.distributed as dist
 
 from scaletrain.config.schema import ModelConfig, ParallelConfig
 from scaletrain.errors import ConfigError, LayoutError, ScaletrainError
+from scaletrain.ranks import env_ranks
 
 
 @dataclass(frozen=True)
@@ -34,14 +34,6 @@ class DistEnv:
         return self.world_size > 1
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, str(default))
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"environment variable {name}={value!r} is not an integer.") from None
-
-
 def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     """"auto" -> cuda:<local_rank> when CUDA is present, else cpu."""
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
@@ -51,12 +43,17 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_precision(precision: str, device_type: str) -> str:
+    """train.precision with "auto" resolved: bf16 on CUDA, fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device_type == "cuda" else "fp32"
+
+
 def read_env(device_preference: str = "auto") -> DistEnv:
-    """Rank and world size from torchrun's environment (1 process when absent)."""
-    world = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
-    return DistEnv(rank, local_rank, world, pick_device(device_preference, local_rank))
+    """Rank and world size from torchrun's environment (1 process when absent) and the device."""
+    r = env_ranks()
+    return DistEnv(r.rank, r.local_rank, r.world_size, pick_device(device_preference, r.local_rank))
 
 
 def init_distributed(env: DistEnv) -> None:

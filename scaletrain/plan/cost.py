@@ -17,11 +17,10 @@ from scaletrain.model.flops import _dims as attention_dims  # (head_dim, q_dim, 
 from scaletrain.model.flops import (activation_bytes_per_layer, backward_transient_bytes, flops_per_token,
                                     forward_flops_per_layer, head_activation_bytes, loss_activation_bytes,
                                     param_counts, recompute_bytes, saved_activation_bytes)
+from scaletrain.parallel.dims import MESH_DIMS
 from scaletrain.plan.cpu_measured import block_seconds, head_seconds, measured_block_key
 from scaletrain.plan.hardware import Hardware
 from scaletrain.train.metrics import mfu as metrics_mfu
-
-MESH_ORDER = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # outermost -> innermost
 
 
 @dataclass(frozen=True)
@@ -208,10 +207,10 @@ def collective_time(kind: str, nbytes: float, n: int, bw: float, alpha: float, p
 
 
 def axis_link(layout: Layout, axes: tuple[str, ...], hw: Hardware) -> tuple[float, float]:
-    """(bandwidth, latency) of the group spanning mesh `axes` (adjacent in MESH_ORDER): intra-node
+    """(bandwidth, latency) of the group spanning mesh `axes` (adjacent in MESH_DIMS): intra-node
     when the group's extent (its size times the product of inner degrees) fits in one node."""
     inner = 1
-    for name in reversed(MESH_ORDER):
+    for name in reversed(MESH_DIMS):
         if name in axes:
             break
         inner *= getattr(layout, name)

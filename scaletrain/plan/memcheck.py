@@ -15,6 +15,7 @@ import torch
 
 from scaletrain.config.schema import Config
 from scaletrain.errors import ConfigError
+from scaletrain.ranks import env_ranks
 from scaletrain.plan.cost import Layout, Memory, Stack, Workload, estimate_memory
 from scaletrain.plan.hardware import GiB, Hardware
 
@@ -36,11 +37,11 @@ class MemoryEstimate:
 
 def device_capacity(device: torch.device, world_size: int) -> float:
     """Bytes one rank may use: CUDA total memory; on CPU the system RAM divided by the ranks
-    on this node (LOCAL_WORLD_SIZE, default `world_size`)."""
+    on this node (torchrun's LOCAL_WORLD_SIZE; `world_size` when not launched by torchrun)."""
     if device.type == "cuda":
         return float(torch.cuda.get_device_properties(device).total_memory)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size) or world_size)
+    local = env_ranks().local_world_size or world_size
     return float(ram) / max(1, local)
 
 
@@ -48,14 +49,12 @@ def workload_for_config(cfg: Config, world_size: int, device_type: str) -> tuple
     """The cost model's (workload, layout) for a run config on `world_size` ranks of a device
     of `device_type` ("cuda" or "cpu"; precision "auto" resolves as the trainer does). The layout
     is checked by parallel/layout.py first (LayoutError), so nothing illegal is ever priced."""
-    from scaletrain.parallel.dims import resolve_dims
+    from scaletrain.parallel.dims import resolve_dims, resolve_precision
     from scaletrain.parallel.layout import check_layout, microbatch_count, virtual_stages
 
     dims = resolve_dims(cfg.parallel, world_size)
     par = cfg.parallel
-    precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if device_type == "cuda" else "fp32"
+    precision = resolve_precision(cfg.train.precision, device_type)
     check_layout(dims, par, cfg.model, cfg.data.seq_len, cfg.data.batch_size, precision)
     n_micro = microbatch_count(par, dims.pp)
     micro = cfg.data.batch_size // n_micro if dims.pp > 1 else cfg.data.batch_size

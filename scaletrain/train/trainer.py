@@ -26,8 +26,8 @@ from scaletrain.model import Transformer, build_model
 from scaletrain.model.flops import flops_per_token
 from scaletrain.model.sdpa import check_sdpa_backend, sdpa_context
 from scaletrain.parallel import parallelize
-from scaletrain.parallel.dims import barrier, build_meshes, init_distributed, read_env, resolve_dims
-from scaletrain.parallel.layout import check_layout
+from scaletrain.parallel.dims import barrier, build_meshes, init_distributed, read_env, resolve_dims, resolve_precision
+from scaletrain.parallel.layout import check_layout, microbatch_count
 from scaletrain.parallel.fp8 import precompute_scales
 from scaletrain.parallel.init import materialize
 from scaletrain.train import checkpoint as ckpt_lib
@@ -145,7 +145,7 @@ class Trainer:
         # MoE: expert load metrics and the expert-bias update (None for a dense model). The aux
         # loss's gradient is divided as each micro-batch's task loss is before backward.
         loss_scale = self.pipeline.loss_scale if self.pipeline is not None else t.grad_accum
-        micro = (cfg.parallel.pp_microbatches or self.dims.pp) if self.pipeline is not None else 1
+        micro = microbatch_count(cfg.parallel, self.dims.pp) if self.pipeline is not None else 1
         self.moe = ExpertStats.for_model(self.parts, cfg.model, loss_scale, passes=t.grad_accum * micro)
         self.moe_metrics: dict[str, float] = {}
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, self.rank)
@@ -162,7 +162,7 @@ class Trainer:
         elif init_from is not None:
             self._load(Path(init_from), weights_only=True)
 
-        precision = t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        precision = resolve_precision(t.precision, self.device.type)
         self.precision = precision
         amp = ((lambda: torch.autocast(self.device.type, dtype=torch.bfloat16))
                if precision in ("bf16", "fp8") else contextlib.nullcontext)  # fp8: float8 linears, the rest bf16
@@ -325,7 +325,7 @@ class Trainer:
         from scaletrain.parallel.pp import build_pipeline
 
         p = self.cfg.parallel
-        return build_pipeline(self.parts, self.meshes.pp, self.device, p.pp_microbatches or self.dims.pp,
+        return build_pipeline(self.parts, self.meshes.pp, self.device, microbatch_count(p, self.dims.pp),
                               p.pp_schedule, cross_entropy_loss, grad_accum=self.cfg.train.grad_accum)
 
     @property
