@@ -24,7 +24,6 @@ accounting (tokens, seconds, last validation), rewritten after every stage.
 from __future__ import annotations
 
 import copy
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 from scaletrain.config.load import _did_you_mean, config_from_dict, config_to_dict, read_toml, write_config
 from scaletrain.config.schema import Config
 from scaletrain.errors import CheckpointError, ConfigError
+from scaletrain.ranks import env_ranks
 from scaletrain.recipes.stages import (
     STAGE_FILE, begin_attempt, checkpoint_identity, end_attempt, final_checkpoint, read_json, stage_accounting,
     write_json)
@@ -131,7 +131,7 @@ class Btx:
 
     def __init__(self, cfg: Config, out: str | Path, seed: str | None = None, force: bool = False):
         self.cfg, self.out, self.force = cfg, Path(out), force
-        self.rank = int(os.environ.get("RANK", "0"))
+        self.rank = env_ranks().rank
         check_recipe_config(cfg, self.out)
         self.stages = training_stages(cfg, self.out)
         self.state = read_json(self.out / STATE_FILE) or {"recipe": "btx", "version": 1, "seed_from": None}
