@@ -21,57 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaletrain.config.schema import ModelConfig
+from scaletrain.config.validate import validate_model_config
 from scaletrain.errors import ConfigError
 from scaletrain.model.flops import expert_ffn_dim, head_dim_of, is_moe_layer
-from scaletrain.model.moe import MoE, validate_moe_config
+from scaletrain.model.moe import MoE
 from scaletrain.model.sparsity import sparse_squared_relu_ffn
-
-FFN_KINDS = ("swiglu", "squared_relu")
-SPARSITY_KINDS = ("none", "2:4")
-
-
-def validate_model_config(cfg: ModelConfig) -> None:
-    """Raise ConfigError (saying how to fix it) if `cfg` does not describe a buildable model."""
-    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
-    for name in ("rope_theta", "norm_eps", "init_std"):
-        if not getattr(cfg, name) > 0:
-            raise ConfigError(f"model.{name} must be > 0, got {getattr(cfg, name)!r}")
-    if not isinstance(cfg.head_dim, int) or cfg.head_dim < 0:
-        raise ConfigError(f"model.head_dim must be an integer >= 0 (0 = dim / n_heads), got {cfg.head_dim!r}")
-    if cfg.head_dim == 0 and cfg.dim % cfg.n_heads:
-        raise ConfigError(
-            f"model.dim={cfg.dim} is not divisible by model.n_heads={cfg.n_heads}; "
-            "choose n_heads dividing dim (head_dim = dim / n_heads), or set model.head_dim"
-        )
-    if cfg.n_heads % cfg.n_kv_heads:
-        raise ConfigError(
-            f"model.n_heads={cfg.n_heads} is not divisible by model.n_kv_heads={cfg.n_kv_heads}; "
-            "grouped-query attention shares each kv head among n_heads / n_kv_heads query heads"
-        )
-    head_dim = head_dim_of(cfg)
-    if head_dim % 2:
-        raise ConfigError(
-            f"head_dim = {head_dim} is odd; RoPE rotates pairs of channels, "
-            "so choose dim and n_heads (or model.head_dim) giving an even head_dim"
-        )
-    if cfg.ffn not in FFN_KINDS:
-        raise ConfigError(f"model.ffn={cfg.ffn!r} is unknown; choose one of {list(FFN_KINDS)}")
-    if cfg.activation_sparsity not in SPARSITY_KINDS:
-        raise ConfigError(
-            f"model.activation_sparsity={cfg.activation_sparsity!r} is unknown; "
-            f"choose one of {list(SPARSITY_KINDS)}"
-        )
-    if cfg.activation_sparsity == "2:4":
-        if cfg.ffn != "squared_relu":
-            raise ConfigError(
-                "model.activation_sparsity='2:4' needs model.ffn='squared_relu' "
-                "(the sparse activations come from the squared ReLU)"
-            )
-    validate_moe_config(cfg)
-
 
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight (statistics accumulated in fp32).

@@ -26,13 +26,11 @@ valid alternative. The rules and why each exists:
 from __future__ import annotations
 
 import math
+from typing import get_args
 
-from scaletrain.config.schema import ModelConfig, ParallelConfig
+from scaletrain.config.schema import ModelConfig, ParallelConfig, PpSchedule
 from scaletrain.errors import LayoutError
 from scaletrain.parallel.dims import ParallelDims
-
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
-
 
 def _divisors(n: int, at_least: int = 1) -> list[int]:
     return [d for d in range(at_least, n + 1) if n % d == 0]
@@ -87,8 +85,8 @@ def _check_cp(cp: int, tp: int, seq_len: int) -> None:
 
 def _check_pp(pp: int, parallel: ParallelConfig, model: ModelConfig, batch_size: int) -> None:
     schedule = parallel.pp_schedule
-    if schedule not in SCHEDULES:
-        raise LayoutError(f"parallel.pp_schedule={schedule!r} is unknown; choose one of {list(SCHEDULES)}.")
+    if schedule not in get_args(PpSchedule):
+        raise LayoutError(f"parallel.pp_schedule={schedule!r} is unknown; choose one of {list(get_args(PpSchedule))}.")
     if parallel.pp_microbatches < 0 or parallel.pp_virtual_stages < 0:
         raise LayoutError(f"parallel.pp_microbatches={parallel.pp_microbatches} and parallel.pp_virtual_stages="
                           f"{parallel.pp_virtual_stages} must be >= 0 (0 = the default).")

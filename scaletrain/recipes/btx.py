@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scaletrain.config.load import _did_you_mean, config_from_dict, config_to_dict, read_toml, write_config
+from scaletrain.config.load import config_from_dict, config_to_dict, read_toml, write_config
 from scaletrain.config.schema import Config
+from scaletrain.config.validate import did_you_mean
 from scaletrain.errors import CheckpointError, ConfigError
 from scaletrain.ranks import env_ranks
 from scaletrain.recipes.stages import (
@@ -159,7 +160,7 @@ class Btx:
             raise ConfigError("--branch NAME needs --stage branch (it selects which branch to run).")
         if branch is not None and branch not in names:
             raise ConfigError(f"--branch {branch!r} is not one of the domains ({', '.join(names)})."
-                              f"{_did_you_mean(branch, names)}")
+                              f"{did_you_mean(branch, names)}")
         if stage is not None and stage not in IMPLEMENTED:
             raise _not_available(stage, self.out)
         if stage == "branch":

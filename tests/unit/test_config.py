@@ -38,7 +38,8 @@ def test_cli_flavor_switch_keeps_explicit_keys(tmp_path):
     (["--optim.lr", "-1e-3"], "optim.lr must be > 0"),
     (["--data.seq_len", "100000"], "data.seq_len = 100000 exceeds model.max_seq_len"),
     (["--train.compile", "maybe"], "train.compile must be true or false"),
-    (["--schedule.kind", "cosin"], "schedule.kind = 'cosin' is not one of"),
+    (["--schedule.kind", "cosin"], "schedule.kind = 'cosin' is not one of 'cosine', 'wsd', 'constant', 'linear'. "
+                                   "Did you mean 'cosine'?"),
     (["--model.flavor", "llama3_7b"], "llama3_8b"),
     (["--model.n_kv_heads", "3"], "n_kv_heads"),
     (["--parallel.dp_shard", "0"], "parallel.dp_shard"),
@@ -89,3 +90,37 @@ def test_presets_load():
     assert {p.stem for p in presets} >= {"cpu_debug", "cpu_demo", "anchor_1b"}
     for p in presets:
         build_config(read_toml(p))  # each preset is valid
+
+
+def test_choice_fields_are_checked_from_their_literal_type(tmp_path):
+    """TOML and code-built configs meet the same check as the command line: the schema's
+    Literal type is the one list of allowed values."""
+    import dataclasses
+
+    from scaletrain.config.validate import validate_config
+
+    with pytest.raises(ConfigError, match=r"train.precision = 16 is not one of 'auto', 'fp32', 'bf16', 'fp8'\."):
+        load_config(_toml(tmp_path, "[train]\nprecision = 16\n"))
+    cfg = load_config(None)
+    bad = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, nan_policy="skp"))
+    with pytest.raises(ConfigError, match="train.nan_policy = 'skp' is not one of .* Did you mean 'skip'"):
+        validate_config(bad)
+
+
+FREE_TEXT = {"flavor", "path", "text_field", "cache_dir", "name", "domain", "sample_prompt"}
+
+
+def test_every_string_field_with_fixed_values_is_a_literal():
+    """A string field is free text (a name, a path, a prompt) or a Literal of its values: a new
+    choice field declared as plain `str` would escape the load-time check."""
+    import dataclasses
+    import typing
+
+    from scaletrain.config.load import section_types
+    from scaletrain.config.schema import DomainConfig
+
+    for node in [*section_types().values(), DomainConfig]:
+        hints = typing.get_type_hints(node)
+        for f in dataclasses.fields(node):
+            if hints[f.name] is str:
+                assert f.name in FREE_TEXT, f"{node.__name__}.{f.name} is a plain str: type it Literal[...]"

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from scaletrain.bench import ffn as bench_ffn
+from scaletrain.config.validate import validate_model_config
 from scaletrain.errors import ConfigError
-from scaletrain.model import build_model, model_config_for, validate_model_config
+from scaletrain.model import build_model, model_config_for
 from scaletrain.model.sparsity import mask_2to4, sparse_squared_relu_ffn
 
 
