@@ -77,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from scaletrain.plan.memcheck import preflight
     from scaletrain.train.rundir import train_config
     from scaletrain.train.trainer import Trainer
 
@@ -85,7 +86,8 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg, notes = train_config(args.config, overrides, run_dir, args.resume, args.overwrite)
     if rank0 and notes:
         print("\n".join(notes), flush=True)
-    summary = Trainer(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, force=args.force).fit()
+    summary = Trainer(cfg, run_dir, memory_check=preflight(force=args.force), resume=args.resume,
+                      overwrite=args.overwrite).fit()
     if rank0:
         if "initial_val_loss" in summary:
             print(f"val_loss: {summary['initial_val_loss']:.4f} at step 0 -> "

@@ -18,6 +18,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
+from scaletrain.config.flavors import FLAVORS, model_config_for
 from scaletrain.config.schema import Config
 from scaletrain.config.validate import check_choice, did_you_mean, is_choice, validate_config
 from scaletrain.errors import ConfigError
@@ -177,8 +178,6 @@ def build_config(toml: dict[str, Any] | None = None, overrides: dict[str, str] |
                  toml_origin: str = "the config file") -> Config:
     """Assemble a Config from parsed TOML and flat dotted overrides, then validate it.
     `toml_origin` names where the TOML came from in error messages (e.g. its path)."""
-    from scaletrain.model.flavors import FLAVORS, model_config_for
-
     toml = toml or {}
     cli = _nest(overrides or {})
     _check_keys(toml, toml_origin)

@@ -36,7 +36,7 @@ AcMode = Literal["none", "selective", "full"]  # activation checkpointing, by gr
 
 @dataclass
 class ModelConfig:
-    """Llama-style decoder shape. `flavor` names a registry entry (model/flavors.py) whose
+    """Llama-style decoder shape. `flavor` names a registry entry (config/flavors.py) whose
     values are the defaults; any other key set in the same [model] table overrides it."""
 
     flavor: str = "debug"

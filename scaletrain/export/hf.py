@@ -34,7 +34,7 @@ from scaletrain.config.schema import ModelConfig
 from scaletrain.config.validate import validate_model_config
 from scaletrain.errors import CheckpointError, ConfigError
 from scaletrain.export import hf_moe
-from scaletrain.model.flavors import FLAVORS, model_config_for
+from scaletrain.config.flavors import FLAVORS, model_config_for
 from scaletrain.model.flops import head_dim_of, is_moe_layer
 
 _TOP = {

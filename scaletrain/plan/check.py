@@ -42,7 +42,7 @@ from scaletrain.errors import CheckpointError, ConfigError
 from scaletrain.ranks import env_ranks
 from scaletrain.plan.cost import Estimate, estimate
 from scaletrain.plan.hardware import CATALOG, GiB, Hardware, get_hardware
-from scaletrain.plan.memcheck import run_stack, workload_for_config
+from scaletrain.plan.memcheck import preflight, run_stack, workload_for_config
 
 WARMUP_STEPS = 3
 
@@ -207,7 +207,7 @@ def measure_tensor_peaks(run_dir: str | Path, steps: int = 2, warmup: int = 1,
     tmp = tempfile.mkdtemp(prefix="scaletrain-measure-")
     trainer = None
     try:
-        trainer = Trainer(cfg, Path(tmp) / "run", resume="never", force=True)
+        trainer = Trainer(cfg, Path(tmp) / "run", memory_check=preflight(force=True))
         for _ in range(warmup):
             trainer.train_step()
         gc.collect()

@@ -113,7 +113,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _model(spec: str):
-    from scaletrain.model.flavors import FLAVORS, model_config_for
+    from scaletrain.config.flavors import FLAVORS, model_config_for
 
     if spec in FLAVORS:
         return model_config_for(spec)

@@ -1,14 +1,16 @@
 """Pre-launch memory check: predicted per-rank peak vs the device's capacity.
 
-The trainer calls `check_fits(cfg, world_size, device)` before building anything; it raises
-ConfigError (the CLI prints it and exits 2) when the planner's memory model predicts the
-run will not fit, with the breakdown and a concrete fix. This is the only plan/ import in
-train/ (DESIGN.md).
+The trainer calls the `memory_check` it is given (`preflight(force)`: `check_fits`, or with
+--force `estimate_for_config`) before building anything; `check_fits` raises ConfigError (the
+CLI prints it and exits 2) when the planner's memory model predicts the run will not fit, with
+the breakdown and a concrete fix. Every caller that builds a Trainer (cli train, bench, btx,
+plan check) passes it, so train/ never imports the planner.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -49,8 +51,8 @@ def workload_for_config(cfg: Config, world_size: int, device_type: str) -> tuple
     """The cost model's (workload, layout) for a run config on `world_size` ranks of a device
     of `device_type` ("cuda" or "cpu"; precision "auto" resolves as the trainer does). The layout
     is checked by parallel/layout.py first (LayoutError), so nothing illegal is ever priced."""
-    from scaletrain.parallel.dims import resolve_dims, resolve_precision
-    from scaletrain.parallel.layout import check_layout, microbatch_count, virtual_stages
+    from scaletrain.parallel.dims import resolve_precision
+    from scaletrain.parallel.layout import check_layout, microbatch_count, resolve_dims, virtual_stages
 
     dims = resolve_dims(cfg.parallel, world_size)
     par = cfg.parallel
@@ -118,3 +120,10 @@ def check_fits(cfg: Config, world_size: int, device: torch.device) -> MemoryEsti
         raise ConfigError(f"the run is predicted not to fit in memory: {est.describe()}. "
                           f"Try: {_suggestion(cfg, est)}. Pass --force to run anyway.")
     return est
+
+
+def preflight(force: bool = False) -> Callable[[Config, int, torch.device], float]:
+    """The Trainer's `memory_check`: (cfg, world size, device) -> the predicted peak bytes per
+    rank; unless `force`, a run predicted not to fit raises ConfigError (`check_fits`)."""
+    check = estimate_for_config if force else check_fits
+    return lambda cfg, world_size, device: check(cfg, world_size, device).predicted_bytes

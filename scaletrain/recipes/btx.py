@@ -203,6 +203,7 @@ class Btx:
 
     def _run_training(self, stage: Stage, init_from: Path | None) -> None:
         """Train `stage` to its final step unless that checkpoint exists, recording the attempt."""
+        from scaletrain.plan.memcheck import preflight
         from scaletrain.train.trainer import Trainer
 
         done = final_checkpoint(stage.run_dir, stage.steps, stage.steps_key)
@@ -216,7 +217,8 @@ class Btx:
         self.say(f"stage {stage.name}: training {stage.run_dir} ({stage.steps} steps on {what}"
                  + (f", from {init_from})" if init_from else ")"))
         start = time.time()
-        trainer = Trainer(stage.cfg, stage.run_dir, resume="auto", force=self.force, init_from=init_from)
+        trainer = Trainer(stage.cfg, stage.run_dir, memory_check=preflight(self.force), resume="auto",
+                          init_from=init_from)
         if self.rank == 0:
             begin_attempt(stage.run_dir, info, start, trainer.step)
         try:

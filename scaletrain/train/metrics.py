@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -43,6 +43,21 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None,
     if peak is None or peak <= 0:
         return None
     return tokens_per_s * flops_per_token / (peak * n_devices)
+
+
+class Phases(Protocol):
+    """Where a training step's time goes: the trainer calls `mark(phase)` when a phase ends
+    ("data", "forward", "backward", ...). bench/phases.py's PhaseTimer books the time since the
+    previous mark to that phase; the default, NullPhases, records nothing."""
+
+    def mark(self, phase: str) -> None: ...
+
+
+class NullPhases:
+    """The trainer's default Phases: a mark costs one attribute lookup and a call."""
+
+    def mark(self, phase: str) -> None:
+        pass
 
 
 class Throughput:

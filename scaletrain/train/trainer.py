@@ -13,45 +13,44 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from scaletrain.config.load import config_to_dict, write_config
 from scaletrain.config.schema import Config
 from scaletrain.errors import CheckpointError, ConfigError, NumericsError, ScaletrainError
 from scaletrain.model import Transformer, build_model
 from scaletrain.model.flops import flops_per_token
+from scaletrain.model.loss import cross_entropy_loss
 from scaletrain.model.sdpa import check_sdpa_backend, sdpa_context
 from scaletrain.parallel import parallelize
-from scaletrain.parallel.dims import barrier, build_meshes, init_distributed, read_env, resolve_dims, resolve_precision
-from scaletrain.parallel.layout import check_layout, microbatch_count
+from scaletrain.parallel.dims import barrier, build_meshes, init_distributed, read_env, resolve_precision
+from scaletrain.parallel.layout import check_layout, microbatch_count, resolve_dims
 from scaletrain.parallel.fp8 import precompute_scales
 from scaletrain.parallel.init import materialize
 from scaletrain.train import checkpoint as ckpt_lib
 from scaletrain.train.checkpoint import Checkpointer
 from scaletrain.train.safe_dcp import read_metadata
 from scaletrain.train import metrics as metrics_lib
-from scaletrain.train.metrics import MetricsWriter, peak_memory_bytes, plot_loss, reset_peak_memory
+from scaletrain.train.metrics import MetricsWriter, NullPhases, Phases, peak_memory_bytes, plot_loss, reset_peak_memory
 from scaletrain.train.moe_stats import METRIC_KEYS as MOE_METRIC_KEYS, ExpertStats
 from scaletrain.train.optim import LRSchedule, PartsOptimizer
 from scaletrain.train.peaks import device_peak_flops
 from scaletrain.train.lock import RunLock
 from scaletrain.train.preempt import StopSignals
 from scaletrain.train.faults import Injector, Watchdog, first_nonfinite, host_values
-from scaletrain.bench.phases import NullPhases
 from scaletrain.train.progress import Progress
 from scaletrain.train.reduce import clip_grad_norm, global_mean, global_mean_and_any
 from scaletrain.train.rundir import check_writable, clear_run_dir, resolve_resume
 from scaletrain.train.runinfo import run_info_header, write_run_info
 
 
-def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy (nats/token) of logits [batch, seq, vocab] in fp32.
-    Compiled with the model when train.compile: the fp32 upcast, log-softmax and gather fuse."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+# (config, world size, device) -> predicted peak bytes per rank; raises ConfigError for a run
+# predicted not to fit. plan/memcheck.py `preflight` is the planner's.
+MemoryCheck = Callable[[Config, int, torch.device], float]
 
 
 def _stacked(*contexts: contextlib.AbstractContextManager) -> contextlib.ExitStack:
@@ -69,15 +68,16 @@ def _mean(losses: dict[str, float]) -> float:
 class Trainer:
     """Builds everything a run needs from `cfg`; `fit()` trains and returns a summary.
 
-    Before anything is built, the planner's memory model predicts the per-rank peak and a run
-    predicted not to fit is refused (ConfigError with the breakdown) unless `force`.
+    Before anything is built, `memory_check(cfg, world_size, device)` predicts the per-rank
+    peak in bytes and refuses a run predicted not to fit (ConfigError): the caller passes the
+    planner's (plan/memcheck.py `preflight`), so the trainer never imports the planner.
 
     `init_from` (a checkpoint folder) starts a run that has nothing to resume from with that
     checkpoint's model weights at step 0 (fresh optimizer, schedule and data position): how a
     BTX branch starts from its seed. Ignored once the run has a checkpoint of its own."""
 
-    def __init__(self, cfg: Config, run_dir: str | Path, resume: str = "never", overwrite: bool = False,
-                 force: bool = False, init_from: str | Path | None = None):
+    def __init__(self, cfg: Config, run_dir: str | Path, *, memory_check: MemoryCheck, resume: str = "never",
+                 overwrite: bool = False, init_from: str | Path | None = None):
         from scaletrain.data import build_loader, prepare_data, validation_sets
 
         self.stop = StopSignals()  # SIGTERM/SIGUSR1 end the setup at once; in fit() they stop after a step
@@ -88,9 +88,7 @@ class Trainer:
         self.dims = resolve_dims(cfg.parallel, self.env.world_size, cfg.model, cfg.data.seq_len,
                                  cfg.data.batch_size)  # fails before any PG work, naming layouts that fit
         check_layout(self.dims, cfg.parallel, cfg.model, cfg.data.seq_len, cfg.data.batch_size, t.precision)
-        from scaletrain.plan.memcheck import check_fits, estimate_for_config  # the planner's memory model
-
-        self.memory_estimate = (estimate_for_config if force else check_fits)(cfg, self.env.world_size, self.env.device)
+        self.predicted_peak_bytes = memory_check(cfg, self.env.world_size, self.env.device)
         check_writable(self.run_dir)
         # One writer per run folder (train/lock.py): rank 0 locks an existing folder before it
         # reads it, a new one when it creates it below.
@@ -154,7 +152,7 @@ class Trainer:
         self.failed_positions: set[tuple[int, int]] = set()  # batches that failed once (retried first)
         self.nonfinite_steps, self.rollbacks = 0, []
         self.injector = Injector(self.rank)
-        self.phases = NullPhases()  # `scaletrain bench` swaps in a PhaseTimer (bench/phases.py)
+        self.phases: Phases = NullPhases()  # `scaletrain bench` swaps in a PhaseTimer (bench/phases.py)
         self.watchdog = Watchdog(0, self.rank, self.run_dir)  # armed in fit()
         self.resumed_from = resume_from
         if resume_from is not None:
@@ -531,7 +529,7 @@ class Trainer:
                 self._save_and_note(progress, wait=True)
             self.checkpointer.wait()  # the final checkpoint is committed before the summary
         summary.update(nonfinite_steps=self.nonfinite_steps, rollbacks=self.rollbacks, final_step=self.step, final_loss=loss_value if summary["start_step"] < t.steps else None,
-                       predicted_peak_bytes=self.memory_estimate.predicted_bytes,
+                       predicted_peak_bytes=self.predicted_peak_bytes,
                        measured_peak_bytes=peak_memory_bytes(self.device), device=self.device.type)
         self._finish(summary)
         return summary

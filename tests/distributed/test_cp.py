@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from scaletrain.errors import LayoutError
 from scaletrain.model import build_model
-from scaletrain.model.flavors import model_config_for
+from scaletrain.config.flavors import model_config_for
 from scaletrain.parallel.cp import cp_attention, cp_positions, shard_sequence
 
 # fp32 throughout: CP changes only the order of the softmax/matmul reductions (keys split

@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from scaletrain.model import build_model
-from scaletrain.model.flavors import model_config_for
+from scaletrain.config.flavors import model_config_for
 
 LOSS_RTOL = 1e-5
 GRAD_ATOL = 1e-5

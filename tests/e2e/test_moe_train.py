@@ -56,13 +56,14 @@ def test_moe_run_exports_to_qwen3_moe_and_imports_back(moe_run, tmp_path, capsys
 
 def _trainer(run: Path, data_cache: Path, steps: int, resume: str, *extra: str):
     from scaletrain.config import load_config
+    from scaletrain.plan.memcheck import preflight
     from scaletrain.train.trainer import Trainer
 
     cfg = load_config(DEBUG_CONFIG, ["--model.flavor", "moe_debug", "--train.steps", str(steps),
                                      "--data.cache_dir", str(data_cache), "--metrics.progress", "none",
                                      "--metrics.tensorboard", "false", "--metrics.plot", "false",
                                      "--train.eval_interval", "0", *extra])
-    return Trainer(cfg, run, resume=resume)
+    return Trainer(cfg, run, memory_check=preflight(), resume=resume)
 
 
 def test_moe_resume_is_exact(tmp_path, data_cache):
