@@ -73,7 +73,7 @@ def test_moe_resume_is_exact(tmp_path, data_cache):
     trainer = _trainer(run, data_cache, 6, "never", *extra)
     trainer.fit()
     straight = read_metrics(run)[0]
-    bias = trainer.model.layers["2"].feed_forward.router.expert_bias.clone()
+    bias = trainer.unsplit_model.layers["2"].feed_forward.router.expert_bias.clone()
     assert bias.abs().sum() > 0 and any(r["dropped_frac"] > 0 for r in straight)
     shutil.rmtree(run / "checkpoints" / "step-00000006")  # as if killed after step 3's checkpoint
     resumed = _trainer(run, data_cache, 6, "auto", *extra)
