@@ -175,22 +175,22 @@ def run(argv: list[str] | None = None) -> int:
     """Parse `argv` and run the command; returns the exit code (raises on crashes)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.showwarning = _warning_line
-    if argv[:2] == ["bench", "ffn"]:
-        from scaletrain.bench.cli import run_ffn_cmd
+    from scaletrain.config.load import split_overrides
 
-        return run_ffn_cmd(argv[2:])
+    argv, overrides = split_overrides(argv)  # --section.key VALUE: taken out first, so VALUE is no sub-command
     args, rest = _parser().parse_known_args(argv)
     takes_overrides = args.command in ("train", "data", "launch", "bench", "btx")
-    if rest and not takes_overrides:
-        _parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    if (rest or overrides) and not takes_overrides:
+        _parser().error(f"unrecognized arguments: {' '.join(rest + overrides)}")
+    if args.command == "launch":
+        from scaletrain.launch import run_launch
+
+        return run_launch(args, rest, overrides)
+    rest = overrides + rest  # an unknown option: load_config names it and the override syntax
     if args.command == "train":
         return _cmd_train(args, rest)
     if args.command == "data":
         return _cmd_data(args, rest)
-    if args.command == "launch":
-        from scaletrain.launch import run_launch
-
-        return run_launch(args, rest)
     if args.command == "bench":
         from scaletrain.bench.cli import run_bench_cmd
 

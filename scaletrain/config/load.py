@@ -123,13 +123,32 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {p} is not UTF-8 text.") from None
 
 
+def _is_override(arg: str) -> bool:
+    """Whether `arg` names a config key: `--section.key` or `--section.key=VALUE`."""
+    return arg.startswith("--") and "." in arg.split("=", 1)[0]
+
+
+def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
+    """(the other arguments, the `--section.key VALUE` / `--section.key=VALUE` overrides), each
+    in the order given. The CLI takes the overrides out before argparse reads the rest, so a
+    VALUE is never mistaken for a sub-command."""
+    rest: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(args):
+        takes_value = _is_override(args[i]) and "=" not in args[i] and i + 1 < len(args)
+        (overrides if _is_override(args[i]) else rest).extend(args[i:i + 1 + takes_value])
+        i += 1 + takes_value
+    return rest, overrides
+
+
 def parse_overrides(args: list[str]) -> dict[str, str]:
     """Turn ['--model.dim', '128', '--train.steps=5'] into {'model.dim': '128', ...}."""
     out: dict[str, str] = {}
     i = 0
     while i < len(args):
         arg = args[i]
-        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+        if not _is_override(arg):
             raise ConfigError(
                 f"unexpected argument {arg!r}; config overrides look like --section.key VALUE "
                 "(e.g. --train.steps 50)."

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaletrain.config.schema import ModelConfig
-from scaletrain.errors import ConfigError
 from scaletrain.model.flops import expert_ffn_dim
 
 

@@ -25,10 +25,6 @@ class DistEnv:
     device: torch.device
 
     @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
     def distributed(self) -> bool:
         return self.world_size > 1
 

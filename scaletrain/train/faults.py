@@ -166,12 +166,9 @@ class Injector:
         bad_data = self.rank == 0 and bool(self.nan_samples.intersection(sample_ids))
         if (step in self.nan_steps and self.rank == 0) or bad_data:
             self.nan_steps.discard(step)  # a step fault happens once: a rolled-back step reruns clean
-            for part in parts:
-                for p in part.parameters():
-                    if p.grad is not None:
-                        local = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-                        local.fill_(float("nan"))
-                        return
+            grad = next((p.grad for part in parts for p in part.parameters() if p.grad is not None), None)
+            if grad is not None:  # the first gradient is enough; the other faults of the step still fire
+                (grad.to_local() if hasattr(grad, "to_local") else grad).fill_(float("nan"))
         if self.sleep and self.sleep[0] == self.rank and self.sleep[1] == step:
             marker = self.sleep[3]
             if marker is None or not marker.exists():

@@ -82,7 +82,7 @@ def test_moe_resume_is_exact(tmp_path, data_cache):
     again = read_metrics(run)[0]
     keys = ("loss", "grad_norm", "aux_loss", "expert_imbalance", "dropped_frac")
     assert [[r[k] for k in keys] for r in again[3:]] == [[r[k] for k in keys] for r in straight[3:]]
-    assert torch.equal(resumed.model.layers["2"].feed_forward.router.expert_bias, bias)
+    assert torch.equal(resumed.unsplit_model.layers["2"].feed_forward.router.expert_bias, bias)
 
 
 @pytest.mark.slow

@@ -76,6 +76,14 @@ def test_parse_overrides_forms():
     assert parse_overrides(["--a.b", "1", "--c.d=x=y"]) == {"a.b": "1", "c.d": "x=y"}
 
 
+def test_split_overrides_takes_config_keys_out_of_a_command_line_in_order():
+    from scaletrain.config.load import split_overrides
+
+    argv = ["bench", "--config", "c.toml", "--train.steps", "3", "ffn", "--x.y=2", "--tokens", "4", "--train.seed"]
+    assert split_overrides(argv) == (["bench", "--config", "c.toml", "ffn", "--tokens", "4"],
+                                     ["--train.steps", "3", "--x.y=2", "--train.seed"])
+
+
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(None, ["--model.flavor", "cpu_demo", "--train.steps", "9"])
     write_config(cfg, tmp_path / "config.toml")

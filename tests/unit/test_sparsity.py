@@ -154,6 +154,19 @@ def test_ffn_bench_runs_on_cpu_and_reports_sane_numbers(tmp_path, capsys):
     assert 0 < r["activation_density"] < 1
 
 
+def test_bench_ffn_is_a_sub_command_of_bench(tmp_path, capsys):
+    from conftest import main_exit, main_run
+
+    small = ("--device", "cpu", "--tokens", "64", "--dim", "32", "--hidden", "64", "--warmup", "1")
+    code, out, err = main_run(capsys, "bench", "ffn", *small, "--iters", "20", "--json", str(tmp_path / "f.json"))
+    assert code == 0 and "speedup" in out, err
+    assert json.loads((tmp_path / "f.json").read_text())["backend"] == "reference"
+    code, err = main_exit(capsys, "bench", "ffn", *small, "--iters", "5")
+    assert code == 2 and "--iters must be >= 20" in err
+    code, err = main_exit(capsys, "bench", "ffn", *small, "--train.steps", "3")
+    assert code == 2 and "bench ffn takes no config overrides" in err
+
+
 @pytest.mark.parametrize("argv, message", [
     (("--iters", "5"), "--iters must be >= 20"),
     (("--hidden", "66"), "--hidden must be a multiple of 4"),
