@@ -53,7 +53,7 @@ class Router(nn.Module):
         super().__init__()
         self.top_k, self.score = top_k, score
         self.gate = nn.Linear(dim, n_experts, bias=False)
-        # Persistent: a resumed run must route as the saved one did. init_weights zeroes it.
+        # Persistent: a resumed run must route as the saved one did. init_buffers zeroes it.
         self.register_buffer("expert_bias", torch.empty(n_experts))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -184,7 +184,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
         # Non-persistent: derived from the config, so never in checkpoints; filled by
-        # init_weights so that construction on the meta device allocates nothing.
+        # init_buffers so that construction on the meta device allocates nothing.
         self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, self.head_dim), persistent=False)
         self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, self.head_dim), persistent=False)
 
