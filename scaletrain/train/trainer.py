@@ -111,8 +111,8 @@ class Trainer:
     def unsplit_model(self) -> nn.Module:
         """The model when it is not split into pipeline stages: this rank's only part (possibly
         sharded or wrapped). Under pipeline parallelism there is no such module: use `parts`."""
-        if len(self.parts) != 1:
-            raise RuntimeError(f"the model is split into {len(self.parts)} pipeline stages on this rank")
+        if self.dims.pp > 1:
+            raise RuntimeError(f"the model is split into pipeline stages (parallel.pp = {self.dims.pp}); use parts")
         return self.parts[0]
 
     def _open_run_folder(self, resume: str, clear: bool) -> None:
