@@ -64,7 +64,8 @@ def run_bench_cmd(args: argparse.Namespace, overrides: list[str]) -> int:
         from scaletrain.bench import ffn
 
         if overrides:
-            raise ConfigError(f"bench ffn takes no config overrides, got {' '.join(overrides)}; see scaletrain bench ffn -h.")
+            raise ConfigError(f"bench ffn takes no config overrides, got {' '.join(overrides)}; "
+                              "see scaletrain bench ffn -h.")
         return ffn.main(args)
     for name in ("phase_steps", "profile_steps"):
         if getattr(args, name) < 0:
