@@ -97,8 +97,8 @@ def _validate_moe(cfg: ModelConfig) -> None:
     for key in ("moe_aux_coef", "moe_bias_rate", "moe_capacity_factor"):
         _require(getattr(cfg, key) >= 0, f"model.{key} must be >= 0, got {getattr(cfg, key)!r}")
     _require(cfg.ffn == "swiglu" and cfg.activation_sparsity == "none",
-             "MoE experts are SwiGLU: set model.ffn = 'swiglu' and model.activation_sparsity = "
-             f"'none' with model.moe_experts > 0 (got ffn={cfg.ffn!r}, activation_sparsity={cfg.activation_sparsity!r})")
+             "MoE experts are SwiGLU: set model.ffn = 'swiglu' and model.activation_sparsity = 'none' with "
+             f"model.moe_experts > 0 (got ffn={cfg.ffn!r}, activation_sparsity={cfg.activation_sparsity!r})")
 
 
 def validate_config(cfg: Config) -> None:

@@ -64,7 +64,8 @@ def start_process(env: DistEnv, dims: ParallelDims, t: TrainConfig) -> Meshes | 
     return meshes
 
 
-def build_data(cfg: Config, rank: int, dp_rank: int, dp: int, note: Callable[[str], None] | None) -> tuple[Any, Any, Any]:
+def build_data(cfg: Config, rank: int, dp_rank: int, dp: int,
+               note: Callable[[str], None] | None) -> tuple[Any, Any, Any]:
     """(prepared data, training loader, validation sets) of data-parallel rank `dp_rank` of `dp`.
     Rank 0 builds shards and tokenizer first (progress through `note`), the others then read
     the cache. ConfigError when the tokenizer's vocabulary does not fit model.vocab_size."""

@@ -515,5 +515,6 @@ class Trainer:
             from scaletrain.model.generate import generate
 
             tok = self.data.tokenizer
-            ids = generate(self.unsplit_model, tok.encode(t.sample_prompt), t.sample_tokens, seed=t.seed, eos_id=tok.eos_id)
+            ids = generate(self.unsplit_model, tok.encode(t.sample_prompt), t.sample_tokens, seed=t.seed,
+                           eos_id=tok.eos_id)
             summary["sample"] = t.sample_prompt + tok.decode(ids)
