@@ -14,14 +14,11 @@ Conventions:
 
 from __future__ import annotations
 
-from scaletrain.config.schema import ModelConfig
+from typing import get_args
 
-AC_MODES = ("none", "selective", "full")
+from scaletrain.config.schema import AcMode, ModelConfig, head_dim_of
 
-
-def head_dim_of(cfg: ModelConfig) -> int:
-    """Width of one attention head: model.head_dim, or dim / n_heads when it is 0."""
-    return cfg.head_dim or cfg.dim // cfg.n_heads
+AC_MODES = get_args(AcMode)
 
 
 def _dims(cfg: ModelConfig) -> tuple[int, int, int]:

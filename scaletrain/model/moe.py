@@ -31,37 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaletrain.config.schema import ModelConfig
-from scaletrain.config.validate import CHOICES
-from scaletrain.errors import ConfigError
 from scaletrain.model.flops import expert_ffn_dim
-
-
-def validate_moe_config(cfg: ModelConfig) -> None:
-    """Raise ConfigError (saying how to fix it) for moe_* values that do not make a model."""
-    if not isinstance(cfg.moe_experts, int) or cfg.moe_experts < 0:
-        raise ConfigError(f"model.moe_experts must be an integer >= 0 (0 = dense), got {cfg.moe_experts!r}")
-    if cfg.moe_experts == 0:
-        return
-    for key in ("moe_router", "moe_balance"):
-        allowed = CHOICES[f"model.{key}"]
-        if getattr(cfg, key) not in allowed:
-            raise ConfigError(f"model.{key} = {getattr(cfg, key)!r} is not one of {', '.join(map(repr, allowed))}.")
-    if not 1 <= cfg.moe_top_k <= cfg.moe_experts:
-        raise ConfigError(f"model.moe_top_k = {cfg.moe_top_k} must be between 1 and model.moe_experts = "
-                          f"{cfg.moe_experts} (each token is sent to top_k distinct experts)")
-    for key in ("moe_ffn_dim", "moe_shared_experts", "moe_dense_layers"):
-        if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 0:
-            raise ConfigError(f"model.{key} must be an integer >= 0, got {getattr(cfg, key)!r}")
-    if cfg.moe_dense_layers >= cfg.n_layers:
-        raise ConfigError(f"model.moe_dense_layers = {cfg.moe_dense_layers} leaves no MoE layer of the "
-                          f"{cfg.n_layers}; use at most {cfg.n_layers - 1}, or moe_experts = 0 for a dense model")
-    for key in ("moe_aux_coef", "moe_bias_rate", "moe_capacity_factor"):
-        if not getattr(cfg, key) >= 0:
-            raise ConfigError(f"model.{key} must be >= 0, got {getattr(cfg, key)!r}")
-    if cfg.ffn != "swiglu" or cfg.activation_sparsity != "none":
-        raise ConfigError("MoE experts are SwiGLU: set model.ffn = 'swiglu' and model.activation_sparsity = "
-                          f"'none' with model.moe_experts > 0 (got ffn={cfg.ffn!r}, "
-                          f"activation_sparsity={cfg.activation_sparsity!r})")
 
 
 # ----------------------------------------------------------------------------- routing
@@ -83,7 +53,7 @@ class Router(nn.Module):
         super().__init__()
         self.top_k, self.score = top_k, score
         self.gate = nn.Linear(dim, n_experts, bias=False)
-        # Persistent: a resumed run must route as the saved one did. init_weights zeroes it.
+        # Persistent: a resumed run must route as the saved one did. init_buffers zeroes it.
         self.register_buffer("expert_bias", torch.empty(n_experts))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

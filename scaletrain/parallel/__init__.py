@@ -27,6 +27,17 @@ from scaletrain.parallel.compile import apply_compile
 from scaletrain.parallel.dims import Meshes, ParallelDims
 from scaletrain.parallel.fsdp import apply_fsdp
 
+# What the wrappers parallelize() applies insert into parameter names: activation
+# checkpointing's `checkpoint_wrapper` (ac.py) and a compiled module's `_orig_mod`.
+WRAPPER_INFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter name of a parallelised part as the plain model names it (the state_dict's)."""
+    for infix in WRAPPER_INFIXES:
+        name = name.replace(infix, "")
+    return name
+
 
 def parallelize(model: nn.Module, dims: ParallelDims, meshes: Meshes | None, cfg: ParallelConfig,
                 compile_blocks: bool, seq_len: int, precision: str = "fp32", fp8_recipe: str = "tensorwise",

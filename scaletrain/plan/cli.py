@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from scaletrain.errors import ConfigError
+from scaletrain.ranks import env_ranks
 
 _SUFFIX = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
@@ -115,7 +116,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _model(spec: str):
-    from scaletrain.model.flavors import FLAVORS, model_config_for
+    from scaletrain.config.flavors import FLAVORS, model_config_for
 
     if spec in FLAVORS:
         return model_config_for(spec)
@@ -205,15 +206,14 @@ def _search(args: argparse.Namespace) -> int:
 def _calibrate(args) -> int:
     from scaletrain.plan.calibrate import calibrate, write_profile
 
-    import os
-
     model = _model(args.model) if args.model else None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: also measure all-reduce bandwidth
+    ranks = env_ranks()
+    if ranks.world_size > 1:  # under torchrun: also measure all-reduce bandwidth
         import torch
         import torch.distributed as dist
 
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(ranks.local_rank)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         try:
             prof = calibrate(model, compile=args.compile)
@@ -253,11 +253,9 @@ def _check(args) -> int:
 
     if not args.run:
         raise ConfigError("plan check needs --run DIR (a run folder written by `scaletrain train`).")
-    import os
-
     result = check_run(args.run, args.profile, measure_tensors=args.measure_tensors,
                        measure_steps=args.measure_steps, measure_warmup=args.measure_warmup)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 prints every rank's numbers
+    if env_ranks().rank != 0:  # under torchrun rank 0 prints every rank's numbers
         return 0
     print(format_check(result))
     if args.json:

@@ -17,16 +17,17 @@ from dataclasses import dataclass
 from scaletrain.model.flops import _dims as attention_dims  # (head_dim, q_dim, kv_dim): flops' one definition
 from scaletrain.model.flops import (activation_bytes_per_layer, ffn_activation_bytes, flops_per_token,
                                     forward_flops_per_layer, moe_dispatch_bytes, moe_layer_count, param_counts)
+from scaletrain.parallel.dims import MESH_DIMS
 from scaletrain.plan import cost_moe
 from scaletrain.plan.cost_memory import Stage, cp_gathered_kv_bytes, estimate_memory, stages
 from scaletrain.plan.cost_moe import ParamSplit, group_link, local_params
-from scaletrain.plan.cost_types import (FITTED, FP8_CAST_BYTES, MESH_ORDER, PARAMS, Estimate, Layout, Memory, Params,
+from scaletrain.plan.cost_types import (FITTED, FP8_CAST_BYTES, PARAMS, Estimate, Layout, Memory, Params,
                                         Stack, StepTime, Workload, cpu_model, is_cpu)
 from scaletrain.plan.cpu_measured import block_seconds, head_seconds, measured_block_key
 from scaletrain.plan.hardware import Hardware
 from scaletrain.train.metrics import mfu as metrics_mfu
 
-__all__ = ["FITTED", "FP8_CAST_BYTES", "MESH_ORDER", "PARAMS", "Estimate", "Layout", "Memory", "Params", "Stack", "Stage",
+__all__ = ["FITTED", "FP8_CAST_BYTES", "PARAMS", "Estimate", "Layout", "Memory", "Params", "Stack", "Stage",
            "StepTime", "Workload", "axis_link", "collective_time", "cp_gathered_kv_bytes", "cpu_model", "ep_seconds",
            "estimate", "estimate_memory", "gemm_time", "is_cpu", "stages"]
 
@@ -51,10 +52,10 @@ def collective_time(kind: str, nbytes: float, n: int, bw: float, alpha: float, p
 
 
 def axis_link(layout: Layout, axes: tuple[str, ...], hw: Hardware) -> tuple[float, float]:
-    """(bandwidth, latency) of the group spanning mesh `axes` (adjacent in MESH_ORDER): intra-node
+    """(bandwidth, latency) of the group spanning mesh `axes` (adjacent in MESH_DIMS): intra-node
     when the group's extent (its size times the product of inner degrees) fits in one node."""
     inner = 1
-    for name in reversed(MESH_ORDER):
+    for name in reversed(MESH_DIMS):
         if name in axes:
             break
         inner *= getattr(layout, name)

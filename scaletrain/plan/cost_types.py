@@ -9,8 +9,6 @@ from dataclasses import dataclass, field
 
 from scaletrain.plan.hardware import Hardware
 
-MESH_ORDER = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # outermost -> innermost
-
 
 @dataclass(frozen=True)
 class Params:

@@ -21,15 +21,16 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import get_args
 
-from scaletrain.config.schema import ParallelConfig
+from scaletrain.config.schema import AcMode, ParallelConfig
 from scaletrain.errors import ConfigError, LayoutError
 from scaletrain.parallel.dims import ParallelDims
 from scaletrain.parallel.layout import check_layout
 from scaletrain.plan.cost import Estimate, Layout, Stack, Workload, estimate
 from scaletrain.plan.hardware import Hardware
 
-AC_CHOICES = ("none", "selective", "full")  # parallel.ac values the trainer runs
+AC_CHOICES = get_args(AcMode)  # parallel.ac values the trainer runs
 MAX_MICRO_BATCH = 16
 MAX_VIRTUAL_STAGES = 8
 

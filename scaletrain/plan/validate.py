@@ -126,7 +126,7 @@ SHAPE = ("n_layers", "dim", "n_heads", "n_kv_heads", "vocab_size", "moe_experts"
 
 def flavor_like(cfg: ModelConfig) -> ModelConfig | None:
     """The registered flavor with `cfg`'s shape (SHAPE fields), or None."""
-    from scaletrain.model.flavors import FLAVORS, model_config_for
+    from scaletrain.config.flavors import FLAVORS, model_config_for
 
     for name in FLAVORS:
         f = model_config_for(name)

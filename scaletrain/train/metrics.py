@@ -17,10 +17,8 @@ import numbers
 import os
 import resource
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -45,58 +43,19 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None,
     return tokens_per_s * flops_per_token / (peak * n_devices)
 
 
-class Throughput:
-    """Tokens and wall time per optimizer step -> tokens/s, TFLOP/s and MFU.
+class Phases(Protocol):
+    """Where a training step's time goes: the trainer calls `mark(phase)` when a phase ends
+    ("data", "forward", "backward", ...). bench/phases.py's PhaseTimer books the time since the
+    previous mark to that phase; the default, NullPhases, records nothing."""
 
-    `tokens` passed to `end`/`record` are global (all data-parallel ranks) so that MFU is
-    achieved FLOP/s over `peak_flops * n_devices`. Wall time comes from `clock` (seconds);
-    the caller must have synchronised the device before `end` (e.g. `loss.item()`), or the
-    step time measures only the kernel launches.
-    """
+    def mark(self, phase: str) -> None: ...
 
-    def __init__(self, flops_per_token: float, peak_flops: float | None, n_devices: int = 1,
-                 clock: Callable[[], float] = time.perf_counter):
-        self.flops_per_token = flops_per_token  # FLOPs per token, forward + backward
-        self.peak_flops = peak_flops  # FLOP/s of one device, None when unknown
-        self.n_devices = n_devices
-        self._clock = clock
-        self._t0: float | None = None
-        self.step_tokens: list[int] = []
-        self.step_seconds: list[float] = []
 
-    def begin(self) -> None:
-        """Mark the start of a step."""
-        self._t0 = self._clock()
+class NullPhases:
+    """The trainer's default Phases: a mark costs one attribute lookup and a call."""
 
-    def end(self, tokens: int) -> dict[str, float | None]:
-        """Close the step started by `begin`; returns the same dict as `record`."""
-        if self._t0 is None:
-            raise RuntimeError("Throughput.end() called without begin()")
-        seconds, self._t0 = self._clock() - self._t0, None
-        return self.record(tokens, seconds)
-
-    def record(self, tokens: int, seconds: float) -> dict[str, float | None]:
-        """Add one step of `tokens` (global) taking `seconds` of wall time; returns
-        `{"step_time_s", "tokens_per_s", "tflops", "mfu"}` for that step."""
-        self.step_tokens.append(int(tokens))
-        self.step_seconds.append(float(seconds))
-        return self.rates(tokens, seconds)
-
-    def rates(self, tokens: float, seconds: float) -> dict[str, float | None]:
-        """tokens/s, achieved TFLOP/s (all devices) and MFU for `tokens` in `seconds`."""
-        tokens_per_s = tokens / seconds if seconds > 0 else 0.0
-        return {
-            "step_time_s": seconds,
-            "tokens_per_s": tokens_per_s,
-            "tflops": tokens_per_s * self.flops_per_token / 1e12,
-            "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak_flops, self.n_devices),
-        }
-
-    def summary(self, skip_first: bool = True) -> dict[str, float | None]:
-        """Rates over all recorded steps (total tokens / total seconds). The first step is
-        skipped by default: it carries compilation, allocator and cache warm-up."""
-        start = 1 if skip_first and len(self.step_seconds) > 1 else 0
-        return self.rates(sum(self.step_tokens[start:]), sum(self.step_seconds[start:]))
+    def mark(self, phase: str) -> None:
+        pass
 
 
 def _peak_rss_bytes() -> int:

@@ -16,14 +16,13 @@ SIGUSR1), with enough time for one step and one save.
 
 from __future__ import annotations
 
-import os
 import shlex
 import signal
-import sys
 import threading
 from pathlib import Path
 
 from scaletrain.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, Stopped
+from scaletrain.train.runinfo import typed_argv
 
 EXIT_CODES = {signal.SIGTERM: EXIT_PREEMPTED, signal.SIGUSR1: EXIT_PREEMPTED, signal.SIGINT: EXIT_INTERRUPTED}
 
@@ -80,16 +79,11 @@ class StopSignals:
 
 
 def resume_command(argv: list[str] | None = None) -> str:
-    """The command line that continues this run: this process's own (under torchrun, the
-    launcher's, read from /proc when it can be), with `--resume auto` and without `--overwrite`
-    (which would discard the checkpoint just saved)."""
+    """The command line that continues this run: the one the user typed (`argv`, default
+    runinfo.typed_argv: under torchrun the launcher's), with `--resume auto` and without
+    `--overwrite` (which would discard the checkpoint just saved)."""
     if argv is None:
-        argv = list(sys.orig_argv)
-        if os.environ.get("TORCHELASTIC_RUN_ID"):  # a torchrun worker: its parent is the launcher
-            try:
-                argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")[:-1] or argv
-            except OSError:
-                pass
+        argv = typed_argv()
     out: list[str] = []
     skip = False
     for arg in argv:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from scaletrain.errors import LayoutError
 from scaletrain.model import build_model
-from scaletrain.model.flavors import model_config_for
+from scaletrain.config.flavors import model_config_for
 from scaletrain.parallel.cp import cp_attention, cp_positions, shard_sequence
 
 # fp32 throughout: CP changes only the order of the softmax/matmul reductions (keys split
@@ -112,20 +112,17 @@ def _model_worker(rank: int, world: int, tmp: str) -> None:
     from scaletrain.model.transformer import Transformer
     from scaletrain.parallel.ac import apply_ac
     from scaletrain.parallel.cp import apply_cp
+    from scaletrain.parallel.init import materialize
 
     _init(rank, world, tmp)
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cp",))
-    # The trainer's order: build on meta, wrap (AC, then CP), materialise, init_weights. The
+    # The trainer's order: build on meta, wrap (AC, then CP), materialise and initialise. The
     # same seed as build_model(seed=0) must give the same weights and the CP RoPE rows.
     with torch.device("meta"):
         model = Transformer(model_config_for("debug"))
     apply_ac(model, "full")  # CP must find Attention modules inside checkpoint wrappers
     apply_cp(model, mesh, SEQ)
-    model.to_empty(device="cpu")
-    model.tie_weights()
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model.init_weights()
+    materialize([model], "cpu", seed=0)
 
     tokens, targets = (shard_sequence(t, world, rank) for t in _tokens())
     logits = model(tokens)  # [b, seq / cp, vocab]

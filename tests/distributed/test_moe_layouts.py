@@ -70,6 +70,7 @@ EXCHANGES = {"uneven": [2, 1, 0, 3], "balanced": [2, 2, 2, 2]}
 
 def _train(run: Path, data_cache: str, batch: int, *extra: str, resume: str = "never") -> None:
     from scaletrain.config import load_config
+    from scaletrain.plan.memcheck import preflight
     from scaletrain.train.trainer import Trainer
 
     cfg = load_config(DEBUG_CONFIG, ["--model.flavor", "moe_debug", "--train.steps", str(STEPS),
@@ -77,7 +78,7 @@ def _train(run: Path, data_cache: str, batch: int, *extra: str, resume: str = "n
                                      "--data.batch_size", str(batch), "--metrics.progress", "none",
                                      "--metrics.tensorboard", "false", "--metrics.plot", "false",
                                      "--train.eval_interval", "0", "--checkpoint.interval", "0", *extra])
-    Trainer(cfg, run, resume=resume).fit()
+    Trainer(cfg, run, memory_check=preflight(), resume=resume).fit()
 
 
 def _resume(root: Path, data_cache: str, name: str) -> None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from scaletrain.config.schema import ParallelConfig
 from scaletrain.model import build_model
-from scaletrain.model.flavors import model_config_for
+from scaletrain.config.flavors import model_config_for
 from scaletrain.parallel.layout import virtual_stages
 from scaletrain.parallel.pp import build_pipeline, pipeline_split
 

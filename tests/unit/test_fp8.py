@@ -22,8 +22,8 @@ from conftest import ROOT, cli_env, debug_train_args, run_cli, run_torchrun
 from scaletrain.config.schema import ParallelConfig
 from scaletrain.errors import ConfigError
 from scaletrain.model import Transformer, build_model
-from scaletrain.model.flavors import model_config_for
-from scaletrain.parallel.dims import resolve_dims
+from scaletrain.config.flavors import model_config_for
+from scaletrain.parallel.layout import resolve_dims
 from scaletrain.parallel.fp8 import apply_fp8, check_fp8, fp8_filter, fp8_supported
 from scaletrain.train.metrics import read_metrics
 

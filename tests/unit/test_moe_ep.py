@@ -15,7 +15,7 @@ from scaletrain.errors import ConfigError, LayoutError
 from scaletrain.model import model_config_for
 from scaletrain.model.flops import moe_dispatch_bytes
 from scaletrain.model.moe import sequence_aux_loss
-from scaletrain.parallel.dims import resolve_dims
+from scaletrain.parallel.layout import resolve_dims
 from scaletrain.parallel.layout import check_layout
 
 

@@ -87,7 +87,7 @@ def test_flops_count_active_experts_by_hand():
 def test_qwen3_30b_a3b_against_megatron_bridge():
     """Megatron-Bridge's MoE FLOPs (src/megatron/bridge/training/utils/flop_utils.py,
     num_floating_point_operations, GQA branch; the convention of the published Qwen3-30B-A3B rows
-    in ../shared/data/published_training_perf_dev.md), per token: 6 * (h*(q + 2*kv) + q*h) per
+    in scaletrain/plan/data/published_training_perf_dev.md), per token: 6 * (h*(q + 2*kv) + q*h) per
     layer for the projections, 6 * q * s/2 * 2 for causal attention (HALF the square), 6*h*f_e*3*k
     per MoE layer for the routed experts, 6*h*V for the head; no router, no norms. Ours (the
     torchtitan convention) differs by exactly the other half of the attention square, the router

@@ -91,7 +91,7 @@ def test_measure_tensors_rebuilds_the_run_and_compares_live_tensor_bytes(run_dir
     assert rank["rank"] == 0 and len(rank["step_peaks"]) == 2
     assert res["measured_tensor_bytes"] == rank["peak_bytes"] == sum(rank["at_peak"].values())
     # the state the step starts from: fp32 parameters + the RoPE tables, both Adam moments (+ step counters)
-    from scaletrain.model.flavors import model_config_for
+    from scaletrain.config.flavors import model_config_for
     from scaletrain.model.flops import param_counts
 
     m = model_config_for("debug")

@@ -10,7 +10,7 @@ import torch
 from scaletrain.config.schema import ParallelConfig
 from scaletrain.errors import LayoutError
 from scaletrain.model import build_model
-from scaletrain.model.flavors import model_config_for
+from scaletrain.config.flavors import model_config_for
 from scaletrain.model.flops import (head_activation_bytes, loss_activation_bytes, moe_dispatch_bytes, param_counts,
                                     saved_activation_bytes)
 from scaletrain.parallel.dims import ParallelDims

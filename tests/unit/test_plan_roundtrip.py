@@ -6,8 +6,8 @@ memory."""
 import pytest
 
 from scaletrain.config.load import config_from_dict, config_to_dict, load_config
-from scaletrain.model.flavors import model_config_for
-from scaletrain.parallel.dims import resolve_dims
+from scaletrain.config.flavors import model_config_for
+from scaletrain.parallel.layout import resolve_dims
 from scaletrain.parallel.layout import check_layout
 from scaletrain.plan.cost import Workload, estimate
 from scaletrain.plan.hardware import get_hardware

@@ -2,15 +2,20 @@
 
 A flavor is the set of defaults for the `[model]` table; any key set next to `flavor` in a
 config overrides it. Add shapes with :func:`register_flavor`, never by copying a config.
+
+The registry lives in config/, not next to the model: a flavor is pure config data (ModelConfig
+values, no model code), and the loader applies it (defaults < flavor < TOML < command line), so
+keeping it here lets config/ import nothing above it without an import-order side effect (a
+registry filled from model/ would be empty for a caller that had not imported model/ first).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any
 
 from scaletrain.config.schema import ModelConfig
+from scaletrain.config.validate import did_you_mean
 from scaletrain.errors import ConfigError
 
 FLAVORS: dict[str, dict[str, Any]] = {}
@@ -31,20 +36,15 @@ def flavor_names() -> list[str]:
     return list(FLAVORS)
 
 
-def _did_you_mean(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
-    return f" Did you mean '{close[0]}'?" if close else ""
-
-
 def model_config_for(name: str, **overrides: Any) -> ModelConfig:
     """The ModelConfig of flavor `name`, with `overrides` (ModelConfig field values) applied.
 
     Raises ConfigError for an unknown flavor (with a "did you mean" suggestion) or an unknown
-    override key. Shapes are not validated here; see `transformer.validate_model_config`.
+    override key. Shapes are not validated here; see `validate.validate_model_config`.
     """
     if name not in FLAVORS:
         raise ConfigError(
-            f"unknown model flavor '{name}'.{_did_you_mean(name, flavor_names())} "
+            f"unknown model flavor '{name}'.{did_you_mean(name, flavor_names())} "
             f"Known flavors: {', '.join(flavor_names())}."
         )
     overrides.pop("flavor", None)
@@ -52,7 +52,7 @@ def model_config_for(name: str, **overrides: Any) -> ModelConfig:
     if unknown:
         bad = unknown[0]
         raise ConfigError(
-            f"unknown model field '{bad}'.{_did_you_mean(bad, sorted(_FIELDS))} "
+            f"unknown model field '{bad}'.{did_you_mean(bad, sorted(_FIELDS))} "
             f"Model fields: {', '.join(sorted(_FIELDS))}."
         )
     values = {**FLAVORS[name], **overrides}
