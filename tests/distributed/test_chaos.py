@@ -7,9 +7,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, cli_env
 
 
+@pytest.mark.slow  # a clean torchrun job, then one launch per fault (2 ranks each): ~43 CPU-seconds
 def test_chaos_short(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "chaos.py"), "--seed", "3", "--faults", "5",
                            "--workdir", str(tmp_path)], capture_output=True, text=True, env=cli_env(), cwd=ROOT,
