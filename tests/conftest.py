@@ -48,25 +48,30 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, check: bool = True, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
-    """Run `python -m scaletrain ARGS` and return the completed process (text output)."""
+def run_cli(*args: str, check: bool = True, timeout: float = 600, env: dict[str, str] | None = None,
+            **popen) -> subprocess.CompletedProcess:
+    """Run `python -m scaletrain ARGS` (with `env` added to cli_env()) and return the completed
+    process (text output)."""
     proc = subprocess.run([sys.executable, "-m", "scaletrain", *args], capture_output=True, text=True,
-                          env=cli_env(), timeout=timeout, cwd=popen.pop("cwd", ROOT), **popen)
+                          env={**cli_env(), **(env or {})}, timeout=timeout, cwd=popen.pop("cwd", ROOT), **popen)
     if check and proc.returncode != 0:
         raise AssertionError(f"scaletrain {' '.join(args)} exited {proc.returncode}\n"
                              f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
     return proc
 
 
-def run_main(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def run_main(*args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`scaletrain ARGS` run in this process through the CLI's own `main`, as `run_cli` runs it
     in a fresh one (same return value, exit codes and one-line errors) without the ~3 s start-up:
     for error paths, single-process runs and fixtures that need a run folder. sys.argv /
-    sys.orig_argv read as `python -m scaletrain ARGS` (the run info records that command) and
-    launcher variables are hidden; stdout and stderr are captured (no capsys needed)."""
+    sys.orig_argv read as `python -m scaletrain ARGS` (the run info records that command),
+    launcher variables are hidden and `env` (e.g. SCALETRAIN_FAULT_*) is set for the call only;
+    stdout and stderr are captured (no capsys needed)."""
     from scaletrain.cli import main
 
-    saved_env = {var: os.environ.pop(var) for var in LAUNCHER_VARS if var in os.environ}
+    env = env or {}
+    saved_env = {var: os.environ.pop(var, None) for var in (*LAUNCHER_VARS, *env)}
+    os.environ.update(env)
     saved_argv = sys.argv, sys.orig_argv
     sys.argv, sys.orig_argv = ["scaletrain", *args], [sys.executable, "-m", "scaletrain", *args]
     out, err = io.StringIO(), io.StringIO()
@@ -74,7 +79,10 @@ def run_main(*args: str, check: bool = True) -> subprocess.CompletedProcess:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
             main(list(args))
     finally:
-        os.environ.update(saved_env)
+        for var, value in saved_env.items():
+            os.environ.pop(var, None)
+            if value is not None:
+                os.environ[var] = value
         sys.argv, sys.orig_argv = saved_argv
     proc = subprocess.CompletedProcess(["scaletrain", *args], e.value.code, out.getvalue(), err.getvalue())
     if check and proc.returncode != 0:
@@ -127,14 +135,14 @@ def trained_run(tmp_path_factory, data_cache) -> tuple[Path, subprocess.Complete
     return run, proc
 
 
-def run_torchrun(nproc: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_torchrun(nproc: int, *args: str, timeout: float = 600, env: dict[str, str] | None = None
+                 ) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node N -m scaletrain ARGS` with gloo on the CPU (one
-    thread per rank); returns the completed process without checking it."""
+    thread per rank, `env` added); returns the completed process without checking it."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            "-m", "scaletrain", *args]
-    env = cli_env()
-    env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, env={**cli_env(), "OMP_NUM_THREADS": "1", **(env or {})},
+                          cwd=ROOT, timeout=timeout)
 
 
 def free_port() -> int:

@@ -84,8 +84,8 @@ def _steps(run) -> list[dict]:
     return read_metrics(run / "metrics.jsonl")[0]
 
 
-# The 2-rank layouts (each technique alone) take ~30 s in all; the 4-rank compositions, 4 ranks
-# on 2 cores, about twice that: those are `slow`.
+# Measured on 2 busy cores: the 2-rank layouts (each technique alone) ~20 s together, the
+# 4-rank compositions (4 ranks on 2 cores) ~55 s: those are `slow`.
 @pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if ranks == 4 else name
                                   for name, (ranks, _, _) in LAYOUTS.items()])
 def test_layout_matches_single_device(name, runs):
