@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEBUG_CONFIG, debug_train_args, main_exit, run_cli
+from conftest import DEBUG_CONFIG, debug_train_args, main_exit, run_main
 from scaletrain.train.metrics import read_metrics
 
 STEPS = 40
@@ -21,7 +21,7 @@ STEPS = 40
 @pytest.fixture(scope="module")
 def moe_run(tmp_path_factory, data_cache):
     run = tmp_path_factory.mktemp("moe") / "run"
-    run_cli(*debug_train_args(run, data_cache, STEPS, "--model.flavor", "moe_debug"))
+    run_main(*debug_train_args(run, data_cache, STEPS, "--model.flavor", "moe_debug"))
     return run
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, cli_env, debug_train_args, main_exit
+from conftest import ROOT, cli_env, debug_train_args, main_exit, run_main
 from scaletrain.cli import run as cli_run
 from scaletrain.train.checkpoint import verify_checkpoint
 from scaletrain.train.metrics import read_metrics
@@ -96,8 +96,7 @@ def test_a_checkpoint_over_the_file_size_limit_exits_2(tmp_path, data_cache):
     data file (about 2.4 MB here); config, tokenizer and metrics stay below it."""
     run = tmp_path / "run"
     args = debug_train_args(run, data_cache, 2, *QUIET)
-    subprocess.run([sys.executable, "-m", "scaletrain", "data", "prepare", "--config", args[2],
-                    "--data.cache_dir", str(data_cache)], env=cli_env(), cwd=ROOT, check=True, capture_output=True)
+    run_main("data", "prepare", "--config", args[2], "--data.cache_dir", str(data_cache))
     proc = subprocess.run([sys.executable, "-m", "scaletrain", *args], env=cli_env(), cwd=ROOT, capture_output=True,
                           text=True, timeout=300, preexec_fn=_limit_file_size(2**20))
     assert proc.returncode == 2, proc.stderr[-3000:]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_main
 from scaletrain.errors import CheckpointError
 from scaletrain.export import export_hf, import_hf
 from scaletrain.export.runio import import_run
@@ -86,7 +86,7 @@ class _Evil:
 
 def test_cli_import_rejects_pickles_and_allow_pickle_imports(tmp_path):
     src, sd = _pickled_hf_folder(tmp_path)
-    proc = run_cli("import", "--from", "hf", "--src", str(src), "--run-dir", str(tmp_path / "run"), check=False)
+    proc = run_main("import", "--from", "hf", "--src", str(src), "--run-dir", str(tmp_path / "run"), check=False)
     assert proc.returncode == 2, proc.stderr
     assert "only safetensors weights are accepted" in proc.stderr and "--allow-pickle" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
