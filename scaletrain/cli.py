@@ -7,13 +7,14 @@ anything else is a crash with a traceback and exit 1.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from pathlib import Path
 
 from scaletrain.errors import (EXIT_INTERRUPTED, EXIT_NUMERICS, EXIT_USER_ERROR, LayoutError, NumericsError,
-                               ScaletrainError)
+                               ScaletrainError, Stopped)
+from scaletrain.fsutil import STORAGE_ERRNOS, storage_error
+from scaletrain.ranks import Ranks, env_ranks
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,15 +77,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from scaletrain.plan.memcheck import preflight
     from scaletrain.train.rundir import train_config
     from scaletrain.train.trainer import Trainer
 
-    rank0 = int(os.environ.get("RANK", "0")) == 0
+    rank0 = env_ranks().rank == 0
     run_dir = Path(args.run_dir or Path("runs") / (Path(args.config).stem if args.config else "default"))
     cfg, notes = train_config(args.config, overrides, run_dir, args.resume, args.overwrite)
     if rank0 and notes:
         print("\n".join(notes), flush=True)
-    summary = Trainer(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, force=args.force).fit()
+    summary = Trainer(cfg, run_dir, memory_check=preflight(force=args.force), resume=args.resume,
+                      overwrite=args.overwrite).fit()
     if rank0:
         if "initial_val_loss" in summary:
             print(f"val_loss: {summary['initial_val_loss']:.4f} at step 0 -> "
@@ -158,7 +161,7 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
     """`warnings.showwarning` for the CLI: each warning as one line on stderr, like the errors
     (`warning: ...`; a library's warning names the library), without the source line. Under
     torchrun only rank 0 prints them: the ranks see the same run and would repeat each other."""
-    if os.environ.get("RANK", "0") != "0":
+    if env_ranks().rank != 0:
         return
     parts = Path(filename).parts
     lib = next((parts[i + 1] for i, p in enumerate(parts[:-1]) if p in ("site-packages", "dist-packages")), None)
@@ -172,22 +175,22 @@ def run(argv: list[str] | None = None) -> int:
     """Parse `argv` and run the command; returns the exit code (raises on crashes)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.showwarning = _warning_line
-    if argv[:2] == ["bench", "ffn"]:
-        from scaletrain.bench.cli import run_ffn_cmd
+    from scaletrain.config.load import split_overrides
 
-        return run_ffn_cmd(argv[2:])
+    argv, overrides = split_overrides(argv)  # --section.key VALUE: taken out first, so VALUE is no sub-command
     args, rest = _parser().parse_known_args(argv)
     takes_overrides = args.command in ("train", "data", "launch", "bench", "btx")
-    if rest and not takes_overrides:
-        _parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    if (rest or overrides) and not takes_overrides:
+        _parser().error(f"unrecognized arguments: {' '.join(rest + overrides)}")
+    if args.command == "launch":
+        from scaletrain.launch import run_launch
+
+        return run_launch(args, rest, overrides)
+    rest = overrides + rest  # an unknown option: load_config names it and the override syntax
     if args.command == "train":
         return _cmd_train(args, rest)
     if args.command == "data":
         return _cmd_data(args, rest)
-    if args.command == "launch":
-        from scaletrain.launch import run_launch
-
-        return run_launch(args, rest)
     if args.command == "bench":
         from scaletrain.bench.cli import run_bench_cmd
 
@@ -214,12 +217,15 @@ def _report_user_error(e: ScaletrainError) -> None:
     prefixed with its rank."""
     import torch.distributed as dist
 
-    rank = os.environ.get("RANK", "0")
-    if rank != "0":
+    try:
+        ranks = env_ranks()
+    except ScaletrainError:  # the error being reported may be this very one: print it as rank 0
+        ranks = Ranks()
+    if ranks.rank != 0:
         before_group = not (dist.is_available() and dist.is_initialized())
-        if before_group and (isinstance(e, LayoutError) or os.environ.get("LOCAL_RANK", "0") != "0"):
+        if before_group and (isinstance(e, LayoutError) or ranks.local_rank != 0):
             return
-    print(f"{'' if rank == '0' else f'[rank {rank}] '}error: {e}", file=sys.stderr)
+    print(f"{'' if ranks.rank == 0 else f'[rank {ranks.rank}] '}error: {e}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -228,9 +234,17 @@ def main(argv: list[str] | None = None) -> None:
     except NumericsError as e:
         print(f"error: {e}", file=sys.stderr)
         code = EXIT_NUMERICS
-    except ScaletrainError as e:
+    except (ScaletrainError, OSError) as e:
+        if isinstance(e, OSError):  # a full disk, a quota, no permission, a read-only file system
+            if e.errno not in STORAGE_ERRNOS:
+                raise
+            e = storage_error(e, f"accessing {e.filename or 'a file'}")
         _report_user_error(e)
         code = EXIT_USER_ERROR
+    except Stopped as e:  # a signal during training: the checkpoint is saved (train/preempt.py)
+        if env_ranks().rank == 0:
+            print(e, file=sys.stderr)
+        code = e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED

@@ -23,6 +23,11 @@ class CheckpointError(ScaletrainError):
     """A checkpoint or run folder is missing, incomplete or incompatible."""
 
 
+class StorageError(ScaletrainError):
+    """A file could not be written: disk full, quota, permission denied, read-only file system
+    (scaletrain.fsutil.storage_error words the message after the cause)."""
+
+
 class LayoutError(ScaletrainError):
     """A parallel layout cannot run on the given world size or model."""
 
@@ -31,6 +36,17 @@ class NumericsError(Exception):
     """Training produced a non-finite loss or gradient under train.nan_policy = "abort" (or a
     rollback had nothing to roll back to). Not a user error: the CLI prints the report and
     exits 3."""
+
+
+class Stopped(BaseException):
+    """Training stopped on a signal (train/preempt.py): SIGTERM/SIGUSR1 exit 5, Ctrl-C 130, after
+    saving a checkpoint when a step had run. A BaseException, like KeyboardInterrupt, so that no
+    `except Exception` on its way swallows it. The CLI prints the message (rank 0) and exits
+    with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # Process exit codes: the one table (docs: README "Contract"). Launchers (Slurm scripts, the

@@ -1,4 +1,4 @@
-"""`scaletrain bench`: the benchmark command line.
+"""`scaletrain bench` and `scaletrain bench ffn`: the benchmark command line.
 
   scaletrain bench --config configs/anchor_1b.toml [--warmup 10 --steps 30] [--peer torchtitan]
                    [--profile-steps 5] [--results FILE] [--section.key VALUE ...]
@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 from pathlib import Path
 
 from scaletrain.errors import ConfigError
+from scaletrain.ranks import env_ranks
 
 DEFAULT_RESULTS = "runs/bench/results.jsonl"
 
@@ -38,6 +38,12 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--run-dir", help="scratch run folder (default runs/bench/<config name>; overwritten)")
     b.add_argument("--smoke", action="store_true",
                    help="allow fewer than 20 measured steps (a quick check; the row is marked smoke)")
+    from scaletrain.bench import ffn
+
+    f = b.add_subparsers(dest="bench_command", metavar="ffn").add_parser(
+        "ffn", help="the Squared-ReLU FFN alone: dense vs 2:4 activation sparsity",
+        description="Squared-ReLU FFN forward/backward in isolation: dense vs 2:4 activation sparsity.")
+    ffn.add_arguments(f)
 
 
 def _free_device() -> None:
@@ -54,12 +60,19 @@ def run_bench_cmd(args: argparse.Namespace, overrides: list[str]) -> int:
     from scaletrain.bench.runner import BenchOptions, run_bench
     from scaletrain.config import load_config
 
+    if args.bench_command == "ffn":
+        from scaletrain.bench import ffn
+
+        if overrides:
+            raise ConfigError(f"bench ffn takes no config overrides, got {' '.join(overrides)}; "
+                              "see scaletrain bench ffn -h.")
+        return ffn.main(args)
     for name in ("phase_steps", "profile_steps"):
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}.")
     cfg = load_config(args.config, overrides)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    ranks = env_ranks()
+    world, rank = ranks.world_size, ranks.rank
     if args.peer:
         from scaletrain.bench.peer import check_peer
 
@@ -93,13 +106,3 @@ def run_bench_cmd(args: argparse.Namespace, overrides: list[str]) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     return 0
-
-
-def run_ffn_cmd(argv: list[str]) -> int:
-    """`scaletrain bench ffn ...` (scaletrain/bench/ffn.py)."""
-    from scaletrain.bench import ffn
-
-    p = argparse.ArgumentParser(prog="scaletrain bench ffn",
-                                description="Squared-ReLU FFN forward/backward in isolation: dense vs 2:4 activation sparsity.")
-    ffn.add_arguments(p)
-    return ffn.main(p.parse_args(argv))

@@ -183,11 +183,12 @@ def format_table(r: dict[str, Any]) -> str:
 def main(args: argparse.Namespace) -> int:
     """Run `scaletrain bench ffn` with parsed `args`, print the table, write --json; exit code."""
     from scaletrain.bench.results import environment
+    from scaletrain.parallel.dims import resolve_precision
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     defaults = ANCHOR_SHAPE if device == "cuda" else CPU_SHAPE
     shape = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
-    dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    dtype = resolve_precision(args.dtype or "auto", device)
     result = {**environment(), **run_ffn_bench(**shape, iters=args.iters, warmup=args.warmup, dtype=dtype,
                                                  device=device, kernel=args.kernel, seed=args.seed)}
     print(format_table(result), flush=True)

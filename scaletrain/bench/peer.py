@@ -84,14 +84,6 @@ def titan_ffn_args(dim: int, ffn_dim: int) -> dict[str, Any]:
     return {"multiple_of": ffn_dim, "ffn_dim_multiplier": ffn_dim / base}
 
 
-def titan_ffn_width(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
-    """torchtitan 0.2.2's FeedForward hidden width for `dim` (llama3/model/model.py)."""
-    h = int(2 * 4 * dim / 3)
-    if ffn_dim_multiplier is not None:
-        h = int(ffn_dim_multiplier * h)
-    return multiple_of * ((h + multiple_of - 1) // multiple_of)
-
-
 def model_args(cfg: Config) -> dict[str, Any]:
     """torchtitan TransformerModelArgs fields for our model config."""
     m = cfg.model

@@ -19,15 +19,9 @@ from collections import defaultdict
 import torch
 
 
-class NullPhases:
-    """The trainer's default: marks cost one attribute lookup and a call."""
-
-    def mark(self, phase: str) -> None:
-        pass
-
-
 class PhaseTimer:
-    """Per-phase times over many steps. Times are reported in seconds per step."""
+    """Per-phase times over many steps (train/metrics.py's Phases protocol). Times are reported
+    in seconds per step."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"

@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
-from scaletrain.bench.phases import NullPhases, PhaseTimer
+from scaletrain.bench.phases import PhaseTimer
 from scaletrain.bench.stats import check_counts, steady_state
 from scaletrain.config.schema import Config
 from scaletrain.errors import ConfigError, NumericsError
+from scaletrain.train.metrics import NullPhases, mfu
 from scaletrain.train.peaks import device_peak_flops
 
 BENCH_MARKER = ".scaletrain-bench"  # a folder holding this file is a disposable bench folder
@@ -53,8 +54,8 @@ def check_bench_dir(run_dir: Path) -> None:
 
 
 def layout_name(dims) -> str:
-    """'single' or the degrees above 1, e.g. 'dp_shard=2 tp=2'."""
-    parts = [f"{k}={getattr(dims, k)}" for k in ("dp_replicate", "dp_shard", "tp", "pp", "cp") if getattr(dims, k) > 1]
+    """'single' or the degrees above 1, e.g. 'dp_shard=2 tp=2' ('dp_shard=4 ep=2': ep re-uses dp ranks)."""
+    parts = [f"{k}={getattr(dims, k)}" for k in ("dp_replicate", "dp_shard", "tp", "pp", "cp", "ep") if getattr(dims, k) > 1]
     return " ".join(parts) or "single"
 
 
@@ -92,6 +93,7 @@ def run_bench(cfg: Config, opts: BenchOptions, run_dir: Path) -> dict[str, Any]:
     global over all ranks, memory is this rank's; times in seconds, memory in bytes)."""
     from scaletrain.model.flops import param_counts
     from scaletrain.train.metrics import peak_memory_bytes, peak_reserved_bytes, reset_peak_memory
+    from scaletrain.plan.memcheck import preflight
     from scaletrain.train.trainer import Trainer
 
     check_counts(opts.warmup, opts.steps, allow_short=opts.smoke)
@@ -99,7 +101,7 @@ def run_bench(cfg: Config, opts: BenchOptions, run_dir: Path) -> dict[str, Any]:
     check_bench_dir(run_dir)
     cfg = bench_config(cfg, opts)
     t_build = time.perf_counter()
-    trainer = Trainer(cfg, run_dir, overwrite=True)
+    trainer = Trainer(cfg, run_dir, memory_check=preflight(), overwrite=True)
     if trainer.rank == 0:
         (run_dir / BENCH_MARKER).write_text("scratch folder of `scaletrain bench`; overwritten on every run\n")
     build_s = time.perf_counter() - t_build
@@ -129,12 +131,11 @@ def run_bench(cfg: Config, opts: BenchOptions, run_dir: Path) -> dict[str, Any]:
     if opts.profile_steps:
         from scaletrain.bench.tax import profile_framework_tax
 
-        tax = profile_framework_tax(trainer, opts.profile_steps)
+        tax = profile_framework_tax(trainer, opts.profile_steps, _one_step)
         losses.extend(tax.pop("losses"))
     trainer.metrics.close()
 
     c = trainer.cfg
-    bf16_peak = device_peak_flops(device, "bf16")
     return {
         "config": {"model": c.model.flavor, "params": param_counts(c.model)["total"], "seq_len": c.data.seq_len,
                    "batch_size": c.data.batch_size, "grad_accum": c.train.grad_accum,
@@ -148,8 +149,8 @@ def run_bench(cfg: Config, opts: BenchOptions, run_dir: Path) -> dict[str, Any]:
         "flops_per_token": trainer.flops_per_token,
         "peak_flops": trainer.peak_flops,
         # torchtitan divides by the bf16 peak whatever the precision: the number to compare fp8 runs with it
-        "mfu_vs_bf16_peak": (None if not bf16_peak else
-                             stats.tokens_per_s * trainer.flops_per_token / (bf16_peak * trainer.env.world_size)),
+        "mfu_vs_bf16_peak": mfu(stats.tokens_per_s, trainer.flops_per_token, device_peak_flops(device, "bf16"),
+                                trainer.env.world_size),
         "warmup_steps": opts.warmup,
         "smoke": opts.smoke,
         "build_s": build_s,

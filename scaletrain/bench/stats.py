@@ -14,6 +14,7 @@ import statistics
 from dataclasses import asdict, dataclass
 
 from scaletrain.errors import ConfigError
+from scaletrain.train.metrics import mfu
 
 MIN_MEASURED_STEPS = 20  # the floor for an average a result may be recorded from
 
@@ -67,7 +68,7 @@ def steady_state(step_seconds: list[float], warmup: int, tokens_per_step: int, f
     mean = window / n
     stdev = statistics.stdev(measured) if n > 1 else 0.0
     tokens_per_s = tokens_per_step * n / window
-    mfu = None if not peak_flops else tokens_per_s * flops_per_token / (peak_flops * n_devices)
     return StepStats(steps=n, window_s=window, mean_s=mean, median_s=statistics.median(measured), stdev_s=stdev,
                      min_s=min(measured), max_s=max(measured), cv=stdev / (sum(measured) / n),
-                     tokens_per_s=tokens_per_s, tflops=tokens_per_s * flops_per_token / 1e12, mfu=mfu)
+                     tokens_per_s=tokens_per_s, tflops=tokens_per_s * flops_per_token / 1e12,
+                     mfu=mfu(tokens_per_s, flops_per_token, peak_flops, n_devices))

@@ -71,14 +71,12 @@ def _device_kind(evt) -> bool:
     return getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA
 
 
-def profile_framework_tax(trainer, steps: int, step_fn: Callable[[Any], tuple[float, float]] | None = None
-                          ) -> dict[str, Any]:
-    """Profile `steps` training steps of `trainer` and summarise the framework tax. The losses
-    of those steps are returned under "losses" (the steps are real training steps)."""
+def profile_framework_tax(trainer, steps: int, step_fn: Callable[[Any], tuple[float, float]]) -> dict[str, Any]:
+    """Profile `steps` training steps of `trainer`, each run by `step_fn(trainer)` -> (seconds,
+    loss) (bench/runner.py's), and summarise the framework tax. The losses of those steps are
+    returned under "losses" (the steps are real training steps)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    if step_fn is None:
-        from scaletrain.bench.runner import _one_step as step_fn
     cuda = trainer.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     losses = []

@@ -8,7 +8,6 @@ suggestion; values are checked against the annotated field type and the error na
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import sys
 import typing
 from pathlib import Path
@@ -19,17 +18,13 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
+from scaletrain.config.flavors import FLAVORS, model_config_for
 from scaletrain.config.schema import Config
+from scaletrain.config.validate import check_choice, did_you_mean, is_choice, validate_config
 from scaletrain.errors import ConfigError
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
-
-
-def _did_you_mean(name: str, options: typing.Iterable[str], spell: typing.Callable[[str], str] = str) -> str:
-    """' Did you mean X?' for the option closest to `name` (written as `spell(option)`), or ''."""
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return f" Did you mean '{spell(close[0])}'?" if close else ""
 
 
 def _field_types(node_cls: type) -> dict[str, type]:
@@ -58,14 +53,15 @@ def coerce_table(key: str, table: Any, node_cls: type) -> Any:
     types = _field_types(node_cls)
     for name in table:
         if name not in types:
-            raise ConfigError(f"unknown key '{name}' in {key}.{_did_you_mean(name, types)} "
+            raise ConfigError(f"unknown key '{name}' in {key}.{did_you_mean(name, types)} "
                               f"Keys: {', '.join(types)}.")
     return node_cls(**{name: coerce(f"{key}.{name}", v, types[name]) for name, v in table.items()})
 
 
 def coerce(key: str, value: Any, typ: type, from_cli: bool = False) -> Any:
     """Convert a TOML value (typed) or a CLI string (`from_cli`) to `typ`, raising ConfigError
-    naming `key`. A TOML string never stands in for a number: `steps = "10"` is an error.
+    naming `key`. A TOML string never stands in for a number: `steps = "10"` is an error. A
+    `Literal[...]` field takes one of its values (the error lists them, with "did you mean").
     A `list[Dataclass]` field is an array of tables (`[[section.key]]`), TOML only."""
     node_cls = _table_type(typ)
     if node_cls is not None:
@@ -75,6 +71,8 @@ def coerce(key: str, value: Any, typ: type, from_cli: bool = False) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list of tables: write each entry as a [[{key}]] table.")
         return [coerce_table(f"{key}[{i}]", item, node_cls) for i, item in enumerate(value)]
+    if is_choice(typ):  # a Literal of allowed strings, from TOML or the command line alike
+        return check_choice(key, value, typ)
     from_cli = from_cli and isinstance(value, str) and typ is not str
     if typ is bool:
         if isinstance(value, bool):
@@ -125,13 +123,32 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {p} is not UTF-8 text.") from None
 
 
+def _is_override(arg: str) -> bool:
+    """Whether `arg` names a config key: `--section.key` or `--section.key=VALUE`."""
+    return arg.startswith("--") and "." in arg.split("=", 1)[0]
+
+
+def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
+    """(the other arguments, the `--section.key VALUE` / `--section.key=VALUE` overrides), each
+    in the order given. The CLI takes the overrides out before argparse reads the rest, so a
+    VALUE is never mistaken for a sub-command."""
+    rest: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(args):
+        takes_value = _is_override(args[i]) and "=" not in args[i] and i + 1 < len(args)
+        (overrides if _is_override(args[i]) else rest).extend(args[i:i + 1 + takes_value])
+        i += 1 + takes_value
+    return rest, overrides
+
+
 def parse_overrides(args: list[str]) -> dict[str, str]:
     """Turn ['--model.dim', '128', '--train.steps=5'] into {'model.dim': '128', ...}."""
     out: dict[str, str] = {}
     i = 0
     while i < len(args):
         arg = args[i]
-        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+        if not _is_override(arg):
             raise ConfigError(
                 f"unexpected argument {arg!r}; config overrides look like --section.key VALUE "
                 "(e.g. --train.steps 50)."
@@ -166,23 +183,20 @@ def _check_keys(raw: dict[str, Any], origin: str, cli: bool = False) -> None:
         if section not in sections:
             spell = (lambda s: " ".join(f"--{s}.{key}" for key in table)) if cli else (lambda s: f"[{s}]")
             raise ConfigError(f"unknown config section '{section}' in {origin}."
-                              f"{_did_you_mean(section, sections, spell)} Sections: {', '.join(sections)}.")
+                              f"{did_you_mean(section, sections, spell)} Sections: {', '.join(sections)}.")
         if not isinstance(table, dict):
             raise ConfigError(f"'{section}' in {origin} must be a table ([{section}]).")
         fields = _field_types(sections[section])
         for key in table:
             if key not in fields:
                 spell = lambda k: f"{'--' if cli else ''}{section}.{k}"  # noqa: E731
-                raise ConfigError(f"unknown key '{section}.{key}' in {origin}.{_did_you_mean(key, fields, spell)}")
+                raise ConfigError(f"unknown key '{section}.{key}' in {origin}.{did_you_mean(key, fields, spell)}")
 
 
 def build_config(toml: dict[str, Any] | None = None, overrides: dict[str, str] | None = None,
                  toml_origin: str = "the config file") -> Config:
     """Assemble a Config from parsed TOML and flat dotted overrides, then validate it.
     `toml_origin` names where the TOML came from in error messages (e.g. its path)."""
-    from scaletrain.config.validate import validate_config
-    from scaletrain.model.flavors import FLAVORS, model_config_for
-
     toml = toml or {}
     cli = _nest(overrides or {})
     _check_keys(toml, toml_origin)

@@ -1,42 +1,52 @@
-"""Value checks on a fully assembled Config. Each error names the offending key and a fix.
+"""Value checks on the config. Each error names the offending key and a fix.
 
-Checks that need data (tokenizer vocab vs model.vocab_size) or the world size (parallel
+Allowed string values come from the schema's `Literal` types (`check_choice`, used by
+config/load.py's `coerce` for every value read, and by `check_choices` for a node built in
+code). Checks that need data (tokenizer vocab vs model.vocab_size) or the world size (parallel
 degrees vs ranks) run where that information exists: the trainer and parallel/dims.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import re
+import typing
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
 
-from scaletrain.config.load import _did_you_mean
-from scaletrain.config.schema import Config, DataConfig
+from scaletrain.config.schema import Config, DataConfig, ModelConfig, head_dim_of
 from scaletrain.errors import ConfigError
 
-CHOICES = {
-    "model.moe_router": ("softmax", "sigmoid"),
-    "model.moe_balance": ("aux_loss", "bias", "none"),
-    "tokenizer.kind": ("byte", "bpe", "file"),
-    "data.source": ("builtin", "builtin_code", "builtin_prose", "text", "jsonl", "parquet", "hf_disk"),
-    "optim.name": ("adamw",),
-    "optim.fused": ("auto", "true", "false"),
-    "schedule.kind": ("cosine", "wsd", "constant", "linear"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.precision": ("auto", "fp32", "bf16", "fp8"),
-    "train.fp8_recipe": ("tensorwise", "rowwise"),
-    "train.sdpa_backend": ("auto", "flash", "cudnn", "efficient", "math"),
-    "train.compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"),
-    "train.nan_policy": ("skip", "rollback", "abort"),
-    "checkpoint.verify": ("checksum", "size"),
-    "metrics.progress": ("auto", "rich", "plain", "none"),
-    "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b"),
-    "parallel.ac": ("none", "full", "selective"),
-    "btx.router_init": ("normal", "zero"),
-}
+
+def did_you_mean(name: str, options: Iterable[str], spell: Callable[[str], str] = str) -> str:
+    """' Did you mean X?' for the option closest to `name` (written as `spell(option)`), or ''."""
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" Did you mean '{spell(close[0])}'?" if close else ""
 
 
-def _get(cfg: Config, key: str):
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
+def is_choice(typ: Any) -> bool:
+    """Whether a field type is a `Literal[...]` of allowed values."""
+    return typing.get_origin(typ) is Literal
+
+
+def check_choice(key: str, value: Any, typ: Any) -> Any:
+    """`value` if it is one of the values of the `Literal` type `typ`; else ConfigError naming
+    `key`, the allowed values and the nearest one."""
+    allowed = typing.get_args(typ)
+    if isinstance(value, str) and value in allowed:
+        return value
+    raise ConfigError(f"{key} = {value!r} is not one of {', '.join(map(repr, allowed))}."
+                      + did_you_mean(str(value), allowed))
+
+
+def check_choices(key: str, node: Any) -> None:
+    """check_choice for every `Literal` field of dataclass `node` (the config node `key`), for
+    nodes built in code rather than read by config/load.py."""
+    hints = typing.get_type_hints(type(node))
+    for f in dataclasses.fields(node):
+        if is_choice(hints[f.name]):
+            check_choice(f"{key}.{f.name}", getattr(node, f.name), hints[f.name])
 
 
 def _require(ok: bool, msg: str) -> None:
@@ -44,14 +54,57 @@ def _require(ok: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def validate_model_config(cfg: ModelConfig) -> None:
+    """Raise ConfigError (saying how to fix it) if `cfg` does not describe a buildable model."""
+    check_choices("model", cfg)
+    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
+        value = getattr(cfg, name)
+        _require(isinstance(value, int) and value > 0, f"model.{name} must be a positive integer, got {value!r}")
+    for name in ("rope_theta", "norm_eps", "init_std"):
+        _require(getattr(cfg, name) > 0, f"model.{name} must be > 0, got {getattr(cfg, name)!r}")
+    _require(isinstance(cfg.head_dim, int) and cfg.head_dim >= 0,
+             f"model.head_dim must be an integer >= 0 (0 = dim / n_heads), got {cfg.head_dim!r}")
+    _require(cfg.head_dim != 0 or cfg.dim % cfg.n_heads == 0,
+             f"model.dim={cfg.dim} is not divisible by model.n_heads={cfg.n_heads}; "
+             "choose n_heads dividing dim (head_dim = dim / n_heads), or set model.head_dim")
+    _require(cfg.n_heads % cfg.n_kv_heads == 0,
+             f"model.n_heads={cfg.n_heads} is not divisible by model.n_kv_heads={cfg.n_kv_heads}; "
+             "grouped-query attention shares each kv head among n_heads / n_kv_heads query heads")
+    head_dim = head_dim_of(cfg)
+    _require(head_dim % 2 == 0, f"head_dim = {head_dim} is odd; RoPE rotates pairs of channels, "
+                                "so choose dim and n_heads (or model.head_dim) giving an even head_dim")
+    _require(cfg.activation_sparsity != "2:4" or cfg.ffn == "squared_relu",
+             "model.activation_sparsity='2:4' needs model.ffn='squared_relu' "
+             "(the sparse activations come from the squared ReLU)")
+    _validate_moe(cfg)
+
+
+def _validate_moe(cfg: ModelConfig) -> None:
+    """moe_* values that do not make a model (model/moe.py, docs/moe.md)."""
+    _require(isinstance(cfg.moe_experts, int) and cfg.moe_experts >= 0,
+             f"model.moe_experts must be an integer >= 0 (0 = dense), got {cfg.moe_experts!r}")
+    if cfg.moe_experts == 0:
+        return
+    _require(1 <= cfg.moe_top_k <= cfg.moe_experts,
+             f"model.moe_top_k = {cfg.moe_top_k} must be between 1 and model.moe_experts = "
+             f"{cfg.moe_experts} (each token is sent to top_k distinct experts)")
+    for key in ("moe_ffn_dim", "moe_shared_experts", "moe_dense_layers"):
+        value = getattr(cfg, key)
+        _require(isinstance(value, int) and value >= 0, f"model.{key} must be an integer >= 0, got {value!r}")
+    _require(cfg.moe_dense_layers < cfg.n_layers,
+             f"model.moe_dense_layers = {cfg.moe_dense_layers} leaves no MoE layer of the {cfg.n_layers}; "
+             f"use at most {cfg.n_layers - 1}, or moe_experts = 0 for a dense model")
+    for key in ("moe_aux_coef", "moe_bias_rate", "moe_capacity_factor"):
+        _require(getattr(cfg, key) >= 0, f"model.{key} must be >= 0, got {getattr(cfg, key)!r}")
+    _require(cfg.ffn == "swiglu" and cfg.activation_sparsity == "none",
+             "MoE experts are SwiGLU: set model.ffn = 'swiglu' and model.activation_sparsity = 'none' with "
+             f"model.moe_experts > 0 (got ffn={cfg.ffn!r}, activation_sparsity={cfg.activation_sparsity!r})")
+
+
 def validate_config(cfg: Config) -> None:
     """Raise ConfigError for impossible values; returns None when the config is usable."""
-    from scaletrain.model.transformer import validate_model_config
-
-    for key, allowed in CHOICES.items():
-        value = _get(cfg, key)
-        _require(value in allowed, f"{key} = {value!r} is not one of {', '.join(map(repr, allowed))}.")
-
+    for f in dataclasses.fields(cfg):
+        check_choices(f.name, getattr(cfg, f.name))
     validate_model_config(cfg.model)
     m, d, o, s, t = cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.train
     _require(d.seq_len >= 1, f"data.seq_len must be >= 1, got {d.seq_len}.")
@@ -93,7 +146,7 @@ def validate_config(cfg: Config) -> None:
              f"metrics.log_interval must be >= 0 (0 = auto, about 50 lines per run), got {cfg.metrics.log_interval}.")
 
     p = cfg.parallel
-    for name in ("dp_replicate", "tp", "pp", "cp"):
+    for name in ("dp_replicate", "tp", "pp", "cp", "ep"):
         v = getattr(p, name)
         _require(v >= 1, f"parallel.{name} must be >= 1, got {v}.")
     _require(p.dp_shard >= 1 or p.dp_shard == -1, f"parallel.dp_shard must be >= 1 or -1 (the rest), got {p.dp_shard}.")
@@ -125,8 +178,7 @@ def _validate_domains(d: DataConfig) -> None:
                  "(it names the metrics key val_loss_<name> and a folder).")
         _require(dom.name not in names, f"{where}: the name '{dom.name}' is used twice; domain names must be unique.")
         names.append(dom.name)
-        allowed = CHOICES["data.source"]
-        _require(dom.source in allowed, f"{where}: source = {dom.source!r} is not one of {', '.join(map(repr, allowed))}.")
+        check_choices(f"data.domains[{i}]", dom)
         _require(dom.source.startswith("builtin") or dom.path != "",
                  f"{where}: source = '{dom.source}' needs path (a file or folder).")
         _require(dom.weight >= 0, f"{where}: weight must be >= 0 (0 = validation only), got {dom.weight}.")
@@ -134,4 +186,4 @@ def _validate_domains(d: DataConfig) -> None:
              "every [[data.domains]] weight is 0: nothing to train on. Give at least one domain a weight > 0.")
     if d.domain:
         _require(d.domain in names, f"data.domain = {d.domain!r} is not one of the [[data.domains]] names "
-                                    f"({', '.join(names)}).{_did_you_mean(d.domain, names)}")
+                                    f"({', '.join(names)}).{did_you_mean(d.domain, names)}")

@@ -31,11 +31,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from scaletrain.config.schema import ModelConfig
+from scaletrain.config.validate import validate_model_config
 from scaletrain.errors import CheckpointError, ConfigError
 from scaletrain.export import hf_moe
-from scaletrain.model.flavors import FLAVORS, model_config_for
+from scaletrain.config.flavors import FLAVORS, model_config_for
 from scaletrain.model.flops import head_dim_of, is_moe_layer
-from scaletrain.model.transformer import validate_model_config
 
 _TOP = {
     "tok_embeddings.weight": "model.embed_tokens.weight",

@@ -49,7 +49,7 @@ def add_launch_parser(sub) -> None:
     add_slurm_parser(lsub)
 
 
-def _run_local(args: argparse.Namespace) -> int:
+def _run_local(args: argparse.Namespace, overrides: list[str]) -> int:
     if not args.worker_command or args.worker_command[0] not in COMMANDS:
         raise ConfigError(f"launch local needs a scaletrain command after its options, one of {', '.join(COMMANDS)}; "
                           "e.g. scaletrain launch local --nproc-per-node 2 train --config configs/cpu_debug.toml")
@@ -63,18 +63,20 @@ def _run_local(args: argparse.Namespace) -> int:
     launch = LocalLaunch(args.nproc_per_node, args.nnodes, args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id,
                          args.max_restarts)
     python = os.environ.get("PYTHON_EXEC", sys.executable)  # torchrun's variable for the workers' interpreter
-    code = run_workers(launch, [python, "-u", "-m", "scaletrain", *args.worker_command])
+    code = run_workers(launch, [python, "-u", "-m", "scaletrain", *args.worker_command, *overrides])
     if args.exit_code_dir:
         record = Path(args.exit_code_dir) / f"{socket.gethostname()}-{os.getpid()}"
         record.write_text(f"{time.time_ns()} {code}\n")  # "when what": the script takes the earliest failure
     return code
 
 
-def run_launch(args: argparse.Namespace, overrides: list[str]) -> int:
+def run_launch(args: argparse.Namespace, unknown: list[str], overrides: list[str]) -> int:
+    """`scaletrain launch`: `overrides` are the command line's `--section.key VALUE` pairs (the
+    worker command's, for local), `unknown` any other option argparse did not know."""
     if args.launcher == "local":
-        if overrides:
-            raise ConfigError(f"unknown launch local option(s) before the command: {' '.join(overrides)}")
-        return _run_local(args)
+        if unknown:
+            raise ConfigError(f"unknown launch local option(s) before the command: {' '.join(unknown)}")
+        return _run_local(args, overrides)
     from scaletrain.launch.slurm import run_slurm
 
-    return run_slurm(args, overrides)
+    return run_slurm(args, overrides + unknown)

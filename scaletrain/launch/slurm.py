@@ -76,8 +76,7 @@ def job_shape(args: argparse.Namespace, overrides: list[str]) -> tuple[int, int]
     --nodes when they fix the world size (dp_shard != -1). Raises ConfigError/LayoutError now, not
     after the queue wait."""
     from scaletrain.config import load_config
-    from scaletrain.parallel.dims import resolve_dims
-    from scaletrain.parallel.layout import check_layout
+    from scaletrain.parallel.layout import check_layout, resolve_dims
 
     if args.nodes < 1:
         raise ConfigError(f"--nodes must be >= 1, got {args.nodes}.")

@@ -14,14 +14,11 @@ Conventions:
 
 from __future__ import annotations
 
-from scaletrain.config.schema import ModelConfig
+from typing import get_args
 
-AC_MODES = ("none", "selective", "full")
+from scaletrain.config.schema import AcMode, ModelConfig, head_dim_of
 
-
-def head_dim_of(cfg: ModelConfig) -> int:
-    """Width of one attention head: model.head_dim, or dim / n_heads when it is 0."""
-    return cfg.head_dim or cfg.dim // cfg.n_heads
+AC_MODES = get_args(AcMode)
 
 
 def _dims(cfg: ModelConfig) -> tuple[int, int, int]:
@@ -192,7 +189,7 @@ def flops_per_token(
 
 
 def activation_bytes_per_layer(
-    cfg: ModelConfig, batch: int, seq_len: int, dtype_bytes: int = 2, ac: str = "none"
+    cfg: ModelConfig, batch: int, seq_len: int, dtype_bytes: int = 2, ac: str = "none", layer: int | None = None
 ) -> int:
     """Bytes of activations ONE transformer layer keeps for backward (per micro-batch).
 
@@ -220,6 +217,8 @@ def activation_bytes_per_layer(
     attention module): drops what the attention keeps past its input (q, k, v, SDPA output,
     logsumexp, wo input); backward recomputes them from the stored wq/wk/wv input. ac="full": only the layer input b*s*d is kept (backward then transiently needs one
     layer's "none" activations while it recomputes that layer; the planner adds that peak).
+    `layer` (0-based) selects the FFN of that layer (ffn_activation_bytes): an MoE layer's
+    replaces the SwiGLU tensors; None means a dense layer.
 
     Returns bytes (int).
     """
@@ -233,8 +232,7 @@ def activation_bytes_per_layer(
     norms = 2 * (tokens * cfg.dim * dtype_bytes + tokens * fp32)  # inputs + 1/rms, both norms
     linear_inputs = 2 * tokens * cfg.dim * dtype_bytes  # qkv input, ffn input
     wo_input = tokens * q_dim * dtype_bytes
-    ffn_tensors = (4 if cfg.ffn == "swiglu" else 2) * tokens * cfg.ffn_dim * dtype_bytes
-    total = norms + linear_inputs + ffn_tensors
+    total = norms + linear_inputs + ffn_activation_bytes(cfg, batch, seq_len, dtype_bytes, layer)
     if ac == "none":
         sdpa_inputs_and_output = 4 * tokens * q_dim * dtype_bytes  # q, k, v, O
         logsumexp = batch * cfg.n_heads * seq_len * fp32
@@ -268,6 +266,52 @@ def moe_ffn_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype_b
     return router + experts + 4 * t * f * cfg.moe_shared_experts * dtype_bytes
 
 
+def ffn_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype_bytes: int = 2,
+                         layer: int | None = None) -> int:
+    """Bytes the FFN of layer `layer` keeps for backward per micro-batch past its input (the
+    ffn_norm output): the dense SwiGLU's 4*T*f*B (w1 out, silu, w3 out, w2 input; 2*T*f*B for
+    squared ReLU), or moe_ffn_activation_bytes for an MoE layer. None = a dense layer."""
+    if layer is not None and is_moe_layer(cfg, layer):
+        return moe_ffn_activation_bytes(cfg, batch, seq_len, dtype_bytes)
+    return (4 if cfg.ffn == "swiglu" else 2) * batch * seq_len * cfg.ffn_dim * dtype_bytes
+
+
+def moe_dispatch_bytes(cfg: ModelConfig, batch: int, seq_len: int, ep: int, dtype_bytes: int = 2) -> dict[str, int]:
+    """Bytes ONE rank sends to the other ranks of its expert-parallel group for ONE MoE layer
+    and micro-batch (parallel/ep.py), at balanced routing, by collective:
+
+      T = batch * seq_len   the tokens the layer sees on this rank (seq_len / cp of a sequence
+                            under context parallelism; under tensor parallelism every tp rank
+                            sees, and sends, the whole sequence: pass the full seq_len)
+      N = T * k             token slots (dropless; a capacity factor sends at most that many)
+      "dispatch"            forward all-to-all of the slots' token rows:  N * (ep-1)/ep * dim * B
+      "combine"             forward all-to-all of the expert outputs:    N * (ep-1)/ep * dim * B
+      "combine_grad"        backward of "combine" (the output gradients go to the experts): as "combine"
+      "dispatch_grad"       backward of "dispatch" (the input gradients come home): as "dispatch"
+      "counts"              forward all-to-all of the slots per expert:  E * 8 * (ep-1)/ep (int64)
+
+    B = dtype_bytes of the compute dtype (rows are cast to it before dispatch). (ep-1)/ep of
+    the slots leave the rank when routing is balanced; the rest stay local. A rank receives as
+    much as it sends on average; the rank holding the busiest experts receives up to
+    `expert_imbalance` (docs/moe.md) times the mean, and everyone waits for it. Activation
+    checkpointing ("full") repeats "dispatch", "combine" and "counts" in backward. The split
+    sizes also cost one device-to-host sync per layer and forward. Returns bytes (ints); all zero
+    for ep = 1."""
+    if ep <= 1:
+        return dict.fromkeys(("dispatch", "combine", "combine_grad", "dispatch_grad", "counts"), 0)
+    rows = batch * seq_len * cfg.moe_top_k * cfg.dim * dtype_bytes * (ep - 1) // ep
+    return {"dispatch": rows, "combine": rows, "combine_grad": rows, "dispatch_grad": rows,
+            "counts": cfg.moe_experts * 8 * (ep - 1) // ep}
+
+
+def moe_dispatch_buffer_bytes(cfg: ModelConfig, batch: int, seq_len: int, ep: int, dtype_bytes: int = 2) -> int:
+    """Bytes of the send and receive buffers of one token all-to-all of an MoE layer (ep > 1)
+    at balanced routing: 2 * T * k * dim * B (all T k slot rows are laid out to send, and as
+    many arrive). They are alive on top of the saved tensors while the layer's dispatch runs,
+    in forward and, for the gradients, in backward. Returns bytes; 0 for ep = 1."""
+    return 2 * batch * seq_len * cfg.moe_top_k * cfg.dim * dtype_bytes if ep > 1 else 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Saved tensors, as autograd actually holds them (the planner's MEMORY model).
 #
@@ -288,7 +332,8 @@ SAVED_AC_MODES = AC_MODES + ("op",)  # "op": torchtitan's op-level selective AC 
 
 
 def saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype_bytes: int = 2, ac: str = "none", *,
-                           tp: int = 1, fused: bool = False, decomposed_norm: bool = False) -> float:
+                           tp: int = 1, fused: bool = False, decomposed_norm: bool = False,
+                           layer: int | None = None) -> float:
     """Bytes ONE transformer layer keeps for backward per rank, per micro-batch.
 
     With T = batch*seq_len tokens (seq_len: this rank's sequence chunk under context
@@ -304,6 +349,8 @@ def saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype_byt
         SwiGLU w1 out, silu(w1 out), w3 out, w2 input   4*T*f*B/tp   (3*T*f*B/tp when fused:
                                                                      silu is recomputed)
         squared ReLU relu(w1 out), w2 input             2*T*f*B/tp
+        with qk_norm: q and k before their norms        T*(q+kv)*B/tp, + 1/rms T*(h+h_kv)*4/tp,
+                                                        + the normalised q, k when decomposed_norm
       ac="selective" (parallel/ac.py: each block's attention module is checkpointed): drops
         q, k, v, O and logsumexp; the attention's input is kept as the checkpoint saved it, the
         norm output's sequence shard (T*d*B/tp) instead of the gathered copy.
@@ -314,6 +361,13 @@ def saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype_byt
         sum before its reduce-scatter; plus the reduce-scatter output T*d*B/tp when tp > 1),
         SDPA's O and logsumexp (T*q*B/tp + b*h*s*4/tp). Everything else (norms, RoPE, SiLU,
         wk, wo, w3) is recomputed in backward.
+
+    `layer` (0-based) selects that layer's FFN; None = dense. An MoE layer (model/moe.py) runs
+    replicated over the tp ranks on the gathered sequence (parallel/ep.py), so its FFN tensors,
+    moe_ffn_activation_bytes, are not split by tp; they replace the SwiGLU's 4*T*f*B/tp under
+    "none" and "selective". Under "op" the expert w1 outputs and the slot-order outputs are
+    kept, silu and w3 outputs (2*T*k*f*B, and the shared experts' 2*T*f*S*B) recomputed: an
+    approximation of torchtitan's policy for grouped GEMMs, not measured.
     """
     if ac not in SAVED_AC_MODES:
         raise ValueError(f"unknown activation checkpointing mode {ac!r}; choose one of {SAVED_AC_MODES}")
@@ -321,21 +375,32 @@ def saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype_byt
     T = batch * seq_len
     B = dtype_bytes
     d, f = cfg.dim, cfg.ffn_dim
+    moe = layer is not None and is_moe_layer(cfg, layer)
     block_input = T * d * B / tp
     if ac == "full":
         return block_input
     lse = batch * cfg.n_heads * seq_len * 4 / tp
     if ac == "op":
-        saved = block_input + T * (q_dim + kv_dim + f) * B / tp + T * d * B + T * q_dim * B / tp + lse
+        saved = block_input + T * (q_dim + kv_dim) * B / tp + T * q_dim * B / tp + lse
+        if moe:
+            recomputed = 2 * T * expert_ffn_dim(cfg) * (cfg.moe_top_k + cfg.moe_shared_experts) * B
+            return saved + moe_ffn_activation_bytes(cfg, batch, seq_len, B) - recomputed
+        saved += T * f * B / tp + T * d * B
         return saved + (T * d * B / tp if tp > 1 else 0.0)
     norms = 2 * T * d * B / tp + 2 * T * 4 / tp + (2 * T * d * B / tp if decomposed_norm else 0.0)
-    if cfg.ffn == "swiglu":
+    if moe:
+        ffn = float(moe_ffn_activation_bytes(cfg, batch, seq_len, B))
+    elif cfg.ffn == "swiglu":
         ffn = (3 if fused else 4) * T * f * B / tp
     else:
         ffn = 2 * T * f * B / tp
     if ac == "selective":
         return norms + T * d * B + T * d * B / tp + ffn
-    return norms + 2 * T * d * B + 4 * T * q_dim * B / tp + lse + ffn
+    qk_norms = 0.0
+    if cfg.qk_norm:  # RMSNorm over head_dim of every q and k head (Qwen3), inside the attention
+        qk_norms = (T * (q_dim + kv_dim) * B * (2 if decomposed_norm else 1)
+                    + T * (cfg.n_heads + cfg.n_kv_heads) * 4) / tp
+    return norms + 2 * T * d * B + 4 * T * q_dim * B / tp + lse + qk_norms + ffn
 
 
 def head_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype_bytes: int = 2, *, tp: int = 1,
@@ -371,25 +436,35 @@ def loss_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype_byte
 
 
 def backward_transient_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype_bytes: int = 2, *,
-                             tp: int = 1) -> float:
+                             tp: int = 1, layer: int | None = None) -> float:
     """Gradient bytes alive on top of the saved tensors while one layer runs its backward:
     the FFN's gating-product backward holds the gradients of both product inputs (SwiGLU:
-    2*T*f*B/tp; squared ReLU: T*f*B/tp) while the layer's output gradient (T*d*B) is alive."""
+    2*T*f*B/tp; squared ReLU: T*f*B/tp) while the layer's output gradient (T*d*B) is alive.
+    An MoE layer (`layer`, 0-based): the routed experts' SwiGLU backward on the T*k slots,
+    2*T*k*f_e*B, or the shared experts' 2*T*S*f_e*B if larger (they run one after the other),
+    plus the gradient of the slot-order outputs T*k*d*B; not split by tp (replicated MoE)."""
     T = batch * seq_len
+    if layer is not None and is_moe_layer(cfg, layer):
+        k = cfg.moe_top_k
+        gating = 2 * T * max(k, cfg.moe_shared_experts) * expert_ffn_dim(cfg)
+        return (gating + T * k * cfg.dim + T * cfg.dim) * dtype_bytes
     n = 2 if cfg.ffn == "swiglu" else 1
     return T * (n * cfg.ffn_dim / tp + cfg.dim) * dtype_bytes
 
 
 def recompute_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype_bytes: int = 2, ac: str = "none", *,
-                    tp: int = 1, decomposed_norm: bool = False) -> float:
+                    tp: int = 1, decomposed_norm: bool = False, layer: int | None = None) -> float:
     """Bytes a layer re-materialises in backward under activation checkpointing, beyond what
     its forward saved: full and op AC recompute the whole layer (its eager "none" set: inside
     the backward every intermediate the gradient ops need is live, compiled or not), selective
-    recomputes the attention (q, k, v, O, logsumexp and the all-gathered attention input)."""
+    recomputes the attention (q, k, v, O, logsumexp and the all-gathered attention input).
+    `layer` as in saved_activation_bytes."""
     if ac == "none":
         return 0.0
-    none = saved_activation_bytes(cfg, batch, seq_len, dtype_bytes, "none", tp=tp, decomposed_norm=decomposed_norm)
+    none = saved_activation_bytes(cfg, batch, seq_len, dtype_bytes, "none", tp=tp, decomposed_norm=decomposed_norm,
+                                  layer=layer)
     if ac in ("full", "op"):
-        return none - saved_activation_bytes(cfg, batch, seq_len, dtype_bytes, ac, tp=tp)
-    sel = saved_activation_bytes(cfg, batch, seq_len, dtype_bytes, "selective", tp=tp, decomposed_norm=decomposed_norm)
+        return none - saved_activation_bytes(cfg, batch, seq_len, dtype_bytes, ac, tp=tp, layer=layer)
+    sel = saved_activation_bytes(cfg, batch, seq_len, dtype_bytes, "selective", tp=tp, decomposed_norm=decomposed_norm,
+                                 layer=layer)
     return none - sel

@@ -23,6 +23,7 @@ records what it routed (`pop_stats`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,37 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaletrain.config.schema import ModelConfig
-from scaletrain.config.validate import CHOICES
-from scaletrain.errors import ConfigError
 from scaletrain.model.flops import expert_ffn_dim
-
-
-def validate_moe_config(cfg: ModelConfig) -> None:
-    """Raise ConfigError (saying how to fix it) for moe_* values that do not make a model."""
-    if not isinstance(cfg.moe_experts, int) or cfg.moe_experts < 0:
-        raise ConfigError(f"model.moe_experts must be an integer >= 0 (0 = dense), got {cfg.moe_experts!r}")
-    if cfg.moe_experts == 0:
-        return
-    for key in ("moe_router", "moe_balance"):
-        allowed = CHOICES[f"model.{key}"]
-        if getattr(cfg, key) not in allowed:
-            raise ConfigError(f"model.{key} = {getattr(cfg, key)!r} is not one of {', '.join(map(repr, allowed))}.")
-    if not 1 <= cfg.moe_top_k <= cfg.moe_experts:
-        raise ConfigError(f"model.moe_top_k = {cfg.moe_top_k} must be between 1 and model.moe_experts = "
-                          f"{cfg.moe_experts} (each token is sent to top_k distinct experts)")
-    for key in ("moe_ffn_dim", "moe_shared_experts", "moe_dense_layers"):
-        if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 0:
-            raise ConfigError(f"model.{key} must be an integer >= 0, got {getattr(cfg, key)!r}")
-    if cfg.moe_dense_layers >= cfg.n_layers:
-        raise ConfigError(f"model.moe_dense_layers = {cfg.moe_dense_layers} leaves no MoE layer of the "
-                          f"{cfg.n_layers}; use at most {cfg.n_layers - 1}, or moe_experts = 0 for a dense model")
-    for key in ("moe_aux_coef", "moe_bias_rate", "moe_capacity_factor"):
-        if not getattr(cfg, key) >= 0:
-            raise ConfigError(f"model.{key} must be >= 0, got {getattr(cfg, key)!r}")
-    if cfg.ffn != "swiglu" or cfg.activation_sparsity != "none":
-        raise ConfigError("MoE experts are SwiGLU: set model.ffn = 'swiglu' and model.activation_sparsity = "
-                          f"'none' with model.moe_experts > 0 (got ffn={cfg.ffn!r}, "
-                          f"activation_sparsity={cfg.activation_sparsity!r})")
 
 
 # ----------------------------------------------------------------------------- routing
@@ -82,7 +53,7 @@ class Router(nn.Module):
         super().__init__()
         self.top_k, self.score = top_k, score
         self.gate = nn.Linear(dim, n_experts, bias=False)
-        # Persistent: a resumed run must route as the saved one did. init_weights zeroes it.
+        # Persistent: a resumed run must route as the saved one did. init_buffers zeroes it.
         self.register_buffer("expert_bias", torch.empty(n_experts))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -99,7 +70,8 @@ class Router(nn.Module):
         return ids, weights, probs
 
 
-def sequence_aux_loss(probs: torch.Tensor, ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+def sequence_aux_loss(probs: torch.Tensor, ids: torch.Tensor, n_experts: int,
+                      sum_counts: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Switch/GShard load-balancing loss per SEQUENCE, averaged over the sequences:
 
         L = mean_b  E * sum_e f_{b,e} * P_{b,e}
@@ -111,11 +83,18 @@ def sequence_aux_loss(probs: torch.Tensor, ids: torch.Tensor, n_experts: int) ->
     DeepSeek-V3's complementary loss) rather than over the micro-batch: a mean over sequences is
     the same whatever the micro-batch size, gradient accumulation or data-parallel split, so
     every layout trains the same objective (docs/moe.md).
+
+    When the S tokens are a part of each sequence (context parallelism), `sum_counts` adds the
+    [B, E] slot counts of the other parts, so f is the whole sequence's; P stays the mean over
+    the local tokens, and the mean of this loss over the parts (what averaging gradients over
+    the parts computes) is the whole sequence's loss.
     """
     b, s, k = ids.shape
     counts = torch.zeros(b, n_experts, device=ids.device).scatter_add_(
         1, ids.reshape(b, s * k), torch.ones(b, s * k, device=ids.device))  # [B, E]
-    f = counts / (s * k)
+    if sum_counts is not None:
+        counts = sum_counts(counts)
+    f = counts / counts.sum(-1, keepdim=True)  # the sum is the sequence's slots, seq * k: exact
     return (n_experts * (f * probs.mean(1)).sum(-1)).mean()
 
 
@@ -232,14 +211,20 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.backend = "auto"
+        # Expert parallelism (parallel/ep.py) makes the weights sharded tensors of all E experts
+        # and sets this to take their local part; counts then has one entry per local expert.
+        self.local_weight: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x)
         grouped = self.backend == "grouped" or (
             self.backend == "auto" and x.is_cuda and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"))
+        w1, w2, w3 = self.w1, self.w2, self.w3
+        if self.local_weight is not None:  # expert parallelism: this rank's experts only
+            w1, w2, w3 = self.local_weight(w1), self.local_weight(w2), self.local_weight(w3)
         if grouped:
-            return experts_grouped(x, counts, self.w1, self.w2, self.w3, dtype)
-        return experts_reference(x, counts, self.w1, self.w2, self.w3)
+            return experts_grouped(x, counts, w1, w2, w3, dtype)
+        return experts_reference(x, counts, w1, w2, w3)
 
 
 # ------------------------------------------------------------------------------- layer
@@ -264,7 +249,10 @@ class MoE(nn.Module):
         self.router = Router(cfg.dim, cfg.moe_experts, cfg.moe_top_k, cfg.moe_router)
         self.experts = GroupedExperts(cfg.dim, expert_ffn_dim(cfg), cfg.moe_experts)
         self.shared = shared
-        self._stats: torch.Tensor | None = None  # see pop_stats
+        # Context parallelism sets this (parallel/ep.py): sums each sequence's expert counts over
+        # the ranks holding the sequence's other tokens. None: whole sequences are here.
+        self.sum_sequence_counts: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._stats: list[torch.Tensor] = []  # one record per forward pass; see pop_stats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, dim = x.shape
@@ -278,7 +266,7 @@ class MoE(nn.Module):
         out = combine(y, dispatch, weights)  # [T, dim]
         if self.shared is not None:
             out = out + self.shared(tokens)
-        aux = sequence_aux_loss(probs.view(b, s, -1), ids.view(b, s, -1), self.n_experts)
+        aux = sequence_aux_loss(probs.view(b, s, -1), ids.view(b, s, -1), self.n_experts, self.sum_sequence_counts)
         if self.aux_coef > 0 and self.training and torch.is_grad_enabled():
             out = AddAuxLoss.apply(out, aux, self.aux_coef * self.aux_grad_scale)
         self._record(dispatch, aux)
@@ -292,12 +280,20 @@ class MoE(nn.Module):
         dropped = (dispatch.routed - dispatch.counts).sum()
         stats = torch.cat([dispatch.routed.float(), torch.stack([dropped.float(), aux.detach().float(),
                                                                   torch.ones((), device=aux.device)])])
-        self._stats = stats if self._stats is None else self._stats + stats
+        self._stats.append(stats)
 
-    def pop_stats(self) -> torch.Tensor | None:
-        """What this layer routed since the last call, summed over its forward passes, as one
-        fp32 tensor [E + 3] on the device: slots routed to each expert (before capacity), slots
-        dropped, the sum of the auxiliary losses, the number of forward passes. None when it
-        has not run."""
-        stats, self._stats = self._stats, None
-        return stats
+    def pop_stats(self, last: int | None = None) -> torch.Tensor | None:
+        """What this layer routed in its last `last` forward passes (default: all since the
+        previous call), summed, as one fp32 tensor [E + 3] on the device: slots routed to each
+        expert (before capacity), slots dropped, the sum of the auxiliary losses, the number of
+        forward passes. None when it has not run. Forgets every record.
+
+        `last` lets the caller drop passes it did not ask for: a pipeline schedule runs one
+        forward to infer its stages' shapes before the step's micro-batches."""
+        stats, self._stats = self._stats if last is None else self._stats[-last:], []
+        if not stats:
+            return None
+        total = stats[0]
+        for record in stats[1:]:
+            total = total + record
+        return total

@@ -39,10 +39,10 @@ Backends:
                Needs CUDA compute capability >= 8.0, bf16/fp16, and T, D, H multiples of 64.
 
 Memory: only x and h are saved for backward; relu(h)^2 and the mask are recomputed.
-Parallelism: FSDP2 hands this function plain unsharded weights. Under tensor parallelism
-(parallel/tp.py: w1 column-, w2 row-parallel DTensors, replicated input) it runs on the local
-shards and reduce-scatters the output over the sequence, like RowwiseParallel(Shard(1)); the
-mask groups never straddle shards when H / tp_degree is a multiple of 4.
+Parallelism: FSDP2 hands this function plain unsharded weights. Tensor parallelism replaces
+the call from outside (`FeedForward.sparse_ffn`, set by parallel/tp.py) with one that runs this
+function on the local shards of w1 / w2; the mask groups never straddle shards when
+H / tp_degree is a multiple of 4.
 """
 
 from __future__ import annotations
@@ -206,11 +206,6 @@ def sparse_squared_relu_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     weights' gradients flow back through the cast, as with nn.Linear). Raises ConfigError when
     the backend cannot run these tensors.
     """
-    if torch.distributed.is_available():
-        from torch.distributed.tensor import DTensor
-
-        if isinstance(w1, DTensor) or isinstance(w2, DTensor):
-            return _tensor_parallel(x, w1, w2, backend)
     backend = backend or ("cuda" if x.is_cuda else "reference")
     if backend not in BACKENDS:
         raise ConfigError(f"unknown 2:4 sparsity backend {backend!r}; choose one of {list(BACKENDS)}")
@@ -238,23 +233,3 @@ def _apply_cuda(x2d: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.
     # prototype API. The elementwise sparsification inside is compiled on its own (_fused).
     with torch.autocast("cuda", enabled=False):
         return _SparseSquaredReLUFFN.apply(x2d, w1, w2, "cuda")
-
-
-def _tensor_parallel(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, backend: str | None) -> torch.Tensor:
-    """The FFN under parallel/tp.py's plan: x [batch, seq, D] a replicated DTensor, w1 sharded
-    over H (Shard(0)), w2 over H (Shard(1)). Each rank runs its H / tp hidden units (a partial
-    sum of y) and the sum is reduce-scattered over the sequence: returns this rank's local
-    [batch, seq / tp, D], the layout RowwiseParallel(output_layouts=Shard(1)) gives the block."""
-    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
-
-    ok = (isinstance(x, DTensor) and isinstance(w1, DTensor) and isinstance(w2, DTensor) and x.dim() == 3
-          and tuple(x.placements) == (Replicate(),) and tuple(w1.placements) == (Shard(0),)
-          and tuple(w2.placements) == (Shard(1),))
-    if not ok:
-        raise ConfigError("2:4 activation sparsity supports only the tensor-parallel plan of parallel/tp.py "
-                          "(replicated input, w1 column-parallel, w2 row-parallel); "
-                          "use model.activation_sparsity='none' with other layouts")
-    mesh = w1.device_mesh
-    # The gradient w.r.t. the replicated input is this rank's partial sum over its hidden units.
-    y = sparse_squared_relu_ffn(x.to_local(grad_placements=(Partial(),)), w1.to_local(), w2.to_local(), backend)
-    return DTensor.from_local(y, mesh, (Partial(),)).redistribute(mesh, (Shard(1),)).to_local()

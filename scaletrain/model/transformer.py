@@ -6,71 +6,26 @@ them 1:1 onto Hugging Face `LlamaForCausalLM` names. RoPE uses Hugging Face's "r
 layout (first half / second half of head_dim), so HF weights need no permutation.
 
 Build big models with :func:`build_model` (meta device, then one materialisation) or, for
-parallel runs, construct under `torch.device("meta")`, apply parallelism, `to_empty`, and
-call `init_weights()`.
+parallel runs, construct under `torch.device("meta")`, apply parallelism from outside and
+materialise the parts with parallel/init.py (the same values, shard by shard).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from scaletrain.config.schema import ModelConfig
+from scaletrain.config.validate import validate_model_config
 from scaletrain.errors import ConfigError
 from scaletrain.model.flops import expert_ffn_dim, head_dim_of, is_moe_layer
-from scaletrain.model.moe import MoE, validate_moe_config
+from scaletrain.model.moe import MoE
 from scaletrain.model.sparsity import sparse_squared_relu_ffn
-
-FFN_KINDS = ("swiglu", "squared_relu")
-SPARSITY_KINDS = ("none", "2:4")
-
-
-def validate_model_config(cfg: ModelConfig) -> None:
-    """Raise ConfigError (saying how to fix it) if `cfg` does not describe a buildable model."""
-    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
-    for name in ("rope_theta", "norm_eps", "init_std"):
-        if not getattr(cfg, name) > 0:
-            raise ConfigError(f"model.{name} must be > 0, got {getattr(cfg, name)!r}")
-    if not isinstance(cfg.head_dim, int) or cfg.head_dim < 0:
-        raise ConfigError(f"model.head_dim must be an integer >= 0 (0 = dim / n_heads), got {cfg.head_dim!r}")
-    if cfg.head_dim == 0 and cfg.dim % cfg.n_heads:
-        raise ConfigError(
-            f"model.dim={cfg.dim} is not divisible by model.n_heads={cfg.n_heads}; "
-            "choose n_heads dividing dim (head_dim = dim / n_heads), or set model.head_dim"
-        )
-    if cfg.n_heads % cfg.n_kv_heads:
-        raise ConfigError(
-            f"model.n_heads={cfg.n_heads} is not divisible by model.n_kv_heads={cfg.n_kv_heads}; "
-            "grouped-query attention shares each kv head among n_heads / n_kv_heads query heads"
-        )
-    head_dim = head_dim_of(cfg)
-    if head_dim % 2:
-        raise ConfigError(
-            f"head_dim = {head_dim} is odd; RoPE rotates pairs of channels, "
-            "so choose dim and n_heads (or model.head_dim) giving an even head_dim"
-        )
-    if cfg.ffn not in FFN_KINDS:
-        raise ConfigError(f"model.ffn={cfg.ffn!r} is unknown; choose one of {list(FFN_KINDS)}")
-    if cfg.activation_sparsity not in SPARSITY_KINDS:
-        raise ConfigError(
-            f"model.activation_sparsity={cfg.activation_sparsity!r} is unknown; "
-            f"choose one of {list(SPARSITY_KINDS)}"
-        )
-    if cfg.activation_sparsity == "2:4":
-        if cfg.ffn != "squared_relu":
-            raise ConfigError(
-                "model.activation_sparsity='2:4' needs model.ffn='squared_relu' "
-                "(the sparse activations come from the squared ReLU)"
-            )
-    validate_moe_config(cfg)
-
 
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight (statistics accumulated in fp32).
@@ -83,9 +38,6 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
@@ -174,12 +126,16 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
         if self.kind == "swiglu":
             self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        # The 2:4 FFN, (x, w1.weight, w2.weight) -> y (backend by device: "cuda" for CUDA
+        # tensors, else "reference"). Tensor parallelism swaps in its own from outside
+        # (parallel/tp.py); the layer itself never changes.
+        self.sparse_ffn = sparse_squared_relu_ffn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
-        if self.sparse_2to4:  # backend by device: "cuda" for CUDA tensors, else "reference"
-            return sparse_squared_relu_ffn(x, self.w1.weight, self.w2.weight)
+        if self.sparse_2to4:
+            return self.sparse_ffn(x, self.w1.weight, self.w2.weight)
         return self.w2(F.relu(self.w1(x)).square())
 
 
@@ -228,7 +184,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
         # Non-persistent: derived from the config, so never in checkpoints; filled by
-        # init_weights so that construction on the meta device allocates nothing.
+        # init_buffers so that construction on the meta device allocates nothing.
         self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, self.head_dim), persistent=False)
         self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, self.head_dim), persistent=False)
 
@@ -266,42 +222,34 @@ class Transformer(nn.Module):
         return plan
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Initialise every parameter and the RoPE buffers in place, on their current device.
-
-        Linears and embeddings ~ N(0, init_std); the residual-branch output projections (wo,
-        w2) use init_std / sqrt(2 * n_layers) so the residual stream's variance stays O(1)
-        with depth; RMSNorm weights = 1. Uses the global RNG (build_model seeds it) in
-        `init_plan` order. Parameters this module does not hold (a pipeline stage) are still
-        drawn and discarded, and a sharded parameter (DTensor, from tensor parallelism or FSDP)
-        draws its full tensor and keeps its shard, so every layout gets exactly the values of
-        the single-device model, holding one full tensor at a time.
-        """
+    def init_buffers(self) -> None:
+        """Fill the RoPE tables and zero the MoE selection biases, on their current device."""
         cfg = self.cfg
-        device = self.rope_cos.device
-        cos, sin = rope_cos_sin(self.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
+        cos, sin = rope_cos_sin(self.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         for name, buffer in self.named_buffers():
             if name.endswith("router.expert_bias"):  # MoE selection bias starts at 0
                 buffer.zero_()
-        wrappers = ("_checkpoint_wrapped_module.", "_orig_mod.")
-        params = {}
-        for name, param in self.named_parameters():
-            for w in wrappers:
-                name = name.replace(w, "")
-            params[name] = param
-        for name, shape, std in self.init_plan():
-            param = params.get(name)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter and the buffers of this (whole, single-device) model in
+        place, on their current device.
+
+        Linears and embeddings ~ N(0, init_std); the residual-branch output projections (wo,
+        w2) use init_std / sqrt(2 * n_layers) so the residual stream's variance stays O(1)
+        with depth; RMSNorm weights = 1. Uses the global RNG (build_model seeds it) in
+        `init_plan` order. Parallelised parts (pipeline stages, sharded parameters) are
+        initialised to exactly these values by parallel/init.py, which walks the same plan.
+        """
+        self.init_buffers()
+        params = dict(self.named_parameters())
+        for name, _, std in self.init_plan():
             if std is None:
-                if param is not None:
-                    nn.init.ones_(param)
-            elif param is None:
-                torch.empty(shape, device=device).normal_(0.0, std)  # keep the RNG stream aligned
-            elif hasattr(param, "device_mesh"):
-                _init_shard(param, std)
+                nn.init.ones_(params[name])
             else:
-                nn.init.normal_(param, mean=0.0, std=std)
+                nn.init.normal_(params[name], mean=0.0, std=std)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: int64 [batch, seq] with seq <= max_seq_len -> logits [batch, seq, vocab]
@@ -339,27 +287,17 @@ def _ffn_init_plan(cfg: ModelConfig, p: str, layer: int) -> tuple[list, list]:
     return ffn_in, ffn_out
 
 
-def _init_shard(param: torch.Tensor, std: float) -> None:
-    """Draw the full N(0, std) tensor of DTensor `param` on its device and keep the local shard."""
-    from torch.distributed.tensor import distribute_tensor
-
-    local = param.to_local()
-    full = torch.empty(param.shape, dtype=param.dtype, device=local.device).normal_(0.0, std)
-    # src_data_rank=None: every rank drew the same tensor, so each just slices its own shard.
-    local.copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local())
-
-
-def materialize(parts: list[nn.Module], device: str | torch.device, seed: int) -> None:
-    """Allocate model parts built on the meta device (and possibly parallelised) on `device`
-    and initialise them from `seed`, each exactly as :func:`build_model` would. The caller's
-    RNG streams are untouched."""
+def materialize(model: nn.Module, device: str | torch.device, seed: int,
+                init: Callable[[nn.Module], None] | None = None) -> None:
+    """Allocate `model`, built on the meta device, on `device` and initialise it from `seed`
+    with `init(model)` (default: its own `init_weights`; parallel/init.py passes the sharded
+    walk). The caller's RNG streams (CPU and the target accelerator) are untouched."""
     device = torch.device(device)
-    for part in parts:
-        part.to_empty(device=device)
-        part.tie_weights()
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            part.init_weights()
+    model.to_empty(device=device)
+    model.tie_weights()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        init(model) if init is not None else model.init_weights()
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0) -> Transformer:
@@ -370,5 +308,5 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int 
     """
     with torch.device("meta"):
         model = Transformer(cfg)
-    materialize([model], device, seed)
+    materialize(model, device, seed)
     return model

@@ -12,9 +12,11 @@ Parameter names are unchanged: the wrapper's prefix is stripped in state_dict.
 
 from __future__ import annotations
 
+from typing import get_args
+
 from torch import nn
 
-AC_MODES = ("none", "full", "selective")
+from scaletrain.config.schema import AcMode
 
 
 def apply_ac(model: nn.Module, mode: str, every: int = 1) -> nn.Module:
@@ -22,7 +24,7 @@ def apply_ac(model: nn.Module, mode: str, every: int = 1) -> nn.Module:
     non-reentrant activation checkpointing."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    if mode not in AC_MODES:
+    if mode not in get_args(AcMode):
         raise ValueError(f"unknown activation checkpointing mode {mode!r}")
     if every < 1:
         raise ValueError(f"activation checkpointing every k-th block needs k >= 1, got {every}")

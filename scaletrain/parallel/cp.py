@@ -141,7 +141,7 @@ def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, seq_len: int) -> nn.Module:
     replaces the model's RoPE tables `rope_cos` / `rope_sin` with the rows at this rank's
     positions, so the unchanged Attention's `cos[:local_seq]` holds the true angles. The tables
     are non-persistent buffers: checkpoints are unaffected and load under any cp degree. Works
-    on a materialised or a meta model: `init_weights` is wrapped to re-select the rows after it
+    on a materialised or a meta model: `init_buffers` is wrapped to re-select the rows after it
     refills the full tables. Finds Attention modules through activation-checkpoint wrappers.
     """
     from scaletrain.model.transformer import Attention, rope_cos_sin
@@ -171,18 +171,18 @@ def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, seq_len: int) -> nn.Module:
         model.rope_cos = cos.index_select(0, index)  # [local_seq, head_dim], still non-persistent
         model.rope_sin = sin.index_select(0, index)
 
-    init_weights = model.init_weights
+    init_buffers = model.init_buffers
 
     @torch.no_grad()
-    def init_weights_cp() -> None:
-        # init_weights copies full [max_seq_len, hd] tables into the buffers: give it room.
+    def init_buffers_cp() -> None:
+        # init_buffers copies full [max_seq_len, hd] tables into the buffers: give it room.
         device = model.rope_cos.device
         model.rope_cos = torch.empty(cfg.max_seq_len, model.head_dim, device=device)
         model.rope_sin = torch.empty(cfg.max_seq_len, model.head_dim, device=device)
-        init_weights()
+        init_buffers()
         select_rope_rows()
 
     with torch.no_grad():
         select_rope_rows()
-    model.init_weights = init_weights_cp
+    model.init_buffers = init_buffers_cp
     return model

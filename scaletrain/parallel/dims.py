@@ -1,21 +1,20 @@
 """Process environment (rank, world size, device) and parallel degrees -> DeviceMesh.
 
-`torchrun` sets RANK / LOCAL_RANK / WORLD_SIZE; a plain `python -m scaletrain` run is rank 0
-of a world of 1 and never creates a process group. Degrees are checked against the world size
-before any process-group work so an impossible layout fails fast with a fix.
+Ranks come from scaletrain/ranks.py (torchrun's RANK / LOCAL_RANK / WORLD_SIZE); a plain
+`python -m scaletrain` run is rank 0 of a world of 1 and never creates a process group.
+Degrees are resolved against the world size and checked by parallel/layout.py before any
+process-group work.
 """
 
 from __future__ import annotations
 
-import math
-import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from scaletrain.config.schema import ModelConfig, ParallelConfig
-from scaletrain.errors import ConfigError, LayoutError, ScaletrainError
+from scaletrain.errors import ConfigError
+from scaletrain.ranks import env_ranks
 
 
 @dataclass(frozen=True)
@@ -26,20 +25,8 @@ class DistEnv:
     device: torch.device
 
     @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, str(default))
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"environment variable {name}={value!r} is not an integer.") from None
 
 
 def pick_device(preference: str, local_rank: int = 0) -> torch.device:
@@ -51,12 +38,17 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_precision(precision: str, device_type: str) -> str:
+    """train.precision with "auto" resolved: bf16 on CUDA, fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device_type == "cuda" else "fp32"
+
+
 def read_env(device_preference: str = "auto") -> DistEnv:
-    """Rank and world size from torchrun's environment (1 process when absent)."""
-    world = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
-    return DistEnv(rank, local_rank, world, pick_device(device_preference, local_rank))
+    """Rank and world size from torchrun's environment (1 process when absent) and the device."""
+    r = env_ranks()
+    return DistEnv(r.rank, r.local_rank, r.world_size, pick_device(device_preference, r.local_rank))
 
 
 def init_distributed(env: DistEnv) -> None:
@@ -88,6 +80,7 @@ class ParallelDims:
     tp: int
     pp: int
     cp: int
+    ep: int = 1  # expert parallel: a divisor of dp_shard * cp (it re-uses those ranks), not a world factor
 
     @property
     def dp(self) -> int:
@@ -100,91 +93,6 @@ class ParallelDims:
 
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # outermost -> innermost
-
-
-def resolve_dims(cfg: ParallelConfig, world_size: int, model: ModelConfig | None = None, seq_len: int = 0,
-                 batch_size: int = 0) -> ParallelDims:
-    """Fill dp_shard = -1 with the rest of the world and check the product equals it.
-
-    A mismatch raises LayoutError naming how to launch that many processes and up to two
-    layouts of `world_size` processes closest to the one asked for; given `model` (and the
-    data shape), only layouts that `check_layout` accepts for it are named."""
-    fixed = cfg.dp_replicate * cfg.tp * cfg.pp * cfg.cp
-    dp_shard = cfg.dp_shard
-    if dp_shard == -1:
-        if world_size % fixed:
-            raise LayoutError(
-                f"parallel.dp_replicate*tp*pp*cp = {fixed} does not divide the world size {world_size}; "
-                + _layout_fixes(cfg, world_size, fixed, model, seq_len, batch_size)
-            )
-        dp_shard = world_size // fixed
-    dims = ParallelDims(cfg.dp_replicate, dp_shard, cfg.tp, cfg.pp, cfg.cp)
-    if dims.world_size != world_size:
-        raise LayoutError(
-            f"parallel degrees multiply to {dims.world_size} (dp_replicate={dims.dp_replicate} x "
-            f"dp_shard={dims.dp_shard} x tp={dims.tp} x pp={dims.pp} x cp={dims.cp}) but the world size is "
-            f"{world_size}; set --parallel.dp_shard -1 to use the rest, or "
-            + _layout_fixes(cfg, world_size, dims.world_size, model, seq_len, batch_size)
-        )
-    return dims
-
-
-_DEGREES = ("dp_replicate", "dp_shard", "tp", "pp", "cp")
-
-
-def _layout_fixes(cfg: ParallelConfig, world_size: int, wanted: int, model: ModelConfig | None, seq_len: int,
-                  batch_size: int) -> str:
-    """The fix half of a world-size mismatch message: launch `wanted` processes, or one of the
-    layouts of `world_size` processes nearest to `cfg` (as --parallel.* flags)."""
-    launch = (f"launch {wanted} processes (`scaletrain launch local --nproc-per-node {wanted} train ...` or "
-              f"`torchrun --standalone --nproc-per-node {wanted} -m scaletrain train ...`)")
-    if world_size == 1:
-        launch = "this is a single process (no torchrun): " + launch
-    layouts = []
-    for degrees in _nearest_layouts(cfg, world_size, model, seq_len, batch_size):
-        flags = " ".join(f"--parallel.{k} {v}" for k, v in degrees.items()
-                         if v != getattr(cfg, k) and not (k == "dp_shard" and cfg.dp_shard == -1))
-        shape = " x ".join(f"{k} {v}" for k, v in degrees.items() if v > 1) or "no parallelism"
-        layouts.append(f"`{flags}` ({shape})")
-    return f"{launch}, or use a layout of {world_size}: {' or '.join(layouts)}."
-
-
-def _nearest_layouts(cfg: ParallelConfig, world_size: int, model: ModelConfig | None, seq_len: int,
-                     batch_size: int, count: int = 2) -> list[dict[str, int]]:
-    """Up to `count` assignments of the five degrees whose product is `world_size`, fewest
-    factors of two away from `cfg` (a dp_shard of -1 may take any value) and, given `model`,
-    accepted by `check_layout`. Always non-empty: pure dp_shard passes every check."""
-    divisors = [d for d in range(1, math.isqrt(world_size) + 1) if world_size % d == 0]
-    divisors = sorted({*divisors, *(world_size // d for d in divisors)})
-
-    def factorizations(n: int, k: int):
-        if k == 1:
-            yield (n,)
-            return
-        for d in divisors:
-            if n % d == 0:
-                for rest in factorizations(n // d, k - 1):
-                    yield (d, *rest)
-
-    def distance(degrees: tuple[int, ...]) -> tuple[float, int, tuple[int, ...]]:
-        asked = [getattr(cfg, k) for k in _DEGREES]
-        steps = [abs(math.log2(v / a)) for v, a in zip(degrees, asked) if a > 0]
-        return sum(steps), sum(s > 0 for s in steps), degrees
-
-    found = []
-    for degrees in sorted(factorizations(world_size, len(_DEGREES)), key=distance):
-        candidate = dict(zip(_DEGREES, degrees))
-        if model is not None:
-            from scaletrain.parallel.layout import check_layout  # layout.py imports this module
-
-            try:
-                check_layout(ParallelDims(**candidate), replace(cfg, **candidate), model, seq_len, batch_size)
-            except ScaletrainError:
-                continue
-        found.append(candidate)
-        if len(found) == count:
-            break
-    return found
 
 
 @dataclass
@@ -200,6 +108,9 @@ class Meshes:
     dp_rank: int  # which slice of the global batch this rank reads
     cp_rank: int
     pp_rank: int
+    # Expert parallelism (ep > 1): the dp_shard_cp axis re-split as (efsdp, ep), ep innermost.
+    ep: object | None = None  # the ranks one MoE layer's experts are spread over (all-to-all group)
+    expert_fsdp: object | None = None  # ("dp_replicate", "efsdp"): FSDP of each rank's experts
 
 
 def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
@@ -210,12 +121,18 @@ def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
 
     shape = tuple(getattr(dims, name) for name in MESH_DIMS)
     world = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
-    fsdp = None
+    fsdp = ep = expert_fsdp = None
     if dims.dp * dims.cp > 1:
         # One flattened dp axis (replicate-major), re-split as (dp_replicate, dp_shard_cp).
         flat = world["dp_replicate", "dp_shard", "cp"]._flatten(mesh_dim_name="dp_all")
         fsdp = flat._unflatten(0, (dims.dp_replicate, dims.dp_shard * dims.cp), ("dp_replicate", "dp_shard_cp"))
+        if dims.ep > 1:
+            # ...and as (dp_replicate, efsdp, ep): ep consecutive dp_shard_cp ranks share one
+            # layer's experts; each expert shard is FSDP-sharded over the efsdp ranks.
+            efsdp = dims.dp_shard * dims.cp // dims.ep
+            sparse = flat._unflatten(0, (dims.dp_replicate, efsdp, dims.ep), ("dp_replicate", "efsdp", "ep"))
+            ep, expert_fsdp = sparse["ep"], sparse["dp_replicate", "efsdp"]
     coord = dict(zip(MESH_DIMS, world.get_coordinate()))
     dp_rank = coord["dp_replicate"] * dims.dp_shard + coord["dp_shard"]
     return Meshes(world, fsdp, world["tp"] if dims.tp > 1 else None, world["cp"] if dims.cp > 1 else None,
-                  world["pp"] if dims.pp > 1 else None, dp_rank, coord["cp"], coord["pp"])
+                  world["pp"] if dims.pp > 1 else None, dp_rank, coord["cp"], coord["pp"], ep, expert_fsdp)

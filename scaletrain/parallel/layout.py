@@ -4,7 +4,9 @@
 `scaletrain launch`, the planner's layout search, `plan --write-config` and the memory
 pre-flight (plan/memcheck.py), so a layout the planner emits is one the trainer runs, and a
 layout the trainer refuses is never planned. It raises LayoutError naming the config keys and a
-valid alternative. The rules and why each exists:
+valid alternative. `resolve_dims` first fits the degrees to the world size (dp_shard = -1 takes
+the rest) and, when they do not multiply to it, names the nearest layouts that pass
+`check_layout`. The rules and why each exists:
 
 - tensor parallel (tp.py): tp divides model.n_heads and model.n_kv_heads (heads are split
   across ranks) and data.seq_len (sequence parallelism splits the norm regions' sequence); no
@@ -19,6 +21,9 @@ valid alternative. The rules and why each exists:
   max(1, microbatches // pp) (torch's ScheduleInterleaved1F1B rule);
 - model support: MoE models run data parallel only, q/k norms (Qwen3) without tp, until
   expert parallelism and their tensor-parallel plans land;
+- expert parallel (ep.py): parallel.ep shards the E routed experts of every MoE layer over ep
+  of the dp_shard * cp ranks (the ranks holding different tokens), so ep divides both
+  model.moe_experts and dp_shard * cp; a dense model takes ep = 1;
 - `gpus_per_node` (optional, the planner and `scaletrain launch`): tp stays inside one NVLink
   domain, a preference of the planner rather than a rule of torch.
 """
@@ -26,13 +31,12 @@ valid alternative. The rules and why each exists:
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from typing import get_args
 
-from scaletrain.config.schema import ModelConfig, ParallelConfig
-from scaletrain.errors import LayoutError
+from scaletrain.config.schema import ModelConfig, ParallelConfig, PpSchedule
+from scaletrain.errors import LayoutError, ScaletrainError
 from scaletrain.parallel.dims import ParallelDims
-
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
-
 
 def _divisors(n: int, at_least: int = 1) -> list[int]:
     return [d for d in range(at_least, n + 1) if n % d == 0]
@@ -87,8 +91,8 @@ def _check_cp(cp: int, tp: int, seq_len: int) -> None:
 
 def _check_pp(pp: int, parallel: ParallelConfig, model: ModelConfig, batch_size: int) -> None:
     schedule = parallel.pp_schedule
-    if schedule not in SCHEDULES:
-        raise LayoutError(f"parallel.pp_schedule={schedule!r} is unknown; choose one of {list(SCHEDULES)}.")
+    if schedule not in get_args(PpSchedule):
+        raise LayoutError(f"parallel.pp_schedule={schedule!r} is unknown; choose one of {list(get_args(PpSchedule))}.")
     if parallel.pp_microbatches < 0 or parallel.pp_virtual_stages < 0:
         raise LayoutError(f"parallel.pp_microbatches={parallel.pp_microbatches} and parallel.pp_virtual_stages="
                           f"{parallel.pp_virtual_stages} must be >= 0 (0 = the default).")
@@ -129,15 +133,24 @@ def _check_pp(pp: int, parallel: ParallelConfig, model: ModelConfig, batch_size:
                           f"use a multiple of parallel.pp, e.g. {pp * rounds}.")
 
 
-def _check_model_support(dims: ParallelDims, model: ModelConfig) -> None:
-    # Not yet (docs/moe.md): MoE takes data parallelism only until expert parallelism lands, and
-    # the q/k norms have no tensor-parallel plan. (getattr: the MoE fields arrive with model/moe.py.)
-    moe, qk_norm = model.moe_experts > 0, model.qk_norm
-    for key in ("tp", "pp", "cp") if moe else ("tp",) if qk_norm else ():
-        if getattr(dims, key) > 1:
-            what = "an MoE model (model.moe_experts > 0)" if moe else "model.qk_norm = true"
-            raise LayoutError(f"{what} cannot run with parallel.{key} = {getattr(dims, key)} yet; use data "
-                              f"parallelism only (parallel.dp_shard / parallel.dp_replicate) and parallel.{key} 1.")
+def _check_ep(dims: ParallelDims, model: ModelConfig) -> None:
+    """parallel.ep shards the E routed experts of every MoE layer over ep of the dp_shard * cp
+    ranks (the ranks that hold different tokens), so ep must divide both; a dense model has no
+    experts to shard. Names the valid ep degrees."""
+    if dims.ep == 1:
+        return
+    if model.moe_experts == 0:
+        raise LayoutError(f"parallel.ep = {dims.ep} shards MoE experts, but this model is dense "
+                          "(model.moe_experts = 0); use --parallel.ep 1 or an MoE model (e.g. --model.flavor moe_debug).")
+    ranks = dims.dp_shard * dims.cp
+    valid = [d for d in range(1, math.gcd(model.moe_experts, ranks) + 1) if math.gcd(model.moe_experts, ranks) % d == 0]
+    if model.moe_experts % dims.ep:
+        raise LayoutError(f"parallel.ep = {dims.ep} does not divide model.moe_experts = {model.moe_experts} (each ep "
+                          f"rank holds moe_experts / ep whole experts); use --parallel.ep in {{{', '.join(map(str, valid))}}}.")
+    if ranks % dims.ep:
+        raise LayoutError(f"parallel.ep = {dims.ep} does not divide parallel.dp_shard x parallel.cp = {dims.dp_shard} x "
+                          f"{dims.cp} = {ranks} (expert parallelism takes its ranks from those); use --parallel.ep in "
+                          f"{{{', '.join(map(str, valid))}}}, or raise parallel.dp_shard to a multiple of {dims.ep}.")
 
 
 def check_layout(dims: ParallelDims, parallel: ParallelConfig, model: ModelConfig | None, seq_len: int,
@@ -147,12 +160,95 @@ def check_layout(dims: ParallelDims, parallel: ParallelConfig, model: ModelConfi
     (data.batch_size) in `precision` cannot be split as `dims` and `parallel` (schedule,
     micro-batches, virtual stages) ask. Pure: runs before any process-group work. `model=None`
     checks the sequence split only (cp.py's positions)."""
-    for name in ("dp_replicate", "dp_shard", "tp", "pp", "cp"):
+    for name in ("dp_replicate", "dp_shard", "tp", "pp", "cp", "ep"):
         if getattr(dims, name) < 1:
             raise LayoutError(f"parallel.{name}={getattr(dims, name)} must be >= 1.")
     _check_cp(dims.cp, dims.tp, seq_len)
     if model is None:
         return
-    _check_model_support(dims, model)
+    _check_ep(dims, model)
     _check_tp(dims.tp, model, seq_len, precision, gpus_per_node)
     _check_pp(dims.pp, parallel, model, batch_size)
+
+
+def resolve_dims(cfg: ParallelConfig, world_size: int, model: ModelConfig | None = None, seq_len: int = 0,
+                 batch_size: int = 0) -> ParallelDims:
+    """Fill dp_shard = -1 with the rest of the world and check the product equals it.
+
+    A mismatch raises LayoutError naming how to launch that many processes and up to two
+    layouts of `world_size` processes closest to the one asked for; given `model` (and the
+    data shape), only layouts that `check_layout` accepts for it are named."""
+    fixed = cfg.dp_replicate * cfg.tp * cfg.pp * cfg.cp
+    dp_shard = cfg.dp_shard
+    if dp_shard == -1:
+        if world_size % fixed:
+            raise LayoutError(
+                f"parallel.dp_replicate*tp*pp*cp = {fixed} does not divide the world size {world_size}; "
+                + _layout_fixes(cfg, world_size, fixed, model, seq_len, batch_size)
+            )
+        dp_shard = world_size // fixed
+    dims = ParallelDims(cfg.dp_replicate, dp_shard, cfg.tp, cfg.pp, cfg.cp, cfg.ep)
+    if dims.world_size != world_size:
+        raise LayoutError(
+            f"parallel degrees multiply to {dims.world_size} (dp_replicate={dims.dp_replicate} x "
+            f"dp_shard={dims.dp_shard} x tp={dims.tp} x pp={dims.pp} x cp={dims.cp}) but the world size is "
+            f"{world_size}; set --parallel.dp_shard -1 to use the rest, or "
+            + _layout_fixes(cfg, world_size, dims.world_size, model, seq_len, batch_size)
+        )
+    return dims
+
+
+_DEGREES = ("dp_replicate", "dp_shard", "tp", "pp", "cp")
+
+
+def _layout_fixes(cfg: ParallelConfig, world_size: int, wanted: int, model: ModelConfig | None, seq_len: int,
+                  batch_size: int) -> str:
+    """The fix half of a world-size mismatch message: launch `wanted` processes, or one of the
+    layouts of `world_size` processes nearest to `cfg` (as --parallel.* flags)."""
+    launch = (f"launch {wanted} processes (`scaletrain launch local --nproc-per-node {wanted} train ...` or "
+              f"`torchrun --standalone --nproc-per-node {wanted} -m scaletrain train ...`)")
+    if world_size == 1:
+        launch = "this is a single process (no torchrun): " + launch
+    layouts = []
+    for degrees in _nearest_layouts(cfg, world_size, model, seq_len, batch_size):
+        flags = " ".join(f"--parallel.{k} {v}" for k, v in degrees.items()
+                         if v != getattr(cfg, k) and not (k == "dp_shard" and cfg.dp_shard == -1))
+        shape = " x ".join(f"{k} {v}" for k, v in degrees.items() if v > 1) or "no parallelism"
+        layouts.append(f"`{flags}` ({shape})")
+    return f"{launch}, or use a layout of {world_size}: {' or '.join(layouts)}."
+
+
+def _nearest_layouts(cfg: ParallelConfig, world_size: int, model: ModelConfig | None, seq_len: int,
+                     batch_size: int, count: int = 2) -> list[dict[str, int]]:
+    """Up to `count` assignments of the five degrees whose product is `world_size`, fewest
+    factors of two away from `cfg` (a dp_shard of -1 may take any value) and, given `model`,
+    accepted by `check_layout`. Always non-empty: pure dp_shard passes every check."""
+    divisors = [d for d in range(1, math.isqrt(world_size) + 1) if world_size % d == 0]
+    divisors = sorted({*divisors, *(world_size // d for d in divisors)})
+
+    def factorizations(n: int, k: int):
+        if k == 1:
+            yield (n,)
+            return
+        for d in divisors:
+            if n % d == 0:
+                for rest in factorizations(n // d, k - 1):
+                    yield (d, *rest)
+
+    def distance(degrees: tuple[int, ...]) -> tuple[float, int, tuple[int, ...]]:
+        asked = [getattr(cfg, k) for k in _DEGREES]
+        steps = [abs(math.log2(v / a)) for v, a in zip(degrees, asked) if a > 0]
+        return sum(steps), sum(s > 0 for s in steps), degrees
+
+    found = []
+    for degrees in sorted(factorizations(world_size, len(_DEGREES)), key=distance):
+        candidate = dict(zip(_DEGREES, degrees))
+        if model is not None:
+            try:
+                check_layout(ParallelDims(**candidate, ep=cfg.ep), replace(cfg, **candidate), model, seq_len, batch_size)
+            except ScaletrainError:
+                continue
+        found.append(candidate)
+        if len(found) == count:
+            break
+    return found

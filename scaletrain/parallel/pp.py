@@ -23,7 +23,7 @@ is then smaller (batch_size / m sequences), which lowers per-kernel efficiency.
 
 Memory: every rank holds only its stages' parameters, gradients and optimizer state (about
 1 / pp of the model). The trainer splits a model built on the meta device (the deep copies
-cost nothing) and allocates only its stages afterwards (`model.transformer.materialize`,
+cost nothing) and allocates only its stages afterwards (`parallel/init.py`'s `materialize`,
 which reproduces the single-device initial values). The first stage
 additionally holds the embedding and the last one the norm + output projection and the
 [mb, seq, vocab] logits, so the first/last ranks are the heaviest.

@@ -9,14 +9,23 @@ norm activations are not replicated. The embedding is row-parallel over the voca
 emits sequence shards; the output head is column-parallel over the vocabulary and returns
 replicated logits [batch, seq, vocab] so the loss is computed as on one device.
 
+The 2:4-sparse Squared-ReLU FFN (model/sparsity.py) never calls its w1 / w2 modules: it
+multiplies by their weights inside one autograd function. Its weights are sharded as for the
+dense FFN, and `sparse_ffn_tp` replaces the layer's `sparse_ffn` from outside: each rank runs
+the unchanged 2:4 function on its H / tp hidden units and the partial sums are reduce-scattered
+over the sequence, the layout RowwiseParallel(output_layouts=Shard(1)) gives a dense w2.
+
 Communication per block and micro-batch, forward: 2 all-gathers + 2 reduce-scatters of
 batch*seq*dim activations over the tp group (the same again in backward).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+
+from scaletrain.model.sparsity import sparse_squared_relu_ffn
 
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
@@ -61,14 +70,35 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
             "attention.wv": ColwiseParallel(),
             "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),
-            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
         }
-        if hasattr(block.feed_forward, "w3"):
-            plan["feed_forward.w3"] = ColwiseParallel()
+        if hasattr(block.attention, "q_norm"):
+            # q/k norms act per head on this rank's heads [b, s, heads / tp, hd]: a shared
+            # weight over inputs sharded on dim 2, whose gradient sums over the tp ranks.
+            plan["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+            plan["attention.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        if hasattr(block.feed_forward, "w1"):  # a dense FFN; an MoE FFN has its own plan (parallel/ep.py)
+            plan["feed_forward"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+            plan["feed_forward.w1"] = ColwiseParallel()
+            plan["feed_forward.w2"] = RowwiseParallel(output_layouts=Shard(1))
+            if hasattr(block.feed_forward, "w3"):
+                plan["feed_forward.w3"] = ColwiseParallel()
+            if block.feed_forward.sparse_2to4:
+                block.feed_forward.sparse_ffn = sparse_ffn_tp
         parallelize_module(block, tp_mesh, plan)
     return model
+
+
+def sparse_ffn_tp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The 2:4 FFN under this file's plan: x [batch, seq, D] a replicated DTensor, w1 sharded
+    over H (Shard(0)), w2 over H (Shard(1)). Each rank runs its H / tp hidden units (a partial
+    sum of y) and the sum is reduce-scattered over the sequence: returns this rank's local
+    [batch, seq / tp, D], what the block's residual add expects."""
+    from torch.distributed.tensor import DTensor, Partial, Shard
+
+    mesh = w1.device_mesh
+    # The gradient w.r.t. the replicated input is this rank's partial sum over its hidden units.
+    y = sparse_squared_relu_ffn(x.to_local(grad_placements=(Partial(),)), w1.to_local(), w2.to_local())
+    return DTensor.from_local(y, mesh, (Partial(),)).redistribute(mesh, (Shard(1),)).to_local()
 
 
 def _gather_sequence_at_exit(block: nn.Module, tp_mesh: DeviceMesh) -> None:

@@ -299,7 +299,7 @@ def head_timings(model: ModelConfig, token_counts: tuple[int, ...] = (1024, 4096
     token count: {"head": [[tokens, s], ...], "head_ops": its aten op count}, or with
     `compiled` the loss compiled as train.compile compiles it: {"head_compiled": [...]}."""
     from scaletrain.model.transformer import build_model
-    from scaletrain.train.trainer import cross_entropy_loss
+    from scaletrain.model.loss import cross_entropy_loss
 
     m = build_model(dataclasses.replace(model, n_layers=1))
     norm, output = m.norm, m.output

@@ -39,9 +39,10 @@ from typing import Any
 
 from scaletrain.config.schema import Config
 from scaletrain.errors import CheckpointError, ConfigError
+from scaletrain.ranks import env_ranks
 from scaletrain.plan.cost import Estimate, estimate
 from scaletrain.plan.hardware import CATALOG, GiB, Hardware, get_hardware
-from scaletrain.plan.memcheck import run_stack, workload_for_config
+from scaletrain.plan.memcheck import preflight, run_stack, workload_for_config
 
 WARMUP_STEPS = 3
 
@@ -183,14 +184,13 @@ def measure_tensor_peaks(run_dir: str | Path, steps: int = 2, warmup: int = 1,
     `world_size` (the run's) must equal this launch's world size: a multi-rank run is measured
     under `torchrun --nproc-per-node N`, never squeezed into one process."""
     import gc
-    import os
     import shutil
     import tempfile
 
     from scaletrain.plan.memtrace import TensorMemoryTracker
     from scaletrain.train.rundir import load_run_config
 
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = env_ranks().world_size
     if world_size is not None and world_size != launched:
         raise ConfigError(f"the run in {run_dir} trained on {world_size} rank(s) but this process group has "
                           f"{launched}; "
@@ -207,7 +207,7 @@ def measure_tensor_peaks(run_dir: str | Path, steps: int = 2, warmup: int = 1,
     tmp = tempfile.mkdtemp(prefix="scaletrain-measure-")
     trainer = None
     try:
-        trainer = Trainer(cfg, Path(tmp) / "run", resume="never", force=True)
+        trainer = Trainer(cfg, Path(tmp) / "run", memory_check=preflight(force=True))
         for _ in range(warmup):
             trainer.train_step()
         gc.collect()

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from scaletrain.errors import ConfigError
+from scaletrain.ranks import env_ranks
 
 _SUFFIX = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
@@ -57,6 +58,9 @@ def _search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8-recipe", default="tensorwise", choices=["tensorwise", "rowwise"],
                    help="with --precision fp8: the scaling the trainer uses (train.fp8_recipe)")
     p.add_argument("--compile", action="store_true", help="assume torch.compile (train.compile: fused kernels)")
+    p.add_argument("--expert-imbalance", type=float, default=1.0,
+                   help="MoE: tokens of the busiest expert-parallel rank / the mean (default 1.0 = balanced; a "
+                        "run's metrics.jsonl reports expert_imbalance, an upper bound of it)")
     p.add_argument("--top", type=int, default=5, help="layouts shown")
     p.add_argument("--write-config", help="write the winner as a scaletrain config TOML (e.g. runs/best.toml)")
     p.add_argument("--sweep-gpus", help="GPU counts, e.g. 8,16,...,16384: best layout per size + plot")
@@ -112,7 +116,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _model(spec: str):
-    from scaletrain.model.flavors import FLAVORS, model_config_for
+    from scaletrain.config.flavors import FLAVORS, model_config_for
 
     if spec in FLAVORS:
         return model_config_for(spec)
@@ -140,7 +144,10 @@ def _workload(args, model):
     tokens = parse_count(args.global_batch_tokens, "--global-batch-tokens")
     if tokens % seq:
         raise ConfigError(f"--global-batch-tokens {tokens} is not a multiple of --seq-len {seq}.")
-    return Workload(model, seq, tokens // seq, args.precision, args.fp8_recipe)
+    if not args.expert_imbalance >= 1.0:
+        raise ConfigError(f"--expert-imbalance is max / mean tokens per expert-parallel rank, so >= 1; got "
+                          f"{args.expert_imbalance}.")
+    return Workload(model, seq, tokens // seq, args.precision, args.fp8_recipe, args.expert_imbalance)
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -199,15 +206,14 @@ def _search(args: argparse.Namespace) -> int:
 def _calibrate(args) -> int:
     from scaletrain.plan.calibrate import calibrate, write_profile
 
-    import os
-
     model = _model(args.model) if args.model else None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: also measure all-reduce bandwidth
+    ranks = env_ranks()
+    if ranks.world_size > 1:  # under torchrun: also measure all-reduce bandwidth
         import torch
         import torch.distributed as dist
 
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(ranks.local_rank)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         try:
             prof = calibrate(model, compile=args.compile)
@@ -247,11 +253,9 @@ def _check(args) -> int:
 
     if not args.run:
         raise ConfigError("plan check needs --run DIR (a run folder written by `scaletrain train`).")
-    import os
-
     result = check_run(args.run, args.profile, measure_tensors=args.measure_tensors,
                        measure_steps=args.measure_steps, measure_warmup=args.measure_warmup)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 prints every rank's numbers
+    if env_ranks().rank != 0:  # under torchrun rank 0 prints every rank's numbers
         return 0
     print(format_check(result))
     if args.json:

@@ -1,191 +1,35 @@
-"""Memory and step time of one parallel layout: the planner's cost model.
+"""Step time (and, through plan/cost_memory.py, memory) of one parallel layout: the planner's
+cost model.
 
 Everything model-shaped (parameter counts, FLOPs, activation bytes) comes from
 model/flops.py; this file only adds the hardware side: achieved matmul efficiency as a
 function of shape, alpha-beta collectives placed on the mesh, overlap, pipeline bubbles and
-per-op host overhead. All times are seconds, sizes bytes, rates FLOP/s or bytes/s.
-docs/planner.md derives every formula; the constants in `Params` are the ONE global set.
+per-op host overhead; plan/cost_moe.py the mixture-of-experts side. All times are seconds,
+sizes bytes, rates FLOP/s or bytes/s. docs/planner.md derives every formula; the constants in
+`Params` (plan/cost_types.py) are the ONE global set.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from scaletrain.config.schema import ModelConfig
 from scaletrain.model.flops import _dims as attention_dims  # (head_dim, q_dim, kv_dim): flops' one definition
-from scaletrain.model.flops import (activation_bytes_per_layer, backward_transient_bytes, flops_per_token,
-                                    forward_flops_per_layer, head_activation_bytes, loss_activation_bytes,
-                                    param_counts, recompute_bytes, saved_activation_bytes)
+from scaletrain.model.flops import (activation_bytes_per_layer, ffn_activation_bytes, flops_per_token,
+                                    forward_flops_per_layer, moe_dispatch_bytes, moe_layer_count, param_counts)
+from scaletrain.parallel.dims import MESH_DIMS
+from scaletrain.plan import cost_moe
+from scaletrain.plan.cost_memory import Stage, cp_gathered_kv_bytes, estimate_memory, stages
+from scaletrain.plan.cost_moe import ParamSplit, group_link, local_params
+from scaletrain.plan.cost_types import (FITTED, FP8_CAST_BYTES, PARAMS, Estimate, Layout, Memory, Params,
+                                        Stack, StepTime, Workload, cpu_model, is_cpu)
 from scaletrain.plan.cpu_measured import block_seconds, head_seconds, measured_block_key
 from scaletrain.plan.hardware import Hardware
 from scaletrain.train.metrics import mfu as metrics_mfu
 
-MESH_ORDER = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # outermost -> innermost
-
-
-@dataclass(frozen=True)
-class Params:
-    """The cost model's global constants: one set for every row and run, never per row or per
-    source. The names in FITTED are re-derived from training rows by plan/fit.py (the shipped
-    values are its fit on the whole development set); the others are datasheet facts,
-    derivations from how the kernels work, or stated assumptions (docs/planner.md)."""
-
-    # -- fitted (plan/fit.py) --
-    mamf_scale: float = 0.80  # GEMM efficiency in training / the device's best-shape MAMF (catalog)
-    matmul_half_dim: float = 150.0  # GEMM efficiency halves when min(m, n, k) is this small
-    attn_eff_scale: float = 0.55  # end-to-end attention rate / kernel-benchmark rate (masking, layout copies)
-    elementwise_passes_eager: float = 4.0  # HBM passes over the layer's activations, fwd+bwd
-    elementwise_passes_fused: float = 2.5  # with torch.compile / fused kernels
-    overlap_interference: float = 0.25  # compute slowdown per second of communication hidden behind it
-    # -- not fitted --
-    mamf_default: float = 0.80  # devices the MAMF table does not list: its median (A100 .87 .. MI300X .51)
-    attn_eff: float = 0.45  # flash-attention fraction of peak when the device gives none
-    attn_bwd_ratio: float = 2.5  # flash backward / forward FLOPs (5 GEMMs vs 2; Dao 2023)
-    comm_eff: float = 0.80  # NCCL bus bandwidth / link bandwidth
-    ops_per_layer_eager: float = 110.0  # kernels launched per layer per micro-batch, fwd+bwd
-    ops_per_layer_fused: float = 40.0
-    optimizer_bytes_per_param: float = 32.0  # AdamW + grad clip HBM traffic (fp32 states)
-    step_overhead_s: float = 0.02  # loader, zero_grad, loss/grad-norm sync, logging
-    fragmentation: float = 0.10  # caching-allocator reserve over allocated bytes
-    dp_overlap: float = 0.8  # fraction of the last backward that hides the replica all-reduce
-
-
-FITTED = ("mamf_scale", "matmul_half_dim", "attn_eff_scale", "elementwise_passes_eager", "elementwise_passes_fused",
-          "overlap_interference")
-
-# HBM bytes moved per element of every fp8 GEMM operand (activation, weight, output gradient) to
-# quantise it, (separate kernels, fused into the producing kernel by torch.compile or Transformer
-# Engine). Derived from what the kernels read and write, not fitted: an amax pass reads the bf16
-# tensor (2 B); a cast reads it (2 B) and writes fp8 (1 B); the backward GEMMs need the other
-# layout (Hopper fp8 GEMMs are "TN" only), a transposed fp8 copy (1 B read + 1 B write) or a second
-# cast along the other axis; a fused cast reads once and writes both layouts.
-FP8_CAST_BYTES = {
-    "tensorwise": (7.0, 6.0),  # current per-tensor scale: amax 2 + cast 3 + transpose 2 | amax 2 + cast to both 4
-    "delayed": (5.0, 4.0),  # Transformer Engine amax history: no amax pass
-    "rowwise": (10.0, 6.0),  # per-row scales along each GEMM's reduction axis: two (amax + cast) | 2 + 4
-    "blockwise": (6.0, 4.0),  # 1x128 / 128x128 block scales, block amax inside the cast: two casts | 4
-    "mxfp8": (6.0, 4.0),  # 32-element block scales (+1/32 B of scales): as blockwise
-}
-
-
-PARAMS = Params()
-
-
-@dataclass(frozen=True)
-class Stack:
-    """Software settings that change cost without changing the model (documented switches)."""
-
-    fused: bool = False  # torch.compile or hand-fused kernels (fewer launches, less HBM traffic)
-    tp_overlap: bool = False  # async TP / TP comm overlap hides TP collectives behind GEMMs
-    reshard_after_forward: bool | None = None  # FSDP: None = True unless pp > 1
-    fsdp: bool = True  # shard weights/grads/optimizer over dp_shard*cp (False: Megatron-style DDP)
-    # Loss: a vocabulary-parallel cross-entropy under TP (torchtitan loss_parallel, Megatron) or
-    # one on replicated logits (scaletrain's parallel/tp.py); compiled with the model or eager.
-    loss_parallel: bool = True
-    compiled_loss: bool = False  # scaletrain with train.compile (torchtitan compiles blocks only)
-    fused_attention: bool = False  # cuDNN / FlashAttention-3 class kernels (Transformer Engine), not SDPA's FA2
-    grad_reduce_fp32: bool = True  # gradients reduced in fp32 (False: in the compute dtype, e.g. FSDP "PURE")
-    fp8_all_gather: bool = False  # FSDP gathers fp8 weights (torchao tensorwise + enable_fsdp_float8_all_gather)
-    cp_comm: str = "allgather"  # "allgather" (parallel/cp.py) | "allgather_overlap" (torchtitan) | "ring" (TE)
-
-
-@dataclass(frozen=True)
-class Workload:
-    """What is trained: model shape, tokens per sequence, sequences per optimizer step."""
-
-    model: ModelConfig
-    seq_len: int
-    global_batch: int  # sequences per optimizer step
-    precision: str = "bf16"  # "bf16" | "fp16" | "fp8" (linears) | "fp32"
-    fp8_recipe: str = "tensorwise"  # with fp8: a key of FP8_CAST_BYTES
-
-
-@dataclass(frozen=True)
-class Layout:
-    """One parallel layout. `micro_batch` is sequences per forward per rank."""
-
-    dp_replicate: int = 1
-    dp_shard: int = 1
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
-    pp_schedule: str = "1f1b"
-    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved_1f1b only)
-    micro_batch: int = 1
-    ac: str = "none"
-
-    @property
-    def dp(self) -> int:
-        return self.dp_replicate * self.dp_shard
-
-    @property
-    def world_size(self) -> int:
-        return self.dp * self.tp * self.pp * self.cp
-
-    def short(self) -> str:
-        """e.g. "dp 8x32 tp1 pp4 1f1b cp2 mb1 ac=full": data parallel as replicas x FSDP shards,
-        the tensor/pipeline (schedule, virtual stages)/context degrees, micro-batch sequences, AC."""
-        s = f"dp {self.dp_replicate}x{self.dp_shard} tp{self.tp} pp{self.pp}"
-        if self.pp > 1:
-            s += f" {self.pp_schedule}" + (f"x{self.virtual_stages}" if self.virtual_stages > 1 else "")
-        return s + f" cp{self.cp} mb{self.micro_batch} ac={self.ac}"
-
-
-@dataclass
-class Memory:
-    """Predicted peak bytes per GPU (the worst pipeline stage)."""
-
-    weights: float = 0.0
-    grads: float = 0.0
-    optimizer: float = 0.0
-    activations: float = 0.0
-    buffers: float = 0.0
-    fragmentation: float = 0.0
-    phase: str = ""  # where the peak is: "loss" (start of backward), "layer backward" or "optimizer step"
-
-    @property
-    def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations + self.buffers + self.fragmentation
-
-    @property
-    def allocated(self) -> float:
-        """Live tensor bytes at the peak (CUDA max_memory_allocated, memtrace on the CPU):
-        the total without the caching allocator's fragmentation allowance."""
-        return self.total - self.fragmentation
-
-    def parts(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in ("weights", "grads", "optimizer", "activations", "buffers", "fragmentation")}
-
-
-@dataclass
-class StepTime:
-    """Seconds per optimizer step by cause; `exposed` holds communication not hidden by compute."""
-
-    compute: float = 0.0
-    exposed: dict[str, float] = field(default_factory=dict)
-    bubble: float = 0.0
-    overhead: float = 0.0  # host/framework time not hidden behind GPU work + fixed per-step cost
-    optimizer: float = 0.0
-    recompute: float = 0.0  # part of `compute`: activation checkpointing's re-run forward work
-    fp8_cast: float = 0.0  # fp8 quantisation (amax, cast, transpose) of GEMM operands
-    interference: float = 0.0  # compute slowed by the communication kernels running beside it
-
-    @property
-    def total(self) -> float:
-        return (self.compute + self.fp8_cast + self.interference + sum(self.exposed.values()) + self.bubble
-                + self.overhead + self.optimizer)
-
-
-@dataclass
-class Estimate:
-    layout: Layout
-    memory: Memory
-    time: StepTime
-    tokens_per_s_per_gpu: float
-    mfu: float | None
-    fits: bool
-    microbatches: int  # micro-batches per rank per step
+__all__ = ["FITTED", "FP8_CAST_BYTES", "PARAMS", "Estimate", "Layout", "Memory", "Params", "Stack", "Stage",
+           "StepTime", "Workload", "axis_link", "collective_time", "cp_gathered_kv_bytes", "cpu_model", "ep_seconds",
+           "estimate", "estimate_memory", "gemm_time", "is_cpu", "stages"]
 
 
 def collective_time(kind: str, nbytes: float, n: int, bw: float, alpha: float, p: Params = PARAMS) -> float:
@@ -208,27 +52,14 @@ def collective_time(kind: str, nbytes: float, n: int, bw: float, alpha: float, p
 
 
 def axis_link(layout: Layout, axes: tuple[str, ...], hw: Hardware) -> tuple[float, float]:
-    """(bandwidth, latency) of the group spanning mesh `axes` (adjacent in MESH_ORDER): intra-node
+    """(bandwidth, latency) of the group spanning mesh `axes` (adjacent in MESH_DIMS): intra-node
     when the group's extent (its size times the product of inner degrees) fits in one node."""
     inner = 1
-    for name in reversed(MESH_ORDER):
+    for name in reversed(MESH_DIMS):
         if name in axes:
             break
         inner *= getattr(layout, name)
-    size = math.prod(getattr(layout, a) for a in axes)
-    if inner * size <= hw.gpus_per_node:
-        return hw.intra_bw, hw.intra_latency
-    # Across nodes NCCL runs one ring per NIC: with k group members on a node, k rings share
-    # the node's k NICs in parallel (NVLink forwards inside the node), so the group sees k
-    # times the per-GPU network bandwidth, capped by the node fabric.
-    k = max(1, min(size, hw.gpus_per_node // inner))
-    return min(hw.intra_bw, k * hw.inter_bw), hw.inter_latency
-
-
-def cpu_model(hw: Hardware) -> dict | None:
-    """The measured CPU execution model of a calibrated CPU profile, else None (every GPU and
-    catalog entry: their predictions never touch the CPU terms)."""
-    return hw.cpu if hw.calibrated and hw.cpu else None
+    return group_link(math.prod(getattr(layout, a) for a in axes), inner, hw)
 
 
 def _nearest_rate(points: list, key: tuple[float, ...]) -> float:
@@ -295,18 +126,28 @@ def _peaks(hw: Hardware, precision: str) -> tuple[float, float]:
     return peak, peak
 
 
-def fp8_cast_seconds(w: Workload, T: float, tp: int, fused: bool, hw: Hardware) -> float:
+def fp8_cast_seconds(w: Workload, T: float, tp: int, fused: bool, hw: Hardware, moe: bool = False,
+                     ep: int = 1) -> float:
     """Seconds to quantise one layer's fp8 GEMM operands for one micro-batch (forward + backward):
     the inputs of qkv, wo, w1/w3 (one cast) and w2, the four output gradients and the weights,
-    each moving FP8_CAST_BYTES[recipe] bytes per element at HBM bandwidth (memory-bound kernels)."""
+    each moving FP8_CAST_BYTES[recipe] bytes per element at HBM bandwidth (memory-bound kernels).
+    An MoE layer (`moe`) casts the expert GEMMs' operands instead of the dense FFN's
+    (cost_moe.fp8_elements: T k slots, E/ep local experts)."""
     m = w.model
     _, q, kv = attention_dims(m)
-    f = m.ffn_dim
-    n_ffn = 3 if m.ffn == "swiglu" else 2
-    inputs = T * (2 * m.dim + q + f) / tp  # column-parallel inputs are cast before the sequence gather
-    grads = T * ((q + 2 * kv) + m.dim + (n_ffn - 1) * f + m.dim) / tp
     c = param_counts(m)
-    weights = (c["attention_per_layer"] + c["ffn_per_layer"]) / tp
+    inputs = T * (m.dim + q) / tp  # qkv and wo inputs; column-parallel inputs are cast before the sequence gather
+    grads = T * ((q + 2 * kv) + m.dim) / tp
+    weights = c["attention_per_layer"] / tp
+    if moe:
+        ei, eg, ew = cost_moe.fp8_elements(m, T, ep)
+        inputs, grads, weights = inputs + ei, grads + eg, weights + ew
+    else:
+        f = m.ffn_dim
+        n_ffn = 3 if m.ffn == "swiglu" else 2
+        inputs += T * (m.dim + f) / tp
+        grads += T * ((n_ffn - 1) * f + m.dim) / tp
+        weights += c["ffn_per_layer"] / tp
     per_element = FP8_CAST_BYTES[w.fp8_recipe][1 if fused else 0]
     return per_element * (inputs + grads + weights) / hw.hbm_bw
 
@@ -333,123 +174,22 @@ def cp_seconds(layout: Layout, kv_local_bytes: float, attn: float, stack: Stack,
     return total, total
 
 
-def stage_params(m: ModelConfig, layout: Layout) -> tuple[float, float]:
-    """(params of the heaviest pipeline stage, params of one layer), unsharded counts."""
-    c = param_counts(m)
-    layer = c["attention_per_layer"] + c["ffn_per_layer"] + c["norm_per_layer"]
-    per_stage_layers = m.n_layers / layout.pp
-    if layout.pp == 1:
-        return float(c["total"]), float(layer)
-    first = per_stage_layers * layer + c["embedding"]
-    last = per_stage_layers * layer + (c["output"] or c["embedding"]) + c["final_norm"]
-    return float(max(first, last)), float(layer)
+@dataclass
+class LayerTime:
+    """Seconds of one layer (dense or MoE) for one micro-batch on one rank."""
 
-
-def cp_gathered_kv_bytes(m: ModelConfig, mb: int, seq_len: int, B: int, layout: Layout, stack: Stack) -> float:
-    """Bytes of keys and values from the other context-parallel ranks that one layer's attention
-    holds (per micro-batch): parallel/cp.py gathers K, V of the whole sequence and repeats them to
-    all query heads (GQA) before SDPA, which keeps them for its backward: 2 mb (S - S/cp) q B / tp
-    beyond the local part flops.saved_activation_bytes counts. torchtitan's all-gather keeps the
-    kv heads only; Transformer Engine's ring re-sends K, V in backward and keeps nothing extra."""
-    if layout.cp == 1 or stack.cp_comm == "ring":
-        return 0.0
-    _, q, kv = attention_dims(m)
-    width = q if stack.cp_comm == "allgather" else kv
-    return 2 * mb * (seq_len - seq_len / layout.cp) * width * B / layout.tp
-
-
-def is_cpu(hw: Hardware) -> bool:
-    """The device runs PyTorch's CPU kernels: memcheck's "cpu" device or a calibrated CPU profile."""
-    return hw.name == "cpu" or hw.name.startswith("calibrated:cpu") or bool(cpu_model(hw))
-
-
-def estimate_memory(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), p: Params | None = None) -> Memory:
-    """Peak bytes per GPU (the worst pipeline stage). State: fp32 weights and Adam (m, v),
-    FSDP-sharded over dp_shard*cp, split by TP/PP. On top of it the peak of the step is
-    the largest of three moments (docs/planner.md "Memory per GPU"): the start of backward
-    (all saved activations + the cross-entropy's tensors), one layer's backward (saved
-    activations + what AC recomputes + the layer's gradient transients) and the optimizer step
-    (all gradients + the optimizer's temporaries; activations freed). Saved tensors per layer
-    from flops.saved_activation_bytes."""
-    p = p or PARAMS
-    m = w.model
-    B = 4 if w.precision == "fp32" else 2
-    tp, pp = layout.tp, layout.pp
-    shard = layout.dp_shard * layout.cp if stack.fsdp else 1
-    wrapped = stack.fsdp and layout.dp * layout.cp > 1  # FSDP2 units (replicate-only HSDP too)
-    reshard = stack.reshard_after_forward if stack.reshard_after_forward is not None else pp == 1
-    cpu = is_cpu(hw)
-    decomposed = cpu and not stack.fused  # eager CPU RMSNorm saves the normalised x too
-    mb, s_local = layout.micro_batch, w.seq_len // layout.cp
-    n_micro = max(1, w.global_batch // (layout.dp * mb))
-    accumulate = n_micro > 1 or pp > 1  # earlier micro-batches' gradients are alive all step
-    c = param_counts(m)
-    p_layer = float(c["attention_per_layer"] + c["ffn_per_layer"] + c["norm_per_layer"])
-    L_s = m.n_layers / pp
-    saved = saved_activation_bytes(m, mb, s_local, B, layout.ac, tp=tp, fused=stack.fused, decomposed_norm=decomposed)
-    recompute = recompute_bytes(m, mb, s_local, B, layout.ac, tp=tp, decomposed_norm=decomposed)
-    gathered_kv = cp_gathered_kv_bytes(m, mb, w.seq_len, B, layout, stack)
-    if layout.ac in ("none", "op"):  # SDPA keeps the gathered keys and values for its backward
-        saved += gathered_kv
-    else:  # rebuilt with the recomputed attention
-        recompute += gathered_kv
-    transient = backward_transient_bytes(m, mb, s_local, B, tp=tp)
-    head = head_activation_bytes(m, mb, s_local, B, tp=tp, decomposed_norm=cpu)  # the final norm is never compiled
-    loss = loss_activation_bytes(m, mb, s_local, B, compiled=stack.compiled_loss,
-                                 vocab_shards=tp if stack.loss_parallel else 1)
-    boundary = 2 * mb * s_local * m.dim * B if pp > 1 else 0.0  # received activation + its gradient
-    head_params = float((c["output"] or c["embedding"]) + c["final_norm"])
-    # (layers, micro-batches in flight, holds the head, parameters, FSDP root-unit parameters)
-    if pp == 1:
-        stages = [(L_s, 1.0, True, float(c["total"]), float(c["embedding"] + c["output"] + c["final_norm"]))]
-    else:
-        if layout.pp_schedule == "gpipe":
-            first = last = float(n_micro)
-        else:  # 1f1b: pp micro-batches; interleaved: x (1 + (pp-1)/(pp*v)) (Narayanan et al. 2021)
-            v = layout.virtual_stages
-            first = pp * (1 + (pp - 1) / (pp * v)) if v > 1 else float(pp)
-            first = min(first, float(n_micro))  # never more in flight than the step has
-            last = 1.0
-        stages = [(L_s, first, False, L_s * p_layer + c["embedding"], float(c["embedding"])),
-                  (L_s, last, True, L_s * p_layer + head_params, head_params)]
-    best = None
-    for layers, in_flight, has_head, p_stage, p_root in stages:
-        local = p_stage / tp
-        weights, states, grads_all = 4 * local / shard, 8 * local / shard, 4 * local / shard
-        if wrapped and pp > 1:  # torch.distributed.pipelining turns FSDP's gradient sync off until the
-            # last micro-batch (stage.py backward_maybe_with_nosync): the stage's gradients accumulate
-            # unsharded, in fp32 (the reduce dtype), until the step's one reduce-scatter
-            grads_all = 4 * local
-        # foreach AdamW (the trainer's choice on the CPU) holds one fp32 temporary per parameter
-        # (sqrt of the second moment); the fused CUDA kernel none.
-        opt_temp = 4 * local / shard if cpu else 0.0
-        if wrapped:  # all-gathered copies: current + prefetched layer (all when not resharding) + the root unit
-            gathered = B * ((2 * p_layer if reshard else layers * p_layer) + p_root) / tp
-        elif B < 4:  # bf16 copies of every weight, saved for backward (autocast; Megatron's bf16 params)
-            gathered = B * local
-        else:
-            gathered = 0.0
-        acts = saved * layers * in_flight + boundary
-        # the head's saved tensors are freed once its backward is done, before any layer's
-        head_acts = head * in_flight if has_head else 0.0
-        grads_layer = grads_all if accumulate else 4 * (p_layer + (head_params if has_head else 0.0)) / tp
-        # full/op AC re-materialise the whole layer before its FFN backward runs: both at once;
-        # selective recomputes the attention only after the FFN's backward has freed its part
-        extra = max(recompute, transient) if layout.ac == "selective" else recompute + transient
-        phases = [("layer backward", grads_layer, gathered, acts + extra),
-                  ("optimizer step", grads_all, opt_temp, 0.0)]
-        if has_head:
-            phases.append(("loss", grads_all if accumulate else 0.0, gathered, acts + head_acts + loss))
-        name, g, buf, a = max(phases, key=lambda ph: ph[1] + ph[2] + ph[3])
-        mem = Memory(weights=weights, grads=g, optimizer=states, activations=a, buffers=buf, phase=name)
-        if best is None or mem.total > best.total:
-            best = mem
-    best.fragmentation = p.fragmentation * best.total
-    return best
+    compute: float  # forward + backward + recompute (or the measured CPU block)
+    bwd: float  # backward alone (what hides the replicas' all-reduce)
+    recompute: float
+    fp8_cast: float
+    exposed: dict[str, float]  # communication not hidden by compute
+    hidden: float  # communication overlapped with compute (it slows the compute: interference)
+    host: float  # host launch time not hidden behind the GPU
 
 
 def estimate(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), p: Params | None = None) -> Estimate:
-    """Memory and step time of `layout` for `w` on `hw` (see docs/planner.md for each term)."""
+    """Memory and step time of `layout` for `w` on `hw` (see docs/planner.md for each term).
+    An MoE model's dense and MoE layers are priced apart and weighted by their count."""
     p = p or PARAMS
     m = w.model
     act_bytes = 4 if w.precision == "fp32" else 2
@@ -458,122 +198,194 @@ def estimate(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), 
     tp, cp, pp, v = layout.tp, layout.cp, layout.pp, layout.virtual_stages
     n_micro = max(1, w.global_batch // (layout.dp * layout.micro_batch))
     s_local = w.seq_len // cp
-    T = layout.micro_batch * s_local  # tokens per micro-batch per rank
+    mb = layout.micro_batch
+    T = mb * s_local  # tokens per micro-batch per rank (an MoE FFN sees all of them: replicated over tp)
     _, q, kv = attention_dims(m)
     n_ffn = 3 if m.ffn == "swiglu" else 2
     reduce_bytes = 4 if stack.grad_reduce_fp32 else act_bytes
-
-    # --- one layer, one micro-batch, forward (s) ---
-    gemm_attn = gemm_time(T, (q + 2 * kv) / tp, m.dim, lin_peak, hw, p, lp) + gemm_time(T, m.dim, q / tp, lin_peak, hw, p, lp)
-    gemm_ffn = (n_ffn - 1) * gemm_time(T, m.ffn_dim / tp, m.dim, lin_peak, hw, p, lp)
-    gemm = gemm_attn + gemm_ffn + gemm_time(T, m.dim, m.ffn_dim / tp, lin_peak, hw, p, lp)
-    f = forward_flops_per_layer(m, w.seq_len, causal=True)
     cpu = cpu_model(hw)
+    counts = param_counts(m)
+
+    def gemm(mm: float, n: float, k: float) -> float:
+        return gemm_time(mm, n, k, lin_peak, hw, p, lp)
+
+    # --- attention, the same in every layer (forward seconds per micro-batch) ---
+    gemm_attn = gemm(T, (q + 2 * kv) / tp, m.dim) + gemm(T, m.dim, q / tp)
+    f = forward_flops_per_layer(m, w.seq_len, causal=True)
     kernel_eff = (hw.attn_eff_fused if stack.fused_attention else None) or hw.attn_eff or p.attn_eff
     attn_rate = peak * kernel_eff * (1.0 if hw.calibrated else p.attn_eff_scale)
     if cpu and cpu.get("attention"):  # measured fwd+bwd rate at this sequence length
         attn_rate = _log_interp(cpu["attention"], s_local)
-    attn = layout.micro_batch * (f["attn_scores"] + f["attn_values"]) / (tp * cp) / attn_rate
+    attn = mb * (f["attn_scores"] + f["attn_values"]) / (tp * cp) / attn_rate
     passes = p.elementwise_passes_fused if stack.fused else p.elementwise_passes_eager
-    elem_bytes = passes * activation_bytes_per_layer(m, layout.micro_batch, s_local, act_bytes, "none") / tp
-    elem_bw = hw.hbm_bw
-    if cpu and cpu.get("elementwise"):  # measured layer elementwise chain, in these byte units
-        elem_bw = _log_interp(cpu["elementwise"], elem_bytes)
-    elem = elem_bytes / elem_bw
-    fwd = gemm + attn + elem / 3
-    bwd = 2 * gemm + p.attn_bwd_ratio * attn + 2 * elem / 3
-    # selective = parallel/ac.py checkpoints each block's attention module (wq/wk/wv, SDPA, wo);
-    # op = torchtitan's op-level SAC: every elementwise op and every second matmul (wk, wo, w3)
-    op_sac = gemm_time(T, kv / tp, m.dim, lin_peak, hw, p, lp) + gemm_time(T, m.dim, q / tp, lin_peak, hw, p, lp) \
-        + (gemm_time(T, m.ffn_dim / tp, m.dim, lin_peak, hw, p, lp) if n_ffn == 3 else 0.0) + elem / 3
-    recompute = {"none": 0.0, "selective": gemm_attn + attn, "full": fwd, "op": op_sac}[layout.ac]
-    layer_compute = fwd + bwd + recompute
-    block_key = measured_block_key(cpu, layout.ac, stack.fused, tp, cp)
-    if block_key:  # the real block, measured: recompute and dispatch included (cpu_measured.py)
-        layer_compute = block_seconds(cpu["blocks"][block_key], T, s_local)
-
-    # --- communication per layer per micro-batch ---
-    exposed_layer: dict[str, float] = {}
-    hidden_layer = 0.0  # communication overlapped with compute, per layer and micro-batch
-    if tp > 1:  # sequence parallel: 2 all-gathers + 2 reduce-scatters forward, the same backward
-        bw, lat = axis_link(layout, ("tp",), hw)
-        one = collective_time("all_gather", T * m.dim * act_bytes, tp, bw, lat, p)
-        n_coll = 8 + (2 if layout.ac in ("full", "op") else 0)  # the recompute re-gathers its inputs
-        comm = n_coll * one
-        exposed_layer["tp"] = max(0.0, comm - 3 * gemm) if stack.tp_overlap else comm
-        hidden_layer += comm - exposed_layer["tp"]
-    if cp > 1:
-        exposed_layer["cp"], cp_total = cp_seconds(layout, T * kv * act_bytes / tp, attn, stack, hw, p)
-        hidden_layer += cp_total - exposed_layer["cp"]
+    dense_act = activation_bytes_per_layer(m, mb, s_local, act_bytes, "none")
+    dense_ffn_act = ffn_activation_bytes(m, mb, s_local, act_bytes)
+    # measured CPU blocks are of the dense block only: an MoE model is composed from the terms
+    block_key = None if m.moe_experts else measured_block_key(cpu, layout.ac, stack.fused, tp, cp)
     shard = layout.dp_shard * cp if stack.fsdp else 1
-    _, p_layer = stage_params(m, layout)
-    if shard > 1:  # FSDP: all-gather weights (fwd, and bwd if resharded), reduce-scatter grads
-        bw, lat = axis_link(layout, ("dp_shard", "cp"), hw)
-        reshard = stack.reshard_after_forward if stack.reshard_after_forward is not None else pp == 1
-        gather_bytes = 1 if w.precision == "fp8" and stack.fp8_all_gather else act_bytes
-        ag = collective_time("all_gather", p_layer / tp * gather_bytes, shard, bw, lat, p)
-        rs = collective_time("reduce_scatter", p_layer / tp * reduce_bytes, shard, bw, lat, p)
-        fsdp_comm = ag * (2 if reshard else 1) + rs
-        # prefetching hides layer i+1's gathers behind layer i's compute (and TP/CP comm)
-        exposed_layer["dp_shard"] = max(0.0, fsdp_comm - layer_compute) + ag / max(1, m.n_layers)
-        hidden_layer += min(fsdp_comm, layer_compute)
+    reshard = stack.reshard_after_forward if stack.reshard_after_forward is not None else pp == 1
+    gather_bytes = 1 if w.precision == "fp8" and stack.fp8_all_gather else act_bytes
+    host_ops = p.ops_per_layer_fused if stack.fused else p.ops_per_layer_eager
 
+    def layer_time(moe: bool) -> LayerTime:
+        if moe:  # router (fp32, priced at the bf16 rate), E/ep local experts on T k ep / E rows each, shared
+            g = {name: c * (gemm_time(mm, n, k, peak, hw, p) if name == "router" else gemm(mm, n, k))
+                 for name, (c, mm, n, k) in cost_moe.expert_gemms(m, T, layout.ep, w.expert_imbalance).items()}
+            ffn_gemm = sum(g.values())
+            w3 = (g["w13"] + g.get("shared_w13", 0.0)) / 2
+            ffn_act = ffn_activation_bytes(m, mb, s_local, act_bytes, m.moe_dense_layers)  # not split by tp
+        else:
+            ffn_gemm = (n_ffn - 1) * gemm(T, m.ffn_dim / tp, m.dim) + gemm(T, m.dim, m.ffn_dim / tp)
+            w3 = gemm(T, m.ffn_dim / tp, m.dim) if n_ffn == 3 else 0.0
+            ffn_act = dense_ffn_act / tp
+        lin = gemm_attn + ffn_gemm
+        elem_bytes = passes * ((dense_act - dense_ffn_act) / tp + ffn_act)
+        elem_bw = _log_interp(cpu["elementwise"], elem_bytes) if cpu and cpu.get("elementwise") else hw.hbm_bw
+        elem = elem_bytes / elem_bw
+        fwd = lin + attn + elem / 3
+        bwd = 2 * lin + p.attn_bwd_ratio * attn + 2 * elem / 3
+        # selective = parallel/ac.py checkpoints each block's attention module (wq/wk/wv, SDPA, wo);
+        # op = torchtitan's op-level SAC: every elementwise op and every second matmul (wk, wo, w3)
+        op_sac = gemm(T, kv / tp, m.dim) + gemm(T, m.dim, q / tp) + w3 + elem / 3
+        recompute = {"none": 0.0, "selective": gemm_attn + attn, "full": fwd, "op": op_sac}[layout.ac]
+        compute = fwd + bwd + recompute
+        if block_key:  # the real block, measured: recompute and dispatch included (cpu_measured.py)
+            compute = block_seconds(cpu["blocks"][block_key], T, s_local)
+        cast = fp8_cast_seconds(w, T, tp, stack.fused, hw, moe, layout.ep) if w.precision == "fp8" else 0.0
+
+        # --- communication per layer per micro-batch ---
+        exposed: dict[str, float] = {}
+        hidden = 0.0
+        if tp > 1:  # sequence parallel: 2 all-gathers + 2 reduce-scatters forward, the same backward
+            bw, lat = axis_link(layout, ("tp",), hw)
+            one = collective_time("all_gather", T * m.dim * act_bytes, tp, bw, lat, p)
+            comm = (8 + (2 if layout.ac in ("full", "op") else 0)) * one  # the recompute re-gathers its inputs
+            exposed["tp"] = max(0.0, comm - 3 * lin) if stack.tp_overlap else comm
+            hidden += comm - exposed["tp"]
+        if cp > 1:
+            exposed["cp"], cp_total = cp_seconds(layout, T * kv * act_bytes / tp, attn, stack, hw, p)
+            hidden += cp_total - exposed["cp"]
+        split = cost_moe.layer_split(counts, moe)
+        groups = [(split.tp / tp + split.replicated, shard, axis_link(layout, ("dp_shard", "cp"), hw))]
+        if moe and stack.fsdp:  # the local experts' own FSDP group (parallel/ep.py: efsdp)
+            size, stride = cost_moe.ep_groups(layout, stack)["expert_shard"]
+            groups.append((split.experts / layout.ep, size, group_link(size, stride, hw)))
+        fsdp_comm = first_gather = 0.0
+        for n_params, ranks, (bw, lat) in groups:  # FSDP: gather weights (fwd, and bwd if resharded), scatter grads
+            if ranks > 1:
+                ag = collective_time("all_gather", n_params * gather_bytes, ranks, bw, lat, p)
+                fsdp_comm += ag * (2 if reshard else 1) + collective_time("reduce_scatter", n_params * reduce_bytes,
+                                                                          ranks, bw, lat, p)
+                first_gather += ag
+        if fsdp_comm:  # prefetching hides layer i+1's gathers behind layer i's compute (and TP/CP comm)
+            exposed["dp_shard"] = max(0.0, fsdp_comm - compute) + first_gather / max(1, m.n_layers)
+            hidden += min(fsdp_comm, compute)
+        if moe and layout.ep > 1:  # token dispatch and combine: the experts wait for their rows
+            exposed["ep"] = ep_seconds(w, layout, hw, p)
+        host = host_ops * hw.host_overhead_s * (1.3 if layout.ac in ("full", "op") else 1.0)
+        # the CPU cannot run ahead of a too-fast GPU (a recomputed forward re-launches ~1/3 of the kernels)
+        host_exposed = max(0.0, host - compute - sum(exposed.values()))
+        if cpu and cpu.get("ops"):  # one core runs dispatch and compute in sequence: nothing hides
+            ops = cpu["ops"]
+            n_ops = ops["fwd_per_layer"] + ops["bwd_per_layer"]
+            n_ops += {"none": 0.0, "selective": 0.5, "full": 1.0, "op": 1.0}[layout.ac] * ops["fwd_per_layer"]
+            if stack.fused:  # not measured: the GPU ratio of fused to eager launches
+                n_ops *= p.ops_per_layer_fused / p.ops_per_layer_eager
+            host_exposed = n_ops * cpu["op_s"]
+        if block_key:  # the measured block already includes its dispatch
+            host_exposed = 0.0
+        elif moe and not cpu:  # the dispatch's host sync (again in a fully recomputed forward): the
+            # layer's bookkeeping runs with the GPU idle
+            host_exposed += p.moe_layer_overhead_s * (2 if layout.ac == "full" else 1)
+        return LayerTime(compute, bwd, 0.0 if block_key else recompute, cast, exposed, hidden, host_exposed)
+
+    kinds = [(m.n_layers - moe_layer_count(m), layer_time(False))]
+    if m.moe_experts:
+        kinds.append((moe_layer_count(m), layer_time(True)))
     layers_stage = m.n_layers / pp
-    host = (p.ops_per_layer_fused if stack.fused else p.ops_per_layer_eager) * hw.host_overhead_s
-    if layout.ac in ("full", "op"):  # the recomputed forward re-launches its ~1/3 of the layer's kernels
-        host *= 1.3
-    gpu_layer = layer_compute + sum(exposed_layer.values())
-    host_exposed_layer = max(0.0, host - gpu_layer)  # the CPU cannot run ahead of a too-fast GPU
-    if cpu and cpu.get("ops"):  # one core runs dispatch and compute in sequence: nothing hides
-        ops = cpu["ops"]
-        n_ops = ops["fwd_per_layer"] + ops["bwd_per_layer"]
-        n_ops += {"none": 0.0, "selective": 0.5, "full": 1.0, "op": 1.0}[layout.ac] * ops["fwd_per_layer"]
-        if stack.fused:  # not measured: the GPU ratio of fused to eager launches
-            n_ops *= p.ops_per_layer_fused / p.ops_per_layer_eager
-        host_exposed_layer = n_ops * cpu["op_s"]
-    if block_key:  # the measured block already includes its dispatch
-        host_exposed_layer = 0.0
+
+    def per_stage(get) -> float:
+        """Seconds of one micro-batch through one stage's layers (their dense/MoE mix on average)."""
+        return sum(n * get(lt) for n, lt in kinds) / m.n_layers * layers_stage
 
     # --- output head + loss (last stage) per micro-batch ---
     head = 3 * gemm_time(T, m.vocab_size / tp, m.dim, peak, hw, p)
-    head += 6 * T * m.vocab_size / tp * 4 / (elem_bw if cpu else hw.hbm_bw)  # fp32 softmax cross-entropy passes
+    elem_bw = _log_interp(cpu["elementwise"], passes * dense_act / tp) if cpu and cpu.get("elementwise") else hw.hbm_bw
+    head += 6 * T * m.vocab_size / tp * 4 / elem_bw  # fp32 softmax cross-entropy passes
     head_key = "head_compiled" if stack.compiled_loss else "head"
     head_measured = bool(cpu and tp == 1 and cpu.get(head_key))
     if head_measured:  # final norm + head + the trainer's loss, measured (cpu_measured.py)
         head = head_seconds(cpu[head_key], T)
-    stage_time = layers_stage * gpu_layer + head  # per micro-batch, the slowest (last) stage
+    # the slowest (last) stage, per micro-batch
+    stage_time = per_stage(lambda lt: lt.compute + sum(lt.exposed.values())) + head
     # --- pipeline: m micro-batches + (pp-1)/v bubble ---
     t = StepTime()
-    t.compute = n_micro * layers_stage * layer_compute + n_micro * head
-    t.recompute = 0.0 if block_key else n_micro * layers_stage * recompute
+    t.compute = n_micro * (per_stage(lambda lt: lt.compute) + head)
+    t.recompute = n_micro * per_stage(lambda lt: lt.recompute)
     if w.precision == "fp8":
-        t.fp8_cast = n_micro * layers_stage * fp8_cast_seconds(w, T, tp, stack.fused, hw)
-    for k, val in exposed_layer.items():
-        t.exposed[k] = n_micro * layers_stage * val
+        t.fp8_cast = n_micro * per_stage(lambda lt: lt.fp8_cast)
+    for k in dict.fromkeys(k for _, lt in kinds for k in lt.exposed):
+        t.exposed[k] = n_micro * per_stage(lambda lt: lt.exposed.get(k, 0.0))
     if pp > 1:
-        bubble_frac = (pp - 1) / (v * n_micro)
-        t.bubble = bubble_frac * n_micro * stage_time
+        t.bubble = (pp - 1) / (v * n_micro) * n_micro * stage_time
         bw, lat = axis_link(layout, ("pp",), hw)
         t.exposed["pp"] = 2 * (n_micro + pp - 1) * collective_time("send", T * m.dim * act_bytes / tp, 2, bw, lat, p)
     # --- data-parallel replicas: gradient all-reduce once per step, hidden behind the last backward ---
-    p_stage, _ = stage_params(m, layout)
-    local_params = p_stage / tp / shard
-    if layout.dp_replicate > 1:
-        bw, lat = axis_link(layout, ("dp_replicate",), hw)
-        ar = collective_time("all_reduce", local_params * reduce_bytes, layout.dp_replicate, bw, lat, p)
-        t.exposed["dp_replicate"] = max(0.0, ar - p.dp_overlap * layers_stage * bwd)
+    heaviest = max(stages(m, layout, counts), key=lambda st: local_params(st.params, layout, stack))
+    local = local_params(heaviest.params, layout, stack)
+    ar = replica_all_reduce_seconds(heaviest.params, layout, stack, hw, reduce_bytes, p)
+    if ar:
+        t.exposed["dp_replicate"] = max(0.0, ar - p.dp_overlap * per_stage(lambda lt: lt.bwd))
         t.interference += p.overlap_interference * (ar - t.exposed["dp_replicate"])
     if not cpu:  # NCCL kernels take SMs and HBM bandwidth from the compute they overlap (GPUs only)
-        t.interference += p.overlap_interference * n_micro * layers_stage * hidden_layer
-    t.overhead = n_micro * layers_stage * host_exposed_layer + p.step_overhead_s
-    t.optimizer = local_params * p.optimizer_bytes_per_param / hw.hbm_bw
+        t.interference += p.overlap_interference * n_micro * per_stage(lambda lt: lt.hidden)
+    t.overhead = n_micro * per_stage(lambda lt: lt.host) + p.step_overhead_s
+    t.optimizer = local * p.optimizer_bytes_per_param / hw.hbm_bw
     if cpu and cpu.get("ops"):  # counted ops outside the layers x measured seconds per op
         fixed_ops = max(0, cpu["ops"]["fixed"] - (cpu.get("head_ops", 0) if head_measured else 0))
-        t.overhead = n_micro * layers_stage * host_exposed_layer + n_micro * fixed_ops * cpu["op_s"]
+        t.overhead = n_micro * per_stage(lambda lt: lt.host) + n_micro * fixed_ops * cpu["op_s"]
     if cpu and "optimizer_s_per_param" in cpu:  # measured clip + foreach AdamW
-        t.optimizer = cpu.get("optimizer_fixed_s", 0.0) + local_params * cpu["optimizer_s_per_param"]
+        t.optimizer = cpu.get("optimizer_fixed_s", 0.0) + local * cpu["optimizer_s_per_param"]
 
     mem = estimate_memory(w, layout, hw, stack, p)
     tps = w.global_batch * w.seq_len / t.total / layout.world_size
     mfu = metrics_mfu(tps, flops_per_token(m, w.seq_len), hw.peak_flops.get(w.precision))
     return Estimate(layout, mem, t, tps, mfu, mem.total <= hw.hbm_bytes, n_micro)
+
+
+def ep_seconds(w: Workload, layout: Layout, hw: Hardware, p: Params = PARAMS) -> float:
+    """Expert-parallel communication of one MoE layer and micro-batch, none of it hidden: the
+    counts and the token rows dispatched and combined in forward, their gradients in backward,
+    and the forward's again under full AC (flops.moe_dispatch_bytes). The busiest rank receives
+    `expert_imbalance` x the mean and every rank waits for it."""
+    act_bytes = 4 if w.precision == "fp32" else 2
+    b = moe_dispatch_bytes(w.model, layout.micro_batch, w.seq_len // layout.cp, layout.ep, act_bytes)
+    size, stride = cost_moe.ep_groups(layout, Stack())["ep"]
+
+    def a2a(nbytes: float) -> float:
+        return cost_moe.all_to_all_seconds(nbytes, size, stride, hw, p.comm_eff)
+
+    rows = b["dispatch"] + b["combine"]
+    recompute = layout.ac == "full"
+    return ((1 + recompute) * (a2a(b["counts"]) + a2a(rows * w.expert_imbalance))
+            + a2a((b["combine_grad"] + b["dispatch_grad"]) * w.expert_imbalance))
+
+
+def replica_all_reduce_seconds(params: ParamSplit, layout: Layout, stack: Stack, hw: Hardware, nbytes: float,
+                               p: Params = PARAMS) -> float:
+    """Seconds of the once-per-step gradient all-reduce of a stage's local shard (`nbytes` per
+    gradient element): the non-expert part over the dp_replicate replicas, the routed experts
+    over their own group (cost_moe.ep_groups "expert_reduce": the replicas under FSDP, the
+    expert-data-parallel ranks without it), one after the other on the same links."""
+    shard = cost_moe.dense_shard(layout, stack)
+    out = 0.0
+    if layout.dp_replicate > 1:
+        bw, lat = axis_link(layout, ("dp_replicate",), hw)
+        out += collective_time("all_reduce", (params.tp / layout.tp + params.replicated) / shard * nbytes,
+                               layout.dp_replicate, bw, lat, p)
+    size, stride = cost_moe.ep_groups(layout, stack)["expert_reduce"]
+    if params.experts and size > 1:
+        bw, lat = group_link(size, stride, hw)
+        out += collective_time("all_reduce", params.experts / cost_moe.expert_shard(layout, stack) * nbytes,
+                               size, bw, lat, p)
+    return out

@@ -3,8 +3,12 @@
 `fit(cases)` re-derives every parameter named in cost.FITTED from the given rows only: a
 deterministic coordinate search over each parameter's grid (GRID, physically plausible ranges),
 starting from the neutral START (never from the shipped values, which are themselves a fit on
-the whole development set), minimising the mean absolute log error of tokens/s per GPU. The
-shipped cost.PARAMS are `fit(all development rows)`; `plan validate --refit` re-runs it.
+the whole development set), minimising the mean absolute log error of tokens/s per GPU. It runs
+in two stages: the parameters every model shares from the dense rows, then the MoE-only term
+(MOE_ONLY) from the MoE rows with those fixed, so the MoE rows (one publication, whose
+container versions differ by up to 1.8x on identical configurations) never move the GEMM,
+attention, elementwise and overlap physics the dense rows determine. The shipped cost.PARAMS
+are `fit(all development rows)` (tests/unit/test_plan_fit.py re-runs it).
 
 `cross_validate(cases, by)` holds out one group at a time ("source": a publication, "model": an
 architecture), fits on the other groups and predicts the held-out rows with that fit, so no
@@ -31,10 +35,13 @@ GRID: dict[str, tuple[float, ...]] = {
     "elementwise_passes_eager": tuple(float(x) for x in range(2, 17)),
     "elementwise_passes_fused": tuple(0.5 * x for x in range(2, 21)),  # 1 .. 10
     "overlap_interference": tuple(round(0.05 * i, 2) for i in range(13)),  # 0 .. 0.6
+    "moe_layer_overhead_s": tuple(round(0.5e-3 * i, 5) for i in range(17)),  # 0 .. 8 ms
 }
-# Where every fit starts: the middle of each grid, so a fit depends on its rows only.
+# Where every fit starts: the middle of each grid, so a fit depends on its rows only; except
+# moe_layer_overhead_s, which starts at 0 (the cost model without it): only MoE rows move it, and
+# a fit without any (a held-out group holding them all) keeps the model without it.
 START = Params(mamf_scale=0.85, matmul_half_dim=100.0, attn_eff_scale=0.75, elementwise_passes_eager=8.0,
-               elementwise_passes_fused=4.0, overlap_interference=0.3)
+               elementwise_passes_fused=4.0, overlap_interference=0.3, moe_layer_overhead_s=0.0)
 MAX_SWEEPS = 6
 
 
@@ -48,11 +55,28 @@ def objective(cases: list[Case], p: Params) -> float:
     return statistics.fmean(abs(e) for e in log_errors(cases, p))
 
 
+# Parameters that only MoE layers use: fitted on the MoE rows alone, after the shared ones.
+MOE_ONLY = ("moe_layer_overhead_s",)
+
+
 def fit(cases: list[Case], start: Params = START, names: tuple[str, ...] = FITTED) -> Params:
-    """The Params minimising `objective` over `cases` by coordinate search on GRID. Deterministic:
-    parameters are visited in FITTED order and a tie keeps the value visited first."""
+    """The Params minimising `objective`: the shared parameters over the dense rows of `cases`,
+    then the MOE_ONLY ones over its MoE rows (a stage without rows keeps its START values)."""
     if not cases:
         raise ValueError("fit needs at least one row")
+    moe = [c for c in cases if c.workload.model.moe_experts]
+    dense = [c for c in cases if not c.workload.model.moe_experts]
+    p = start
+    for rows, group in ((dense, [n for n in names if n not in MOE_ONLY]), (moe, [n for n in names if n in MOE_ONLY])):
+        if rows and group:
+            p = coordinate_fit(rows, p, tuple(group))
+    return p
+
+
+def coordinate_fit(cases: list[Case], start: Params, names: tuple[str, ...]) -> Params:
+    """The Params minimising `objective` over `cases` by coordinate search on GRID over `names`.
+    Deterministic: parameters are visited in the given order and a tie keeps the value visited
+    first."""
     best, best_obj = start, objective(cases, start)
     for _ in range(MAX_SWEEPS):
         moved = False
@@ -84,6 +108,7 @@ class GroupResult:
     held_out: list[float]  # relative errors of this group's rows predicted by the fit without them
     in_sample: list[float]  # the same rows predicted by the fit on all rows
     params: Params  # the fit without this group
+    moe: list[bool]  # per row: a mixture-of-experts model
 
 
 @dataclass
@@ -92,9 +117,11 @@ class CVReport:
     groups: list[GroupResult]
     all_rows: Params  # the fit on every row (in-sample)
 
-    def overall(self, which: str) -> tuple[float, float]:
-        errs = [abs(e) for g in self.groups for e in getattr(g, which)]
-        return statistics.median(errs), pct(errs, 0.9)
+    def overall(self, which: str, moe: bool | None = None) -> tuple[float, float] | None:
+        """(median, p90) |relative error| of the `which` ("held_out" / "in_sample") predictions of
+        every row, or of the dense (moe=False) or MoE (moe=True) rows only; None when there are none."""
+        errs = [abs(e) for g in self.groups for e, m in zip(getattr(g, which), g.moe) if moe is None or m == moe]
+        return (statistics.median(errs), pct(errs, 0.9)) if errs else None
 
 
 def rel_errors(cases: list[Case], p: Params) -> list[float]:
@@ -113,7 +140,8 @@ def cross_validate(cases: list[Case], by: str = "source", start: Params = START)
         rest = [c for c in cases if key(c) != g]
         p = fit(rest, start) if rest else everything
         out.append(GroupResult(g, members[0].source_id if by == "source" else members[0].model, len(members),
-                               rel_errors(members, p), rel_errors(members, everything), p))
+                               rel_errors(members, p), rel_errors(members, everything), p,
+                               [c.workload.model.moe_experts > 0 for c in members]))
     names = [g.label for g in out]
     for g in out:  # reduced-depth proxies share their model's name: say which is which
         if names.count(g.label) > 1:
@@ -133,9 +161,11 @@ def format_cv(r: CVReport) -> str:
     for g in r.groups:
         fitted = ", ".join(f"{n}={getattr(g.params, n):g}" for n in FITTED)
         lines.append(f"{g.label[:34]:<34} {g.rows:>4}  {_med_p90(g.held_out):>20}  {_med_p90(g.in_sample):>21}  {fitted}")
-    (hm, hp), (im, ip) = r.overall("held_out"), r.overall("in_sample")
-    n = sum(g.rows for g in r.groups)
-    lines.append(f"{'overall':<34} {n:>4}  {100 * hm:5.1f}% {100 * hp:5.1f}%   {100 * im:5.1f}% {100 * ip:5.1f}%")
+    for name, moe in (("overall", None), ("overall, dense rows", False), ("overall, MoE rows", True)):
+        n = sum(m == moe or moe is None for g in r.groups for m in g.moe)
+        if n and (moe is None or n < sum(g.rows for g in r.groups)):
+            (hm, hp), (im, ip) = r.overall("held_out", moe), r.overall("in_sample", moe)
+            lines.append(f"{name:<34} {n:>4}  {100 * hm:5.1f}% {100 * hp:5.1f}%   {100 * im:5.1f}% {100 * ip:5.1f}%")
     lines.append("(|relative error| of tokens/s per GPU; in-sample = one fit on every row: "
                  + ", ".join(f"{n}={getattr(r.all_rows, n):g}" for n in FITTED) + ")")
     return "\n".join(lines)

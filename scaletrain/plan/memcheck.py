@@ -1,20 +1,23 @@
 """Pre-launch memory check: predicted per-rank peak vs the device's capacity.
 
-The trainer calls `check_fits(cfg, world_size, device)` before building anything; it raises
-ConfigError (the CLI prints it and exits 2) when the planner's memory model predicts the
-run will not fit, with the breakdown and a concrete fix. This is the only plan/ import in
-train/ (DESIGN.md).
+The trainer calls the `memory_check` it is given (`preflight(force)`: `check_fits`, or with
+--force `estimate_for_config`) before building anything; `check_fits` raises ConfigError (the
+CLI prints it and exits 2) when the planner's memory model predicts the run will not fit, with
+the breakdown and a concrete fix. Every caller that builds a Trainer (cli train, bench, btx,
+plan check) passes it, so train/ never imports the planner.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from scaletrain.config.schema import Config
 from scaletrain.errors import ConfigError
+from scaletrain.ranks import env_ranks
 from scaletrain.plan.cost import Layout, Memory, Stack, Workload, estimate_memory
 from scaletrain.plan.hardware import GiB, Hardware
 
@@ -36,11 +39,11 @@ class MemoryEstimate:
 
 def device_capacity(device: torch.device, world_size: int) -> float:
     """Bytes one rank may use: CUDA total memory; on CPU the system RAM divided by the ranks
-    on this node (LOCAL_WORLD_SIZE, default `world_size`)."""
+    on this node (torchrun's LOCAL_WORLD_SIZE; `world_size` when not launched by torchrun)."""
     if device.type == "cuda":
         return float(torch.cuda.get_device_properties(device).total_memory)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size) or world_size)
+    local = env_ranks().local_world_size or world_size
     return float(ram) / max(1, local)
 
 
@@ -48,19 +51,17 @@ def workload_for_config(cfg: Config, world_size: int, device_type: str) -> tuple
     """The cost model's (workload, layout) for a run config on `world_size` ranks of a device
     of `device_type` ("cuda" or "cpu"; precision "auto" resolves as the trainer does). The layout
     is checked by parallel/layout.py first (LayoutError), so nothing illegal is ever priced."""
-    from scaletrain.parallel.dims import resolve_dims
-    from scaletrain.parallel.layout import check_layout, microbatch_count, virtual_stages
+    from scaletrain.parallel.dims import resolve_precision
+    from scaletrain.parallel.layout import check_layout, microbatch_count, resolve_dims, virtual_stages
 
     dims = resolve_dims(cfg.parallel, world_size)
     par = cfg.parallel
-    precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if device_type == "cuda" else "fp32"
+    precision = resolve_precision(cfg.train.precision, device_type)
     check_layout(dims, par, cfg.model, cfg.data.seq_len, cfg.data.batch_size, precision)
     n_micro = microbatch_count(par, dims.pp)
     micro = cfg.data.batch_size // n_micro if dims.pp > 1 else cfg.data.batch_size
     layout = Layout(dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp, dims.cp, par.pp_schedule, virtual_stages(par),
-                    micro, par.ac)
+                    micro, par.ac, dims.ep)
     global_batch = cfg.data.batch_size * cfg.train.grad_accum * dims.dp
     return Workload(cfg.model, cfg.data.seq_len, global_batch, precision, cfg.train.fp8_recipe), layout
 
@@ -119,3 +120,10 @@ def check_fits(cfg: Config, world_size: int, device: torch.device) -> MemoryEsti
         raise ConfigError(f"the run is predicted not to fit in memory: {est.describe()}. "
                           f"Try: {_suggestion(cfg, est)}. Pass --force to run anyway.")
     return est
+
+
+def preflight(force: bool = False) -> Callable[[Config, int, torch.device], float]:
+    """The Trainer's `memory_check`: (cfg, world size, device) -> the predicted peak bytes per
+    rank; unless `force`, a run predicted not to fit raises ConfigError (`check_fits`)."""
+    check = estimate_for_config if force else check_fits
+    return lambda cfg, world_size, device: check(cfg, world_size, device).predicted_bytes

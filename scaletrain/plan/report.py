@@ -18,9 +18,9 @@ REMEDY = {"compute": "faster GEMMs (fp8, a faster GPU)", "recompute": "more memo
           "comm interference": "less communication overlapped with compute",
           "TP comm": "faster NVLink", "CP comm": "faster NVLink or fewer context ranks",
           "FSDP comm": "more network bandwidth", "DP all-reduce": "more network bandwidth",
-          "PP sends": "more network bandwidth"}
+          "PP sends": "more network bandwidth", "EP all-to-all": "expert parallelism inside one NVLink domain"}
 COMM_NAMES = {"tp": "TP comm", "cp": "CP comm", "dp_shard": "FSDP comm", "dp_replicate": "DP all-reduce",
-              "pp": "PP sends"}
+              "pp": "PP sends", "ep": "EP all-to-all"}
 COMM = tuple(COMM_NAMES.values())
 
 
@@ -50,15 +50,16 @@ def bottleneck(e: Estimate, hw: Hardware) -> str:
     return text
 
 
-COLUMNS = [("#", 3), ("replicas", 8), ("FSDP", 5), ("TP", 3), ("PP", 3), ("schedule", 15), ("CP", 3),
+COLUMNS = [("#", 3), ("replicas", 8), ("FSDP", 5), ("TP", 3), ("PP", 3), ("schedule", 15), ("CP", 3), ("EP", 3),
            ("micro", 5), ("micro-", 7), ("activation", 10), ("step", 7), ("tokens/s", 9), ("MFU", 6),
            ("memory", 7), ("fits", 4)]
-COLUMNS2 = ["", "(DP)", "shard", "", "", "", "", "batch", "batches", "checkpoint", "time s", "per GPU", "", "GiB", ""]
+COLUMNS2 = ["", "(DP)", "shard", "", "", "", "", "", "batch", "batches", "checkpoint", "time s", "per GPU", "", "GiB", ""]
+LEFT = (5, 10)  # schedule and activation checkpointing read left-aligned
 
 
 def header() -> str:
-    top = " ".join(f"{n:>{w}}" if i not in (5, 9) else f"{n:<{w}}" for i, (n, w) in enumerate(COLUMNS))
-    sub = " ".join(f"{n:>{w}}" if i not in (5, 9) else f"{n:<{w}}" for i, (n, (_, w)) in enumerate(zip(COLUMNS2, COLUMNS)))
+    top = " ".join(f"{n:>{w}}" if i not in LEFT else f"{n:<{w}}" for i, (n, w) in enumerate(COLUMNS))
+    sub = " ".join(f"{n:>{w}}" if i not in LEFT else f"{n:<{w}}" for i, (n, (_, w)) in enumerate(zip(COLUMNS2, COLUMNS)))
     return f"{top}\n{sub}"
 
 
@@ -67,7 +68,7 @@ def format_row(i: int | str, e: Estimate) -> str:
     sched = "-" if lay.pp == 1 else (f"interleaved x{lay.virtual_stages}" if lay.virtual_stages > 1 else lay.pp_schedule)
     mfu = f"{100 * e.mfu:5.1f}%" if e.mfu is not None else "   n/a"
     cells = [f"{i:>3}", f"{lay.dp_replicate:>8}", f"{lay.dp_shard:>5}", f"{lay.tp:>3}", f"{lay.pp:>3}", f"{sched:<15}",
-             f"{lay.cp:>3}", f"{lay.micro_batch:>5}", f"{e.microbatches:>7}", f"{lay.ac:<10}", f"{e.time.total:7.3f}",
+             f"{lay.cp:>3}", f"{lay.ep:>3}", f"{lay.micro_batch:>5}", f"{e.microbatches:>7}", f"{lay.ac:<10}", f"{e.time.total:7.3f}",
              f"{e.tokens_per_s_per_gpu:9,.0f}", mfu, f"{e.memory.total / GiB:7.1f}", f"{'yes' if e.fits else 'NO':>4}"]
     return " ".join(cells)
 
@@ -140,7 +141,8 @@ def format_result(result: SearchResult, hw: Hardware, top: int = 5) -> str:
     shown = result.ranked[:top]
     lines = [f"{result.evaluated:,} legal layouts priced, {result.fitting:,} predicted to fit in memory; the "
              f"{len(shown)} fastest of those are shown. Layouts read: dp REPLICAS x FSDP-SHARDS, tp/pp/cp degrees, "
-             "mb = micro-batch in sequences, ac = activation checkpointing.", header()]
+             "ep = expert parallel (MoE; its ranks are FSDP ranks), mb = micro-batch in sequences, "
+             "ac = activation checkpointing.", header()]
     for i, e in enumerate(shown, start=1):
         lines.append(format_row(i, e))
         lines.append(format_breakdowns(e, hw))

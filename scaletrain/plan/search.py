@@ -3,29 +3,34 @@
 Candidates are every factorisation `dp_replicate x dp_shard x tp x pp x cp = GPUs` (dp_shard all
 of dp, or a node-aligned HSDP group), micro-batch 1..16 splitting the global batch evenly over
 the data-parallel ranks, every schedule (interleaved 1F1B with 2..8 virtual stages) and AC
-policy the config can express. Whether a candidate is legal is decided by the trainer's own
+policy the config can express, and for an MoE model every expert-parallel degree `ep` dividing
+both the experts and dp_shard x cp (expert parallelism re-uses those ranks; ep = 1 for a dense
+model). Whether a candidate is legal is decided by the trainer's own
 checker, parallel/layout.py `check_layout`, on the exact config `--write-config` would write
 (`layout_config`), with the planner's preference that tensor parallelism stays inside one NVLink
 domain; so every layout the search ranks is one `scaletrain train` accepts.
 
 Ranking: layouts predicted to fit first, by tokens/s per GPU (4 significant digits); ties go to
-the simpler layout (fewer context, tensor and pipeline ranks, fewer replicas, less memory, then
-the layout's description), so the order is deterministic. A layout predicted not to fit is never
+the simpler layout (fewer context, tensor, pipeline and expert-parallel ranks, fewer replicas,
+less memory, then the layout's description), so the order is deterministic. A layout predicted not to fit is never
 the recommendation.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
+from typing import get_args
 
-from scaletrain.config.schema import ParallelConfig
+from scaletrain.config.schema import AcMode, ParallelConfig
 from scaletrain.errors import ConfigError, LayoutError
 from scaletrain.parallel.dims import ParallelDims
 from scaletrain.parallel.layout import check_layout
 from scaletrain.plan.cost import Estimate, Layout, Stack, Workload, estimate
 from scaletrain.plan.hardware import Hardware
 
-AC_CHOICES = ("none", "selective", "full")  # parallel.ac values the trainer runs
+AC_CHOICES = get_args(AcMode)  # parallel.ac values the trainer runs
 MAX_MICRO_BATCH = 16
 MAX_VIRTUAL_STAGES = 8
 
@@ -52,9 +57,10 @@ def layout_config(lay: Layout, n_micro: int) -> tuple[ParallelDims, ParallelConf
     `lay` with `n_micro` micro-batches per rank and step. With pp > 1 data.batch_size is the
     per-rank batch of one pipeline step (micro_batch * pp_microbatches) and the schedule splits
     it; otherwise data.batch_size is the micro-batch and grad_accum the count."""
-    dims = ParallelDims(lay.dp_replicate, lay.dp_shard, lay.tp, lay.pp, lay.cp)
+    dims = ParallelDims(lay.dp_replicate, lay.dp_shard, lay.tp, lay.pp, lay.cp, lay.ep)
     pipelined = lay.pp > 1
     parallel = ParallelConfig(dp_replicate=lay.dp_replicate, dp_shard=lay.dp_shard, tp=lay.tp, pp=lay.pp, cp=lay.cp,
+                              ep=lay.ep,
                               pp_schedule=lay.pp_schedule, pp_microbatches=n_micro if pipelined else 0,
                               pp_virtual_stages=lay.virtual_stages if lay.virtual_stages > 1 else 0, ac=lay.ac)
     batch = lay.micro_batch * (n_micro if pipelined else 1)
@@ -90,10 +96,11 @@ def enumerate_layouts(w: Workload, gpus: int, hw: Hardware) -> list[Layout]:
                     continue
                 local = w.global_batch // dp
                 for dp_shard in _shard_choices(dp, hw.gpus_per_node):
+                    eps = divisors(math.gcd(w.model.moe_experts, dp_shard * cp)) if w.model.moe_experts else [1]
                     for mb in (d for d in divisors(local) if d <= MAX_MICRO_BATCH):
                         for sched, v in _schedules(pp):
-                            for ac in AC_CHOICES:
-                                lay = Layout(dp // dp_shard, dp_shard, tp, pp, cp, sched, v, mb, ac)
+                            for ac, ep in itertools.product(AC_CHOICES, eps):
+                                lay = Layout(dp // dp_shard, dp_shard, tp, pp, cp, sched, v, mb, ac, ep)
                                 if is_legal(w, lay, local // mb, hw):
                                     out.append(lay)
     return out
@@ -109,11 +116,11 @@ class SearchResult:
 
 def rank_key(e: Estimate) -> tuple:
     """Faster first (to 4 significant digits: a 0.01% difference is below the model's accuracy);
-    ties to the simpler layout (fewer context, tensor, pipeline ranks, replicas, virtual stages),
-    then less memory, then the description: a deterministic order."""
+    ties to the simpler layout (fewer context, tensor, pipeline, expert-parallel ranks, replicas,
+    virtual stages), then less memory, then the description: a deterministic order."""
     lay = e.layout
-    return (-float(f"{e.tokens_per_s_per_gpu:.4g}"), lay.cp, lay.tp, lay.pp, lay.dp_replicate, lay.virtual_stages,
-            round(e.memory.total), lay.short())
+    return (-float(f"{e.tokens_per_s_per_gpu:.4g}"), lay.cp, lay.tp, lay.pp, lay.ep, lay.dp_replicate,
+            lay.virtual_stages, round(e.memory.total), lay.short())
 
 
 def search(w: Workload, gpus: int, hw: Hardware, stack: Stack = Stack(), top: int = 10) -> SearchResult:
@@ -137,7 +144,7 @@ def _dedupe(ranked: list[Estimate]) -> list[Estimate]:
     out: list[Estimate] = []
     seen: set[tuple] = set()
     for e in ranked:
-        sig = (round(e.time.total, 9), round(e.memory.total), e.layout.tp, e.layout.pp, e.layout.ac)
+        sig = (round(e.time.total, 9), round(e.memory.total), e.layout.tp, e.layout.pp, e.layout.ep, e.layout.ac)
         if sig not in seen:
             seen.add(sig)
             out.append(e)

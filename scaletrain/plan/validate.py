@@ -2,8 +2,9 @@
 
 `read_cases(path)` turns every row of a CSV in the format of published_training_perf_dev.csv
 (a copy ships in scaletrain/plan/data/) into a `Case` -- the workload, layout, hardware and
-software `Stack` the row describes -- or a skip with its reason (MoE, MLA, an unknown
-architecture, GPU or layout). `predict(case, params)` prices a case with ONE global parameter
+software `Stack` the row describes -- or a skip with its reason (multi-head latent attention,
+an unknown architecture, GPU or layout). Dense and MoE (grouped-query attention) rows are
+priced. `predict(case, params)` prices a case with ONE global parameter
 set; `validate_file` does both with the fitted default (cost.PARAMS). Software differences
 enter only through `Stack` switches read from the row's own description of its software
 (docs/planner.md lists every switch and the words that set it); nothing is keyed on a source.
@@ -12,6 +13,7 @@ enter only through `Stack` switches read from the row's own description of its s
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 import statistics
@@ -22,6 +24,7 @@ from pathlib import Path
 from scaletrain.config.schema import ModelConfig
 from scaletrain.errors import ConfigError
 from scaletrain.plan.cost import PARAMS, Layout, Params, Stack, Workload, estimate
+from scaletrain.plan.cost_moe import check_ep
 from scaletrain.plan.hardware import GiB, Hardware, get_hardware
 
 DEV_SET = "published_training_perf_dev.csv"
@@ -45,7 +48,7 @@ class Case:
     stack: Stack
     measured_tokens_per_s_per_gpu: float
     measured_peak_mem_gib: float | None = None
-    arch: tuple = ()  # (layers, dim, heads, kv heads, ffn, vocab): one model whatever the row calls it
+    arch: tuple = ()  # (layers, dim, heads, kv heads, ffn, vocab, experts, top-k, expert ffn): one model whatever the row calls it
 
 
 @dataclass
@@ -62,6 +65,7 @@ class RowResult:
     layout: str = ""
     skipped: str | None = None
     breakdown: dict[str, float] = field(default_factory=dict)  # seconds per step by cause
+    moe: bool = False  # a mixture-of-experts model (summaries report dense and MoE rows apart)
 
 
 def _f(row: dict, key: str) -> float | None:
@@ -92,19 +96,43 @@ def gpu_for(gpu_type: str) -> str | None:
 
 
 def model_for(row: dict) -> ModelConfig | None:
-    """ModelConfig of a row: Llama rows (kv_heads set) use SwiGLU; GPT/MPT rows a 2-matrix
-    GELU FFN (same FLOPs and activation count as squared ReLU), 4*hidden when not given."""
+    """ModelConfig of a row: Llama and MoE rows use SwiGLU; GPT/MPT rows a 2-matrix GELU FFN
+    (same FLOPs and activation count as squared ReLU), 4*hidden when not given. MoE rows add
+    their experts (moe_experts, moe_topk, moe_ffn_hidden, moe_shared_experts, moe_dense_layers).
+    The CSV has no head width: where a registered flavor has the row's shape (the models the
+    rows name, cited in model/flavors.py) its head_dim and q/k norms are taken, else
+    hidden / heads (what every dense row's model has)."""
     layers, hidden, heads = _i(row, "layers"), _i(row, "hidden"), _i(row, "heads")
     vocab = _i(row, "vocab")
     if not (layers and hidden and heads and vocab):
         return None
     kv = _i(row, "kv_heads", heads)
     ffn = _i(row, "ffn_hidden", 4 * hidden)
+    moe = row.get("arch_type", "dense") == "moe"
     llama = "llama" in row["model"].lower()
     mpt = "mpt" in row["model"].lower()
-    return ModelConfig(flavor=row["model"], dim=hidden, n_layers=layers, n_heads=heads, n_kv_heads=kv,
-                       ffn_dim=ffn, vocab_size=vocab, max_seq_len=_i(row, "seq_len", 2048),
-                       ffn="swiglu" if llama else "squared_relu", tie_embeddings=mpt)
+    experts = dict(moe_experts=_i(row, "moe_experts", 0), moe_top_k=_i(row, "moe_topk", 0),
+                   moe_ffn_dim=_i(row, "moe_ffn_hidden", 0), moe_shared_experts=_i(row, "moe_shared_experts", 0),
+                   moe_dense_layers=_i(row, "moe_dense_layers", 0)) if moe else {}
+    cfg = ModelConfig(flavor=row["model"], dim=hidden, n_layers=layers, n_heads=heads, n_kv_heads=kv,
+                      ffn_dim=ffn, vocab_size=vocab, max_seq_len=_i(row, "seq_len", 2048),
+                      ffn="swiglu" if llama or moe else "squared_relu", tie_embeddings=mpt, **experts)
+    known = flavor_like(cfg)
+    return dataclasses.replace(cfg, head_dim=known.head_dim, qk_norm=known.qk_norm) if known else cfg
+
+
+SHAPE = ("n_layers", "dim", "n_heads", "n_kv_heads", "vocab_size", "moe_experts", "moe_top_k", "moe_ffn_dim")
+
+
+def flavor_like(cfg: ModelConfig) -> ModelConfig | None:
+    """The registered flavor with `cfg`'s shape (SHAPE fields), or None."""
+    from scaletrain.config.flavors import FLAVORS, model_config_for
+
+    for name in FLAVORS:
+        f = model_config_for(name)
+        if all(getattr(f, k) == getattr(cfg, k) for k in SHAPE):
+            return f
+    return None
 
 
 def precision_for(row: dict, hw_name: str) -> tuple[str, str]:
@@ -144,15 +172,20 @@ def measured_tokens(row: dict) -> float | None:
     return measured
 
 
+MLA_SKIP = "multi-head latent attention (MLA, DeepSeek-style) is not in the cost model"
+
+
 def case_for_row(row: dict) -> Case | str:
     """The row as a Case, or the reason it cannot be priced."""
-    if row.get("arch_type", "dense") != "dense":
-        return "MoE model: MoE pricing is not in the cost model yet"
     if (row.get("attention") or "gqa").lower() == "mla":
-        return "multi-head latent attention (MLA) is not in the cost model"
+        return MLA_SKIP
+    if row.get("arch_type", "dense") not in ("dense", "moe"):
+        return f"architecture type {row['arch_type']!r} is not in the cost model"
     model = model_for(row)
     if model is None:
         return "architecture not given (layers, hidden, heads or vocab missing)"
+    if row.get("arch_type") == "moe" and not (model.moe_experts and model.moe_top_k):
+        return "MoE architecture not given (moe_experts or moe_topk missing)"
     hw_name = gpu_for(row["gpu_type"])
     if hw_name is None:
         return f"GPU '{row['gpu_type']}' not in the catalog"
@@ -186,8 +219,12 @@ def case_for_row(row: dict) -> Case | str:
         ac = "op"  # torchtitan's op-level SAC: saves matmul outputs except every second mm (cost.py "op")
     layout = Layout(dp_replicate=1 if stack.fsdp else dp, dp_shard=dp if stack.fsdp else 1, tp=tp, pp=pp, cp=cp,
                     pp_schedule=schedule, virtual_stages=vp if schedule == "interleaved_1f1b" else 1,
-                    micro_batch=mb, ac=ac)
-    arch = (model.n_layers, model.dim, model.n_heads, model.n_kv_heads, model.ffn_dim, model.vocab_size)
+                    micro_batch=mb, ac=ac, ep=_i(row, "ep", 1) or 1)
+    why = check_ep(model, layout)
+    if why:
+        return f"source inconsistent: {why}"
+    arch = (model.n_layers, model.dim, model.n_heads, model.n_kv_heads, model.ffn_dim, model.vocab_size,
+            model.moe_experts, model.moe_top_k, model.moe_ffn_dim)
     return Case(row["row_id"], row["source_id"], row["model"], Workload(model, seq, gb, precision, recipe), layout,
                 hw, stack, measured, _f(row, "peak_mem_gib"), arch)
 
@@ -196,7 +233,7 @@ def predict(case: Case, p: Params = PARAMS) -> RowResult:
     """Price one case with parameter set `p`."""
     est = estimate(case.workload, case.layout, case.hw, case.stack, p)
     r = RowResult(case.row_id, case.source_id, case.model, est.tokens_per_s_per_gpu,
-                  case.measured_tokens_per_s_per_gpu, layout=case.layout.short())
+                  case.measured_tokens_per_s_per_gpu, layout=case.layout.short(), moe=case.workload.model.moe_experts > 0)
     r.rel_error = (est.tokens_per_s_per_gpu - case.measured_tokens_per_s_per_gpu) / case.measured_tokens_per_s_per_gpu
     r.predicted_peak_mem_gib = est.memory.total / GiB
     r.measured_peak_mem_gib = case.measured_peak_mem_gib
@@ -229,7 +266,8 @@ def read_cases(path: str | Path | None = None) -> tuple[list[Case], list[RowResu
             cases.append(c)
         else:
             skipped.append(RowResult(row["row_id"], row["source_id"], row["model"],
-                                     measured_tokens_per_s_per_gpu=measured_tokens(row), skipped=c))
+                                     measured_tokens_per_s_per_gpu=measured_tokens(row), skipped=c,
+                                     moe=row.get("arch_type") == "moe"))
     return cases, skipped
 
 
@@ -278,9 +316,13 @@ def format_results(results: list[RowResult]) -> str:
             reasons[r.skipped] = reasons.get(r.skipped, 0) + 1
     lines.append(f"rows {s['rows']}: predicted {s['predicted']}, skipped {s['skipped']}")
     lines += [f"  skipped {n:>3}: {why}" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])]
-    if "median_abs_rel_error" in s:
-        lines.append(f"tokens/s per GPU: median |rel error| {100 * s['median_abs_rel_error']:.1f}%, "
-                     f"p90 {100 * s['p90_abs_rel_error']:.1f}%, within 25%: {100 * s['within_25pct']:.0f}% of rows")
+    for kind, rows in (("all", results), ("dense", [r for r in results if not r.moe]),
+                       ("MoE", [r for r in results if r.moe])):
+        k = summary(rows)
+        if "median_abs_rel_error" in k and (kind == "all" or k["predicted"] < s["predicted"]):
+            lines.append(f"tokens/s per GPU, {kind} rows ({k['predicted']}): median |rel error| "
+                         f"{100 * k['median_abs_rel_error']:.1f}%, p90 {100 * k['p90_abs_rel_error']:.1f}%, "
+                         f"within 25%: {100 * k['within_25pct']:.0f}% of rows")
     if "mem_rows" in s:
         lines.append(f"peak memory ({s['mem_rows']} rows): median |rel error| {100 * s['mem_median_abs_rel_error']:.1f}%")
     return "\n".join(lines)

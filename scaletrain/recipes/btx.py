@@ -33,16 +33,17 @@ accounting (tokens, seconds, FLOPs, last validation), rewritten after every stag
 from __future__ import annotations
 
 import copy
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scaletrain.config.load import _did_you_mean, config_from_dict, config_to_dict, read_toml, write_config
+from scaletrain.config.load import config_from_dict, config_to_dict, read_toml, write_config
 from scaletrain.config.schema import Config
+from scaletrain.config.validate import did_you_mean
 from scaletrain.errors import CheckpointError, ConfigError
 from scaletrain.recipes import mix
+from scaletrain.ranks import env_ranks
 from scaletrain.recipes.stages import (
     STAGE_FILE, begin_attempt, checkpoint_identity, end_attempt, final_checkpoint, read_json, same_checkpoint,
     stage_accounting, write_json)
@@ -168,7 +169,7 @@ class Btx:
 
     def __init__(self, cfg: Config, out: str | Path, seed: str | None = None, force: bool = False):
         self.cfg, self.out, self.force = cfg, Path(out), force
-        self.rank = int(os.environ.get("RANK", "0"))
+        self.rank = env_ranks().rank
         check_recipe_config(cfg, self.out)
         self.stages = recipe_stages(cfg, self.out)
         self.by_name = {s.name: s for s in self.stages}
@@ -196,7 +197,7 @@ class Btx:
             raise ConfigError("--branch NAME needs --stage branch (it selects which branch to run).")
         if branch is not None and branch not in names:
             raise ConfigError(f"--branch {branch!r} is not one of the domains ({', '.join(names)})."
-                              f"{_did_you_mean(branch, names)}")
+                              f"{did_you_mean(branch, names)}")
         if stage in BASELINES and not self.cfg.btx.baselines:
             raise ConfigError(f"--stage {stage} is a baseline, and btx.baselines = false; set --btx.baselines true.")
         todo = [s for s in self.stages if stage in (None, s.kind) and branch in (None, s.name.partition("/")[2])]
@@ -245,6 +246,7 @@ class Btx:
 
     def _run_training(self, stage: Stage, init_from: Path | None) -> None:
         """Train `stage` to its final step unless that checkpoint exists, recording the attempt."""
+        from scaletrain.plan.memcheck import preflight
         from scaletrain.train.trainer import Trainer
 
         done = final_checkpoint(stage.run_dir, stage.steps, stage.steps_key)
@@ -260,7 +262,8 @@ class Btx:
         self.say(f"stage {stage.name}: training {stage.run_dir} ({model}{stage.steps} steps on {what}"
                  + (f", from {init_from})" if init_from else ")"))
         start = time.time()
-        trainer = Trainer(stage.cfg, stage.run_dir, resume="auto", force=self.force, init_from=init_from)
+        trainer = Trainer(stage.cfg, stage.run_dir, memory_check=preflight(self.force), resume="auto",
+                          init_from=init_from)
         if self.rank == 0:
             begin_attempt(stage.run_dir, info, start, trainer.step)
         try:

@@ -20,21 +20,12 @@ unpriced there. The mix is a host-side job: its memory is given (recipes/mix.py
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 from scaletrain.config.schema import Config, ModelConfig
 from scaletrain.errors import ConfigError
 from scaletrain.recipes.btx import matched_steps, n_experts
 from scaletrain.recipes.mix import moe_config, peak_bytes
-
-MOE_NOT_PRICED = "not priced: this planner prices no MoE layer (it would treat the experts as one dense FFN)"
-
-
-def planner_prices_moe() -> bool:
-    """Whether this scaletrain's planner prices MoE layers (it does from plan/cost_moe.py on)."""
-    return importlib.util.find_spec("scaletrain.plan.cost_moe") is not None
-
 
 @dataclass
 class PricedStage:
@@ -90,12 +81,9 @@ def price_btx(cfg: Config, gpus: int, hw, global_batch_tokens: int | None = None
     precision = "bf16" if cfg.train.precision == "auto" else cfg.train.precision
     moe = moe_config(cfg.model, n_experts(cfg))
     step = {(m.moe_experts, n): best_step(m, seq, batch, n, hw, precision, bool(cfg.train.compile))
-            for m, n in ((cfg.model, gpus), (cfg.model, gpus // k), (moe, gpus)) if not m.moe_experts
-            or planner_prices_moe()}
+            for m, n in ((cfg.model, gpus), (cfg.model, gpus // k), (moe, gpus))}
 
     def priced(name: str, model: ModelConfig, n: int, jobs: int, steps: int) -> PricedStage:
-        if (model.moe_experts, n) not in step:
-            return PricedStage(name, n, jobs, steps, note=MOE_NOT_PRICED)
         t, lay = step[model.moe_experts, n]
         return PricedStage(name, n, jobs, steps, t, lay if t is not None else "", "" if t is not None else lay)
 

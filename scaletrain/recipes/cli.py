@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from scaletrain.errors import ConfigError
+from scaletrain.ranks import env_ranks
 from scaletrain.recipes.btx import CONFIG_FILE, STAGES, STATE_FILE, run_btx
 
 
@@ -46,7 +46,7 @@ def run_btx_cmd(args: argparse.Namespace, overrides: list[str]) -> int:
                           f"{out} holds no {CONFIG_FILE} of an earlier invocation.")
     run_btx(load_config(config, overrides), out, stage=args.stage, branch=args.branch, seed=args.seed,
             force=args.force)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if env_ranks().rank == 0:
         print(f"btx: accounting in {out / STATE_FILE}")
     return 0
 

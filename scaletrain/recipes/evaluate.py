@@ -27,10 +27,10 @@ import torch
 
 from scaletrain.config.schema import Config, ModelConfig
 from scaletrain.model import build_model
+from scaletrain.model.loss import cross_entropy_loss
 from scaletrain.model.moe import MoE
 from scaletrain.parallel.dims import barrier, read_env
 from scaletrain.recipes.mix import load_weights
-from scaletrain.train.trainer import cross_entropy_loss
 
 
 @dataclass

@@ -53,7 +53,7 @@ def moe_config(dense: ModelConfig, n_experts: int) -> ModelConfig:
 
 def check_mixable(dense: ModelConfig, n_experts: int) -> None:
     """ConfigError unless the recipe's model is dense and its MoE of `n_experts` experts is a model."""
-    from scaletrain.model.transformer import validate_model_config
+    from scaletrain.config.validate import validate_model_config
 
     if dense.moe_experts:
         raise ConfigError(f"btx branches are dense models, but model.moe_experts = {dense.moe_experts}; set it to 0 "

@@ -37,8 +37,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 from scaletrain.config.schema import CheckpointConfig
 from scaletrain.errors import CheckpointError
-from scaletrain.fsutil import fsync_dir, sha256_file
+from scaletrain.fsutil import STORAGE_ERRNOS, fsync_dir, sha256_file, storage_cause, storage_error
 from scaletrain.parallel.dims import barrier
+from scaletrain.train.safe_dcp import SafePlanner, SafeReader
 
 MARKER = "COMPLETE"
 _PREFIX = "step-"
@@ -65,6 +66,15 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+def _scaletrain_error(exc: BaseException) -> CheckpointError | None:
+    """The CheckpointError a rank raised inside DCP (which wraps it in CheckpointException)."""
+    if isinstance(exc, CheckpointError):
+        return exc
+    if isinstance(exc, CheckpointException):
+        return next((err for err, _trace in exc.failures.values() if isinstance(err, CheckpointError)), None)
+    return None
+
+
 def step_dir_name(step: int) -> str:
     return f"{_PREFIX}{step:08d}"
 
@@ -72,11 +82,6 @@ def step_dir_name(step: int) -> str:
 # Optimizer state keyed per parameter name ("state.layers.0.attention.wq.weight.exp_avg"), so it
 # reshards between layouts whose ranks hold different subsets of parameters.
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
-
-
-def has_key(ckpt: Path, key: str) -> bool:
-    """Whether the DCP checkpoint at `ckpt` holds the flattened state key `key`."""
-    return key in dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
 
 
 def _damaged(path: Path, checksums: bool = False) -> bool:
@@ -126,6 +131,31 @@ class Checkpointer:
         self.rank = rank
         self._pending: Future | None = None  # committed folder of the in-flight async save
         self._async_group: dist.ProcessGroup | None = None
+
+    def check_writable(self) -> None:
+        """Rank 0, before training: create `checkpoints/` and write and delete a probe file in
+        it, so a read-only or unwritable folder fails now, not at the first save."""
+        probe = self.root / f".write-test-{os.getpid()}"
+        if self.root.exists() and not self.root.is_dir():
+            raise CheckpointError(f"{self.root} is a file, not a folder; move it away so checkpoints can be saved.")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as f:
+                f.write(b"scaletrain write test\n")
+            probe.unlink()
+        except OSError as e:
+            raise storage_error(e, f"checking that {self.root} takes checkpoints, before training,") from None
+
+    def set_aside_newer(self, step: int) -> None:
+        """Rank 0, after `--resume auto` chose the checkpoint of `step`: every complete one newer
+        than it failed verification (`latest()` skipped it). Rename them `damaged-step-<n>-<time>`
+        (kept for inspection), so the folder holds only checkpoints that load even when the run
+        never saves those steps again (a preemption checkpoint between two interval steps)."""
+        for s, path in self.complete_steps():
+            if s > step:
+                aside = path.with_name(f"damaged-{path.name}-{int(time.time())}")
+                path.replace(aside)
+                warnings.warn(f"moved damaged checkpoint {path} to {aside} (resuming from step {step})", stacklevel=2)
 
     def complete_steps(self) -> list[tuple[int, Path]]:
         """(step, folder) of checkpoints holding the completion marker, oldest first."""
@@ -271,10 +301,18 @@ class Checkpointer:
         committed = self.complete_steps()
         previous = (f"the previous checkpoint {committed[-1][1]} is intact and loadable"
                     if committed else "no earlier checkpoint of this run was touched")
+        if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
+            why = f": {storage_cause(cause)}."
+        elif isinstance(cause, FileNotFoundError):  # the folder vanished under the writers
+            why = (": another process removed files of the save; is a second run writing to "
+                   f"{self.root.parent}? (one run folder takes one writer: see its .lock file).")
+        elif isinstance(cause, OSError):
+            why = ": an I/O error of the storage; check the file system."
+        else:  # not a file error: a rank died or the process group broke during the save
+            why = ": another rank or the process group failed during the save; see the first rank's error."
         return CheckpointError(
-            f"saving checkpoint step {step} failed while writing {tmp} "
-            f"({type(cause).__name__}: {cause}); nothing was committed for this step and {previous}. "
-            "Free disk space (or fix the storage) and resume with --resume auto."
+            f"saving checkpoint step {step} failed while writing {tmp} ({type(cause).__name__}: {cause}){why} "
+            f"Nothing was committed for this step and {previous}; resume with --resume auto."
         )
 
     def _retain(self) -> None:
@@ -290,13 +328,18 @@ class Checkpointer:
     @staticmethod
     def load(path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
         """Load checkpoint `path` into `state` in place (DCP reshards to the current layout);
-        returns the marker metadata."""
+        returns the marker metadata. Runs no code from the files (see train/safe_dcp.py):
+        CheckpointError if they hold anything but DCP metadata, tensors and plain values."""
         meta = verify_checkpoint(Path(path))
+        reader = SafeReader(path)
+        reader.read_metadata()  # refuses a hostile .metadata here, on every rank alike
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
             try:
-                dcp.load(state, checkpoint_id=str(path))
-            except (RuntimeError, KeyError, ValueError) as e:
+                dcp.load(state, storage_reader=reader, planner=SafePlanner())
+            except (RuntimeError, KeyError, ValueError, CheckpointException) as e:
+                if (refusal := _scaletrain_error(e)) is not None:  # raised on some rank inside DCP
+                    raise refusal from None
                 raise CheckpointError(f"checkpoint {path} does not match this model/optimizer: {e}") from None
         return meta
 
@@ -310,6 +353,8 @@ def capture_rng(device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def restore_rng(states: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(states["cpu"])
+    """Set the RNG states `capture_rng` returned (those present)."""
+    if "cpu" in states:
+        torch.set_rng_state(states["cpu"])
     if device.type == "cuda" and "cuda" in states:
         torch.cuda.set_rng_state(states["cuda"], device)

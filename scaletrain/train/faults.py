@@ -25,23 +25,29 @@ Fault injection (tests and scripts/chaos.py), from the environment so configs st
   SCALETRAIN_FAULT_SLEEP="1:3:30[:FILE]"  rank 1 sleeps 30 s inside step 3 (once, if FILE given)
   SCALETRAIN_FAULT_KILL="2:5:FILE"   rank 2 SIGKILLs itself inside step 5 unless FILE exists
                                      (it creates FILE first, so a restarted job runs clean)
+  SCALETRAIN_FAULT_SIGNAL="1:3:TERM" rank 1 sends itself SIGTERM (or USR1, INT) inside step 3
+                                     (preemption, train/preempt.py)
 """
 
 from __future__ import annotations
 
 import faulthandler
+import math
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from scaletrain.errors import EXIT_HANG
+from scaletrain.errors import EXIT_HANG, NumericsError
+from scaletrain.parallel import unwrapped_name
 
+Position = tuple[int, int]  # (epoch, global position) of a batch in the loader's order
 
 
 def first_nonfinite(parts: list[nn.Module]) -> str | None:
@@ -53,8 +59,73 @@ def first_nonfinite(parts: list[nn.Module]) -> str | None:
                 continue
             local = grad.to_local() if hasattr(grad, "to_local") else grad
             if not bool(torch.isfinite(local).all()):
-                return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+                return unwrapped_name(name)
     return None
+
+
+class NonFiniteSteps:
+    """train.nan_policy's state: how many steps were non-finite, which batches a rollback skips
+    (part of the checkpointed state), which failed once (retried first), and the rollbacks done.
+    The trainer has already dropped the bad update (gradients zeroed) when it calls these."""
+
+    def __init__(self, policy: str, rank: int):
+        self.policy, self.rank = policy, rank
+        self.count = 0  # non-finite steps met, under every policy
+        self.skip_positions: set[Position] = set()
+        self.failed_positions: set[Position] = set()
+        self.rollbacks: list[dict] = []  # {"step", "to", "skipped"} per rollback
+
+    def skips(self, position: Position) -> bool:
+        """Whether the loader's batch at `position` is passed over (it failed twice)."""
+        return position in self.skip_positions
+
+    def state_dict(self) -> list[list[int]]:
+        return sorted(list(p) for p in self.skip_positions)
+
+    def load_state_dict(self, positions: list[list[int]]) -> None:
+        self.skip_positions = {tuple(p) for p in positions}
+
+    def report(self, step: int, loss: float, grad_norm: float, parts: list[nn.Module], sample_ids: list[int]) -> str:
+        """What went wrong at `step` (1-based): the values, this rank's sample ids, the first
+        non-finite tensor on this rank."""
+        bad_loss = not math.isfinite(loss)
+        culprit = first_nonfinite(parts) or ("the loss" if bad_loss else "a gradient on another rank")
+        return (f"non-finite {'loss' if bad_loss else 'gradient norm'} at step {step} "
+                f"(loss {loss}, grad norm {grad_norm}); rank {self.rank}'s batch had sample ids "
+                f"{sample_ids[:16]}{' ...' if len(sample_ids) > 16 else ''}; first non-finite tensor on this rank: "
+                f"{culprit}")
+
+    def rollback(self, step: int, positions: list[Position], latest: Path | None, report: str,
+                 reload: Callable[[Path], int]) -> None:
+        """Policy "rollback" for `step`, whose batches were at `positions`: `reload(latest)` loads
+        the newest checkpoint and returns its step. The first failure of these batches retries
+        them (a transient fault); a repeat skips them. NumericsError when there is no
+        checkpoint, or when the step failed 4 times (the weights, not the data, are bad)."""
+        if sum(r["step"] == step for r in self.rollbacks) >= 4:
+            raise NumericsError(report + f". Step {step} failed 4 times, also after its batches were skipped: "
+                                "the weights or the optimizer state are the problem, not the data.")
+        if latest is None:
+            raise NumericsError(report + ". train.nan_policy = 'rollback' but there is no checkpoint yet; "
+                                "set checkpoint.interval, or use 'skip'.")
+        repeat = [p for p in positions if p in self.failed_positions]
+        self.skip_positions.update(repeat)
+        self.failed_positions.update(positions)
+        skip = set(self.skip_positions)
+        to = reload(latest)  # restores the checkpoint's skipped positions; the new ones are kept
+        self.skip_positions |= skip
+        self.rollbacks.append({"step": step, "to": to, "skipped": [list(p) for p in repeat]})
+
+    @staticmethod
+    def abort(report: str, step: int, saved: Path | None, save_error: Exception | None) -> NumericsError:
+        """The error of policy "abort", saying where the last good state (after `step`) is."""
+        if save_error is not None:
+            kept = f" Saving the last good state (after step {step}) failed: {save_error}"
+        elif saved is not None:
+            kept = f" The last good state (after step {step}) is in {saved}."
+        else:
+            kept = " No step had finished, so there was no state to save."
+        return NumericsError(report + " (train.nan_policy = 'abort'; 'skip' drops such steps, 'rollback' "
+                             "reloads the last checkpoint and skips the batch)." + kept)
 
 
 def host_values(*values: torch.Tensor) -> tuple[float, ...]:
@@ -83,6 +154,11 @@ class Injector:
         if spec:
             r, step, marker = spec.split(":", 2)
             self.kill = (int(r), int(step), Path(marker))
+        self.signal: tuple[int, int, signal.Signals] | None = None
+        spec = os.environ.get("SCALETRAIN_FAULT_SIGNAL", "")
+        if spec:
+            r, step, name = spec.split(":", 2)
+            self.signal = (int(r), int(step), signal.Signals[f"SIG{name}"])
 
     def after_backward(self, step: int, parts: list[nn.Module], sample_ids: list[int]) -> None:
         """Apply the faults planned for optimizer step `step` (1-based) on this rank, whose
@@ -90,12 +166,9 @@ class Injector:
         bad_data = self.rank == 0 and bool(self.nan_samples.intersection(sample_ids))
         if (step in self.nan_steps and self.rank == 0) or bad_data:
             self.nan_steps.discard(step)  # a step fault happens once: a rolled-back step reruns clean
-            for part in parts:
-                for p in part.parameters():
-                    if p.grad is not None:
-                        local = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-                        local.fill_(float("nan"))
-                        return
+            grad = next((p.grad for part in parts for p in part.parameters() if p.grad is not None), None)
+            if grad is not None:  # the first gradient is enough; the other faults of the step still fire
+                (grad.to_local() if hasattr(grad, "to_local") else grad).fill_(float("nan"))
         if self.sleep and self.sleep[0] == self.rank and self.sleep[1] == step:
             marker = self.sleep[3]
             if marker is None or not marker.exists():
@@ -105,6 +178,8 @@ class Injector:
         if self.kill and self.kill[0] == self.rank and self.kill[1] == step and not self.kill[2].exists():
             self.kill[2].write_text(f"rank {self.rank} killed itself at step {step}\n")
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.signal and self.signal[:2] == (self.rank, step):
+            os.kill(os.getpid(), self.signal[2])
 
 
 class Watchdog:

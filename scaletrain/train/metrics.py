@@ -10,21 +10,21 @@ optionally `total_steps`. Train lines carry
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
 import os
 import resource
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from scaletrain.config.schema import MetricsConfig
 from scaletrain.errors import CheckpointError
+from scaletrain.fsutil import storage_error
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -43,58 +43,19 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None,
     return tokens_per_s * flops_per_token / (peak * n_devices)
 
 
-class Throughput:
-    """Tokens and wall time per optimizer step -> tokens/s, TFLOP/s and MFU.
+class Phases(Protocol):
+    """Where a training step's time goes: the trainer calls `mark(phase)` when a phase ends
+    ("data", "forward", "backward", ...). bench/phases.py's PhaseTimer books the time since the
+    previous mark to that phase; the default, NullPhases, records nothing."""
 
-    `tokens` passed to `end`/`record` are global (all data-parallel ranks) so that MFU is
-    achieved FLOP/s over `peak_flops * n_devices`. Wall time comes from `clock` (seconds);
-    the caller must have synchronised the device before `end` (e.g. `loss.item()`), or the
-    step time measures only the kernel launches.
-    """
+    def mark(self, phase: str) -> None: ...
 
-    def __init__(self, flops_per_token: float, peak_flops: float | None, n_devices: int = 1,
-                 clock: Callable[[], float] = time.perf_counter):
-        self.flops_per_token = flops_per_token  # FLOPs per token, forward + backward
-        self.peak_flops = peak_flops  # FLOP/s of one device, None when unknown
-        self.n_devices = n_devices
-        self._clock = clock
-        self._t0: float | None = None
-        self.step_tokens: list[int] = []
-        self.step_seconds: list[float] = []
 
-    def begin(self) -> None:
-        """Mark the start of a step."""
-        self._t0 = self._clock()
+class NullPhases:
+    """The trainer's default Phases: a mark costs one attribute lookup and a call."""
 
-    def end(self, tokens: int) -> dict[str, float | None]:
-        """Close the step started by `begin`; returns the same dict as `record`."""
-        if self._t0 is None:
-            raise RuntimeError("Throughput.end() called without begin()")
-        seconds, self._t0 = self._clock() - self._t0, None
-        return self.record(tokens, seconds)
-
-    def record(self, tokens: int, seconds: float) -> dict[str, float | None]:
-        """Add one step of `tokens` (global) taking `seconds` of wall time; returns
-        `{"step_time_s", "tokens_per_s", "tflops", "mfu"}` for that step."""
-        self.step_tokens.append(int(tokens))
-        self.step_seconds.append(float(seconds))
-        return self.rates(tokens, seconds)
-
-    def rates(self, tokens: float, seconds: float) -> dict[str, float | None]:
-        """tokens/s, achieved TFLOP/s (all devices) and MFU for `tokens` in `seconds`."""
-        tokens_per_s = tokens / seconds if seconds > 0 else 0.0
-        return {
-            "step_time_s": seconds,
-            "tokens_per_s": tokens_per_s,
-            "tflops": tokens_per_s * self.flops_per_token / 1e12,
-            "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak_flops, self.n_devices),
-        }
-
-    def summary(self, skip_first: bool = True) -> dict[str, float | None]:
-        """Rates over all recorded steps (total tokens / total seconds). The first step is
-        skipped by default: it carries compilation, allocator and cache warm-up."""
-        start = 1 if skip_first and len(self.step_seconds) > 1 else 0
-        return self.rates(sum(self.step_tokens[start:]), sum(self.step_seconds[start:]))
+    def mark(self, phase: str) -> None:
+        pass
 
 
 def _peak_rss_bytes() -> int:
@@ -145,33 +106,92 @@ def _to_python(value: Any) -> Any:
     return str(value)
 
 
+def repair_torn_tail(path: Path) -> int:
+    """Make a metrics file end with a whole line: a crash or a full disk in the middle of a
+    write leaves a torn last line, and the next record appended would be glued to it. A tail
+    that is a complete JSON record only lacking its newline gets the newline; anything else
+    after the last newline is cut off. Returns the bytes removed."""
+    if not path.is_file():
+        return 0
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        keep, pos = 0, size
+        while pos > 0:  # find the last newline, reading backwards 64 KiB at a time
+            start = max(0, pos - 2**16)
+            f.seek(start)
+            newline = f.read(pos - start).rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            pos = start
+        if keep == size:
+            return 0
+        f.seek(keep)
+        try:
+            json.loads(f.read())
+            f.write(b"\n")
+            return 0
+        except ValueError:
+            f.truncate(keep)
+            return size - keep
+
+
 class MetricsWriter:
     """Appends every step to `run_dir/metrics.jsonl` and, when `cfg.tensorboard`, to
     TensorBoard events in `run_dir/tb`. Only rank 0 writes; elsewhere methods are no-ops.
 
-    The JSONL file is opened for append, so a resumed run continues it; `read_metrics` lets
-    a later line for a step replace an earlier one. Each line is flushed when written."""
+    The JSONL file is opened for append, so a resumed run continues it (after repairing a torn
+    last line, `repair_torn_tail`); `read_metrics` lets a later line for a step replace an
+    earlier one. Each line is one `os.write` call (no buffering of ours can tear it); if the
+    disk fills in the middle of a line, the file is cut back to the line's start. A write that
+    fails (disk full, permission, read-only) raises StorageError naming the cause."""
 
     def __init__(self, run_dir: str | Path, cfg: MetricsConfig, rank: int):
         self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS_FILE
         self.cfg = cfg
         self.enabled = rank == 0
-        self._file = self._tb = None
+        self._fd: int | None = None
+        self._tb = None
         if not self.enabled:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
+        with self._storage(f"opening {self.path}"):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            torn = repair_torn_tail(self.path)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if torn:
+            print(f"warning: {self.path}: removed a torn last line ({torn} bytes) left by a crash or a full disk",
+                  file=sys.stderr, flush=True)
         if cfg.tensorboard:
             # Imported here: tensorboard is heavy and unneeded when disabled.
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.run_dir / "tb"), flush_secs=30)
+            with self._storage(f"writing TensorBoard events to {self.run_dir / 'tb'}"):
+                self._tb = SummaryWriter(str(self.run_dir / "tb"), flush_secs=30)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _storage(doing: str):
+        """OSError -> StorageError worded after its cause."""
+        try:
+            yield
+        except OSError as e:
+            raise storage_error(e, doing, then="resume with --resume auto") from None
 
     def _write_line(self, record: dict[str, Any]) -> None:
         # json writes floats with repr(): shortest round-trip, so full precision; NaN and
         # inf are written as NaN/Infinity, which Python's json reads back.
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        data = (json.dumps(record) + "\n").encode()
+        with self._storage(f"appending to {self.path}"):
+            start = os.fstat(self._fd).st_size
+            try:
+                written = os.write(self._fd, data)
+                while written < len(data):  # a short write (the disk filled): this raises why
+                    written += os.write(self._fd, data[written:])
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, start)  # no torn line left behind
+                raise
 
     def log_step(self, record: dict[str, Any]) -> None:
         """Write one training step. `record` must hold an integer `step`; numeric values
@@ -185,9 +205,10 @@ class MetricsWriter:
         clean = {"step": int(clean.pop("step")), "kind": "train", **clean}
         self._write_line(clean)
         if self._tb is not None:
-            for key, value in clean.items():
-                if key != "step" and type(value) in (int, float):  # not bool, str, None
-                    self._tb.add_scalar(f"train/{key}", value, clean["step"])
+            with self._storage(f"writing TensorBoard events to {self.run_dir / 'tb'}"):
+                for key, value in clean.items():
+                    if key != "step" and type(value) in (int, float):  # not bool, str, None
+                        self._tb.add_scalar(f"train/{key}", value, clean["step"])
 
     def log_eval(self, step: int, val_loss: float, extra: dict[str, float] | None = None) -> None:
         """Write one validation result (mean cross-entropy, nats/token) for `step`; `extra`
@@ -197,18 +218,20 @@ class MetricsWriter:
         record = {"step": int(step), "kind": "eval", "val_loss": _to_python(val_loss), **_to_python(extra or {})}
         self._write_line(record)
         if self._tb is not None:
-            for key, value in record.items():
-                if key not in ("step", "kind"):
-                    self._tb.add_scalar(f"eval/{key}", value, record["step"])
+            with self._storage(f"writing TensorBoard events to {self.run_dir / 'tb'}"):
+                for key, value in record.items():
+                    if key not in ("step", "kind"):
+                        self._tb.add_scalar(f"eval/{key}", value, record["step"])
 
     def close(self) -> None:
-        """Flush and close the JSONL file and the TensorBoard writer (idempotent)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Close the JSONL file and flush and close the TensorBoard writer (idempotent)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+            tb, self._tb = self._tb, None
+            with self._storage(f"writing TensorBoard events to {self.run_dir / 'tb'}"):
+                tb.close()
 
     def __enter__(self) -> MetricsWriter:
         return self

@@ -25,23 +25,32 @@ class ExpertStats:
 
     Rows of the reduced table are the model's MoE layers by global index (a pipeline stage
     leaves the rows of layers it does not hold at zero), so one all-reduce over the world group
-    gives every rank every layer's global counts. Ranks that hold copies of the same tokens
-    (tensor parallelism) multiply all counts by the same factor, which leaves every metric and
-    the sign of the bias update unchanged.
+    gives every rank every layer's global counts, and each stage updates the biases of its own
+    layers. Ranks that hold copies of the same tokens (tensor parallelism) multiply all counts
+    by the same factor, which leaves every metric and the sign of the bias update unchanged;
+    context-parallel ranks route disjoint tokens, and their aux losses (each over its own
+    tokens with the whole sequences' counts) average to the sequences' loss. Expert
+    parallelism moves tokens after routing, so the counts are the router's, as on one device.
     """
 
-    def __init__(self, parts: list[nn.Module], cfg: ModelConfig, grad_accum: int):
-        self.cfg = cfg
+    def __init__(self, parts: list[nn.Module], cfg: ModelConfig, loss_scale: float, passes: int):
+        self.cfg, self.passes = cfg, passes
         self.layers = [m for part in parts for m in part.modules() if isinstance(m, MoE)]
         for layer in self.layers:
-            # Each micro-batch's loss is divided by grad_accum before backward: so is its aux loss.
-            layer.aux_grad_scale = 1.0 / grad_accum
+            # Each micro-batch's loss is divided by `loss_scale` before backward (grad_accum, or
+            # the pipeline's micro-batches x grad_accum): so is its aux loss.
+            layer.aux_grad_scale = 1.0 / loss_scale
         self.counts: torch.Tensor | None = None  # [moe layers, E] global slots routed this step
 
     @classmethod
-    def for_model(cls, parts: list[nn.Module], cfg: ModelConfig, grad_accum: int) -> ExpertStats | None:
-        """The bookkeeping of an MoE model; None for a dense one."""
-        return cls(parts, cfg, grad_accum) if cfg.moe_experts > 0 else None
+    def for_model(cls, parts: list[nn.Module], cfg: ModelConfig, loss_scale: float,
+                  passes: int) -> ExpertStats | None:
+        """The bookkeeping of an MoE model; None for a dense one. `loss_scale`: what the trainer
+        divides each micro-batch's loss by before its backward; `passes`: the forward passes of
+        each layer in one training step (its micro-batches), the records a step keeps (a
+        pipeline's shape inference, on the first step after a train/eval switch, runs one more
+        first: on uninitialised inputs for all but the first stage)."""
+        return cls(parts, cfg, loss_scale, passes) if cfg.moe_experts > 0 else None
 
     def start_step(self) -> None:
         """Forget what the layers recorded outside training steps (evaluation, sampling)."""
@@ -64,7 +73,7 @@ class ExpertStats:
         first = self.cfg.moe_dense_layers
         table = torch.zeros(moe_layer_count(self.cfg), e + 3, device=device)
         for layer in self.layers:
-            stats = layer.pop_stats()
+            stats = layer.pop_stats(self.passes)
             if stats is not None:
                 table[layer.layer_id - first] += stats
         if dist.is_initialized() and dist.get_world_size() > 1:

@@ -16,17 +16,21 @@ from scaletrain.config.schema import OptimConfig, ScheduleConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Split parameters into a decayed group (2-D weights except embeddings) and the rest."""
-    decay, no_decay = [], []
+    """Split parameters into decayed groups (2-D weights except embeddings) and the rest, one
+    group per device mesh (expert parallelism puts the experts on their own mesh, and the
+    optimizer's foreach kernels take one mesh at a time)."""
+    groups: dict[tuple[bool, object], list[nn.Parameter]] = {}
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     seen: set[int] = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))  # tied weights appear once
-        (decay if p.ndim >= 2 and id(p) not in embedding_params else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]  # a pipeline stage may lack one kind
+        decay = p.ndim >= 2 and id(p) not in embedding_params
+        groups.setdefault((decay, getattr(p, "device_mesh", None)), []).append(p)
+    # Decayed groups first; a pipeline stage may lack one kind.
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0}
+            for (decay, _), params in sorted(groups.items(), key=lambda item: not item[0][0])]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -42,6 +46,18 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     )
 
 
+# Param-group values a checkpoint must not override: the config's hyperparameters (lr excepted:
+# the schedule sets it every step) and how this process runs the kernels.
+_FROM_CONFIG = ("weight_decay", "betas", "eps", "foreach", "fused")
+
+
+def _as_config(key: str, old, new) -> list[tuple]:
+    """(config key, checkpoint value, config value) of a param-group entry the user sets."""
+    if key == "betas":
+        return [("beta1", old[0], new[0]), ("beta2", old[1], new[1])]
+    return [(key, old, new)] if key in ("weight_decay", "eps") else []
+
+
 class PartsOptimizer:
     """One AdamW per model part (a pipeline rank may hold several stage modules), used as one.
 
@@ -55,6 +71,24 @@ class PartsOptimizer:
     @property
     def param_groups(self) -> list[dict]:
         return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def settings(self) -> list[dict]:
+        """Each param group's values that come from the config (`_FROM_CONFIG`), in order."""
+        return [{k: g[k] for k in _FROM_CONFIG if k in g} for g in self.param_groups]
+
+    def apply_settings(self, settings: list[dict]) -> dict[str, tuple]:
+        """Set `settings` (from `settings()` before a checkpoint's param groups were loaded)
+        back on the groups, so a resumed run uses its config's weight decay, betas and eps (lr
+        follows the schedule). Returns {"optim.<key>": (checkpoint value, config value)} for
+        each user-visible setting that differed."""
+        changed: dict[str, tuple] = {}
+        for group, want in zip(self.param_groups, settings, strict=True):
+            for key, value in want.items():
+                for name, old, new in _as_config(key, group[key], value):
+                    if old != new:
+                        changed[f"optim.{name}"] = (old, new)
+                group[key] = value
+        return changed
 
     def step(self) -> None:
         for opt in self.optimizers:

@@ -6,8 +6,8 @@ means plain IEEE fp32 on the vector/CUDA cores (no TF32); "tf32" means TF32 tens
 A precision a device does not run on tensor cores (FP8 on A100) has no entry.
 
 Lookups never guess: an unknown device, an unknown variant of a known family (L40 without
-the S, MI300A) or the CPU gives None, and metrics report MFU as "n/a" (rule 4 of
-DESIGN.md). Add a device by appending a `PeakEntry` to `PEAKS` with its source document.
+the S, MI300A) or the CPU gives None, and metrics report MFU as "n/a" (docs/architecture.md,
+rule 4). Add a device by appending a `PeakEntry` to `PEAKS` with its source document.
 """
 
 from __future__ import annotations

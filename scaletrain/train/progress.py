@@ -15,11 +15,11 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, get_args
 
+from scaletrain.config.schema import ProgressMode
 from scaletrain.train.metrics import format_log_line, format_mfu
 
-MODES = ("auto", "rich", "plain", "none")
 
 
 def auto_log_interval(total_steps: int, lines: int = 50) -> int:
@@ -51,8 +51,8 @@ class Progress:
     def __init__(self, total_steps: int, mode: str, rank: int, start_step: int = 0,
                  log_interval: int = 1, window: int = 20,
                  clock: Callable[[], float] = time.monotonic):
-        if mode not in MODES:
-            raise ValueError(f"progress mode must be one of {MODES}, got {mode!r}")
+        if mode not in get_args(ProgressMode):
+            raise ValueError(f"progress mode must be one of {get_args(ProgressMode)}, got {mode!r}")
         if rank != 0:
             mode = "none"
         elif mode == "auto":

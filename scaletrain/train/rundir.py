@@ -15,6 +15,7 @@ from pathlib import Path
 from scaletrain.config.schema import CheckpointConfig, Config
 from scaletrain.errors import CheckpointError, ConfigError
 from scaletrain.train.checkpoint import Checkpointer, verify_checkpoint
+from scaletrain.train.lock import LOCK_FILE
 
 
 def check_writable(run_dir: Path) -> None:
@@ -43,7 +44,7 @@ def resolve_resume(run_dir: Path, resume: str, overwrite: bool,
         ckpt = Path(resume)
         verify_checkpoint(ckpt)  # raises with what is wrong
         return ckpt
-    exists = run_dir.exists() and any(run_dir.iterdir())
+    exists = run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
     if resume == "auto" and not overwrite:
         return Checkpointer(run_dir, cfg or CheckpointConfig()).latest() if exists else None
     if exists and not overwrite:
@@ -58,9 +59,12 @@ def resolve_resume(run_dir: Path, resume: str, overwrite: bool,
 
 
 def clear_run_dir(run_dir: Path) -> None:
-    """Delete a run folder's contents (only when the user passed --overwrite)."""
+    """Delete a run folder's contents (only when the user passed --overwrite), except the
+    writer lock this run holds (deleting it would let a second writer lock a new file)."""
     if run_dir.is_dir():
         for child in run_dir.iterdir():
+            if child.name == LOCK_FILE:
+                continue
             if child.is_dir():
                 shutil.rmtree(child)
             else:

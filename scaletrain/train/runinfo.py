@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from scaletrain.ranks import env_ranks
+
 RUN_INFO_FILE = "run_info.json"
 PACKAGES = ("torch", "numpy", "tokenizers", "safetensors", "transformers", "datasets",
             "pyarrow", "rich", "matplotlib", "tensorboard", "triton", "scaletrain")
@@ -142,22 +144,36 @@ def _as_typed(cmdline: list[str]) -> list[str]:
 
 
 def typed_command(orig_argv: list[str], environ: dict[str, str], parent_cmdline: list[str] | None) -> str:
-    """The command line the user typed to start this run, as one shell-quoted string.
+    """The command line the user typed to start this run, as one shell-quoted string
+    (`typed_argv`'s arguments)."""
+    return shlex.join(typed_argv(orig_argv, environ, parent_cmdline))
+
+
+def typed_argv(orig_argv: list[str] | None = None, environ: dict[str, str] | None = None,
+               parent_cmdline: list[str] | None = None) -> list[str]:
+    """The command line the user typed to start this run, as a list of arguments; with no
+    arguments, this process's (the one reader of /proc for it: the run header and the resume
+    command of a stopped run both use it).
 
     `orig_argv` is this process's own (`sys.orig_argv`: interpreter, `-m scaletrain` or the
     `scaletrain` script, arguments). A torchrun worker (TORCHELASTIC_RUN_ID is set) was started
     by the torchrun agent, whose command (`parent_cmdline`, from /proc) is what the user typed.
     Where that cannot be read, the command is rebuilt from the environment as
     `torchrun --nnodes N --nproc-per-node G -m scaletrain ARGS` (rendezvous options unknown)."""
+    if orig_argv is None:
+        orig_argv = list(getattr(sys, "orig_argv", sys.argv))
+        environ = dict(os.environ)
+        parent_cmdline = _proc_cmdline(os.getppid()) if "TORCHELASTIC_RUN_ID" in environ else None
     if "TORCHELASTIC_RUN_ID" not in environ:
-        return shlex.join(_as_typed(orig_argv))
+        return _as_typed(orig_argv)
     if parent_cmdline and ("torch.distributed.run" in parent_cmdline
                            or Path(_as_typed(parent_cmdline)[0]).name == "torchrun"):
-        return shlex.join(_as_typed(parent_cmdline))
+        return _as_typed(parent_cmdline)
     args = orig_argv[orig_argv.index("scaletrain") + 1:] if "scaletrain" in orig_argv else orig_argv[1:]
-    nodes = int(environ.get("WORLD_SIZE", 1)) // max(1, int(environ.get("LOCAL_WORLD_SIZE", 1)))
-    return shlex.join(["torchrun", "--nnodes", str(nodes), "--nproc-per-node",
-                       environ.get("LOCAL_WORLD_SIZE", "1"), "-m", "scaletrain", *args])
+    ranks = env_ranks(environ)
+    per_node = ranks.local_world_size or 1
+    return ["torchrun", "--nnodes", str(ranks.world_size // per_node), "--nproc-per-node", str(per_node),
+            "-m", "scaletrain", *args]
 
 
 def collect_run_info(source_dir: Path | None = None) -> dict[str, Any]:
@@ -169,8 +185,7 @@ def collect_run_info(source_dir: Path | None = None) -> dict[str, Any]:
         "versions": package_versions(),
         "hardware": hardware_info(),
         "hostname": socket.gethostname(),
-        "command": typed_command(list(getattr(sys, "orig_argv", sys.argv)), dict(os.environ),
-                                 _proc_cmdline(os.getppid())),
+        "command": shlex.join(typed_argv()),
         "argv": list(sys.argv),
         "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -217,7 +232,9 @@ def run_info_header(info: dict[str, Any]) -> str:
     ]
     if "world_size" in info:
         layout = info.get("layout") or {}
-        degrees = " x ".join(f"{name} {degree}" for name, degree in layout.items())
+        degrees = " x ".join(f"{name} {degree}" for name, degree in layout.items() if name != "ep")
+        if layout.get("ep", 1) > 1:  # expert parallelism re-uses data-parallel ranks: not a factor
+            degrees += f", experts over ep {layout['ep']}"
         lines.append(f"world {info['world_size']}" + (f": {degrees}" if degrees else ""))
     lines.append(f"cmd {info.get('command') or ' '.join(info.get('argv', []))}")
     return "\n".join(lines)

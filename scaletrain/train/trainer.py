@@ -1,4 +1,5 @@
-"""The training loop. Setup lives in `Trainer.__init__`; one step fits on a screen.
+"""The training loop; one step fits on a screen. `Trainer.__init__` runs the named setup steps
+of train/setup.py; the non-finite policy lives in train/faults.py.
 
 Data flows one way: config -> data + model (+ parallelism) -> optimizer -> loop -> metrics and
 checkpoints. Only rank 0 prints or writes run files; every rank takes part in checkpoints.
@@ -6,55 +7,41 @@ checkpoints. Only rank 0 prints or writes run files; every rank takes part in ch
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from scaletrain.config.load import config_to_dict, write_config
 from scaletrain.config.schema import Config
-from scaletrain.errors import CheckpointError, ConfigError, NumericsError
-from scaletrain.model import Transformer, build_model
-from scaletrain.model.transformer import materialize
+from scaletrain.errors import CheckpointError, ScaletrainError
 from scaletrain.model.flops import flops_per_token
-from scaletrain.model.sdpa import check_sdpa_backend, sdpa_context
-from scaletrain.parallel import parallelize
-from scaletrain.parallel.dims import barrier, build_meshes, init_distributed, read_env, resolve_dims
-from scaletrain.parallel.layout import check_layout
+from scaletrain.model.loss import cross_entropy_loss
+from scaletrain.parallel.dims import barrier
+from scaletrain.parallel.layout import microbatch_count
 from scaletrain.parallel.fp8 import precompute_scales
 from scaletrain.train import checkpoint as ckpt_lib
 from scaletrain.train.checkpoint import Checkpointer
+from scaletrain.train.safe_dcp import read_metadata
 from scaletrain.train import metrics as metrics_lib
-from scaletrain.train.metrics import MetricsWriter, peak_memory_bytes, plot_loss, reset_peak_memory
+from scaletrain.train.metrics import MetricsWriter, NullPhases, Phases, peak_memory_bytes, plot_loss, reset_peak_memory
 from scaletrain.train.moe_stats import METRIC_KEYS as MOE_METRIC_KEYS, ExpertStats
 from scaletrain.train.optim import LRSchedule, PartsOptimizer
 from scaletrain.train.peaks import device_peak_flops
-from scaletrain.train.faults import Injector, Watchdog, first_nonfinite, host_values
-from scaletrain.bench.phases import NullPhases
+from scaletrain.train.lock import RunLock
+from scaletrain.train.preempt import StopSignals
+from scaletrain.train.faults import Injector, NonFiniteSteps, Watchdog, host_values
 from scaletrain.train.progress import Progress
-from scaletrain.train.reduce import clip_grad_norm, global_mean
+from scaletrain.train.reduce import clip_grad_norm, global_mean, global_mean_and_any
 from scaletrain.train.rundir import check_writable, clear_run_dir, resolve_resume
 from scaletrain.train.runinfo import run_info_header, write_run_info
-
-
-def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy (nats/token) of logits [batch, seq, vocab] in fp32.
-    Compiled with the model when train.compile: the fp32 upcast, log-softmax and gather fuse."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
-def _stacked(*contexts: contextlib.AbstractContextManager) -> contextlib.ExitStack:
-    stack = contextlib.ExitStack()
-    for ctx in contexts:
-        stack.enter_context(ctx)
-    return stack
+from scaletrain.train.setup import MemoryCheck, build_data, build_parts, check_launch, start_process, step_functions
 
 
 def _mean(losses: dict[str, float]) -> float:
@@ -65,119 +52,92 @@ def _mean(losses: dict[str, float]) -> float:
 class Trainer:
     """Builds everything a run needs from `cfg`; `fit()` trains and returns a summary.
 
-    Before anything is built, the planner's memory model predicts the per-rank peak and a run
-    predicted not to fit is refused (ConfigError with the breakdown) unless `force`.
+    Before anything is built, `memory_check(cfg, world_size, device)` predicts the per-rank
+    peak in bytes and refuses a run predicted not to fit (ConfigError): the caller passes the
+    planner's (plan/memcheck.py `preflight`), so the trainer never imports the planner.
 
     `init_from` (a checkpoint folder) starts a run that has nothing to resume from with that
     checkpoint's model weights at step 0 (fresh optimizer, schedule and data position): how a
     BTX branch starts from its seed. Ignored once the run has a checkpoint of its own."""
 
-    def __init__(self, cfg: Config, run_dir: str | Path, resume: str = "never", overwrite: bool = False,
-                 force: bool = False, init_from: str | Path | None = None):
-        from scaletrain.data import build_loader, prepare_data, validation_sets
-
+    def __init__(self, cfg: Config, run_dir: str | Path, *, memory_check: MemoryCheck, resume: str = "never",
+                 overwrite: bool = False, init_from: str | Path | None = None):
+        self.stop = StopSignals()  # SIGTERM/SIGUSR1 end the setup at once; in fit() they stop after a step
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        t = cfg.train
-        self.env = read_env(t.device)
-        check_sdpa_backend(t.sdpa_backend, self.env.device)
-        self.dims = resolve_dims(cfg.parallel, self.env.world_size, cfg.model, cfg.data.seq_len,
-                                 cfg.data.batch_size)  # fails before any PG work, naming layouts that fit
-        check_layout(self.dims, cfg.parallel, cfg.model, cfg.data.seq_len, cfg.data.batch_size, t.precision)
-        from scaletrain.plan.memcheck import check_fits, estimate_for_config  # the planner's memory model
-
-        self.memory_estimate = (estimate_for_config if force else check_fits)(cfg, self.env.world_size, self.env.device)
+        t, d = cfg.train, cfg.data
+        # Checks first (train/setup.py): nothing below runs, and no file is written, for bad input.
+        self.env, self.dims, self.predicted_peak_bytes = check_launch(cfg, memory_check)
         check_writable(self.run_dir)
+        # One writer per run folder (train/lock.py): rank 0 locks an existing folder before it
+        # reads it, a new one when it creates it (_open_run_folder).
+        self.lock = RunLock(self.run_dir).acquire() if self.env.rank == 0 and self.run_dir.is_dir() else None
         resume_from = resolve_resume(self.run_dir, resume, overwrite, cfg.checkpoint)  # every rank checks alike
-        init_distributed(self.env)
+        self.meshes = start_process(self.env, self.dims, t)
         self.rank, self.device = self.env.rank, self.env.device
-        self.meshes = build_meshes(self.dims, self.device.type) if self.env.distributed else None
-        if t.threads:
-            torch.set_num_threads(t.threads)
-        if t.deterministic:
-            if self.device.type == "cuda":
-                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        # Data: rank 0 builds shards and tokenizer first, the others then read the cache.
-        if self.rank != 0:
-            barrier()
-        self.data = prepare_data(cfg.data, cfg.tokenizer, note=self._data_note if self.rank == 0 else None)
-        if self.rank == 0:
-            barrier()
-        tok = self.data.tokenizer
-        if tok.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                f"({tok.vocab_size} tokens); set --model.vocab_size {tok.vocab_size} or lower tokenizer.vocab_size."
-            )
         dp_rank = self.meshes.dp_rank if self.meshes else 0
-        d = cfg.data
-        self.loader = build_loader(self.data, d, dp_rank, self.dims.dp)
-        # The same validation sequences under every layout, per domain with [[data.domains]].
-        self.val_sets = validation_sets(self.data, d, t.eval_batches, dp_rank, self.dims.dp)
-
-        # Model: built on the meta device, parallelised from outside into this rank's parts (one
-        # module, or its pipeline stages), then allocated and initialised shard by shard, so no
-        # rank ever holds the whole model. Tied embeddings under several ranks are tied before
-        # sharding instead (materialised whole first).
-        meta_init = not (cfg.model.tie_embeddings and self.env.distributed)
-        if meta_init:
-            with torch.device("meta"):
-                model = Transformer(cfg.model)
-        else:
-            model = build_model(cfg.model, device=self.device, seed=t.seed)
-        self.parts = parallelize(model, self.dims, self.meshes, cfg.parallel, compile_blocks=t.compile,
-                                 seq_len=d.seq_len, precision=t.precision, fp8_recipe=t.fp8_recipe, device=self.device,
-                                 compile_mode=t.compile_mode)
-        if meta_init:
-            materialize(self.parts, self.device, t.seed)
-        self.model = self.parts[0]
+        self.data, self.loader, self.val_sets = build_data(cfg, self.rank, dp_rank, self.dims.dp,
+                                                           self._data_note if self.rank == 0 else None)
+        self.parts = build_parts(cfg, self.env, self.dims, self.meshes)  # this rank's model parts
         self.pipeline = self._build_pipeline() if self.dims.pp > 1 else None
         self.optimizer = PartsOptimizer(self.parts, cfg.optim, self.device)
         self.schedule = LRSchedule(self.optimizer, cfg.optim.lr, t.steps, cfg.schedule)
-        # MoE: expert load metrics and the expert-bias update (None for a dense model).
-        self.moe = ExpertStats.for_model(self.parts, cfg.model, t.grad_accum)
+        # MoE: expert load metrics and the expert-bias update (None for a dense model). The aux
+        # loss's gradient is divided as each micro-batch's task loss is before backward.
+        loss_scale = self.pipeline.loss_scale if self.pipeline is not None else t.grad_accum
+        micro = microbatch_count(cfg.parallel, self.dims.pp) if self.pipeline is not None else 1
+        self.moe = ExpertStats.for_model(self.parts, cfg.model, loss_scale, passes=t.grad_accum * micro)
         self.moe_metrics: dict[str, float] = {}
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, self.rank)
         self.step = 0
-        self.skip_positions: set[tuple[int, int]] = set()  # (epoch, position) of batches a rollback skips
-        self.failed_positions: set[tuple[int, int]] = set()  # batches that failed once (retried first)
-        self.nonfinite_steps, self.rollbacks = 0, []
+        self.nonfinite = NonFiniteSteps(t.nan_policy, self.rank)  # train/faults.py
         self.injector = Injector(self.rank)
-        self.phases = NullPhases()  # `scaletrain bench` swaps in a PhaseTimer (bench/phases.py)
+        self.phases: Phases = NullPhases()  # `scaletrain bench` swaps in a PhaseTimer (bench/phases.py)
         self.watchdog = Watchdog(0, self.rank, self.run_dir)  # armed in fit()
         self.resumed_from = resume_from
         if resume_from is not None:
             self._load(resume_from)
         elif init_from is not None:
             self._load(Path(init_from), weights_only=True)
-
-        precision = t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
-        self.precision = precision
-        amp = ((lambda: torch.autocast(self.device.type, dtype=torch.bfloat16))
-               if precision in ("bf16", "fp8") else contextlib.nullcontext)  # fp8: float8 linears, the rest bf16
-        self.autocast = amp if t.sdpa_backend == "auto" else (lambda: _stacked(amp(), sdpa_context(t.sdpa_backend)))
-        self._loss = (torch.compile(cross_entropy_loss, mode=None if t.compile_mode == "default" else t.compile_mode)
-                      if t.compile else cross_entropy_loss)
+        self.precision, self.autocast, self._loss = step_functions(t, self.device)
         self.tokens_per_step = d.batch_size * d.seq_len * t.grad_accum * self.dims.dp
         self.flops_per_token = flops_per_token(cfg.model, d.seq_len)
-        self.peak_flops = device_peak_flops(self.device, precision)
-        # Every check passed: only now touch the run folder, so bad input never costs a file.
-        if self.rank == 0:
-            if overwrite and resume_from is None:
-                clear_run_dir(self.run_dir)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_config(cfg, self.run_dir / "config.toml")
-            self._save_tokenizer()
-            self.run_info = write_run_info(self.run_dir, {"world_size": self.env.world_size,
-                                                          "layout": dataclasses.asdict(self.dims)})
+        self.peak_flops = device_peak_flops(self.device, self.precision)
+        if self.rank == 0:  # every check passed: only now touch the run folder
+            self._open_run_folder(resume, overwrite and resume_from is None)
         barrier()
         self.metrics = MetricsWriter(self.run_dir, cfg.metrics, self.rank)
+
+    @property
+    def unsplit_model(self) -> nn.Module:
+        """The model when it is not split into pipeline stages: this rank's only part (possibly
+        sharded or wrapped). Under pipeline parallelism there is no such module: use `parts`."""
+        if self.dims.pp > 1:
+            raise RuntimeError(f"the model is split into pipeline stages (parallel.pp = {self.dims.pp}); use parts")
+        return self.parts[0]
+
+    def _open_run_folder(self, resume: str, clear: bool) -> None:
+        """Rank 0, after every check: lock and create (or `clear`) the run folder and write the
+        config, tokenizer and run info. With --resume auto, checkpoints newer than the one
+        chosen are damaged and set aside."""
+        if self.lock is None:
+            self.lock = RunLock(self.run_dir).acquire(new=True)
+        if clear:
+            clear_run_dir(self.run_dir)
+        elif resume == "auto":
+            self.checkpointer.set_aside_newer(self.step)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpointer.check_writable()  # refused now, not at the first save
+        write_config(self.cfg, self.run_dir / "config.toml")
+        self._save_tokenizer()
+        self.run_info = write_run_info(self.run_dir, {"world_size": self.env.world_size,
+                                                      "layout": dataclasses.asdict(self.dims)})
 
     # ----------------------------------------------------------------- state
     def _state(self) -> dict[str, Any]:
         """Model and optimizer keyed by the full model's parameter names (optimizer flattened
         per parameter), so a checkpoint reshards onto any layout; DCP fills in what each rank
-        holds."""
+        holds. The rest of the train state is JSON in the marker (`_train_state`), except each
+        rank's RNG state (uint8 tensors)."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         model_sd: dict[str, Any] = {}
@@ -185,10 +145,13 @@ class Trainer:
         for part, opt in zip(self.parts, self.optimizer.optimizers):
             model_sd.update(get_model_state_dict(part))
             optim_sd.update(get_optimizer_state_dict(part, opt, options=ckpt_lib.FLAT))
-        train = {"step": self.step, "schedule": self.schedule.state_dict(), "loader": self.loader.state_dict(),
-                 f"rng_rank{self.rank}": ckpt_lib.capture_rng(self.device),
-                 "skip_positions": json.dumps(sorted(self.skip_positions))}
-        return {"model": model_sd, "optim": optim_sd, "train": train}
+        return {"model": model_sd, "optim": optim_sd,
+                "train": {f"rng_rank{self.rank}": ckpt_lib.capture_rng(self.device)}}
+
+    def _train_state(self) -> dict[str, Any]:
+        """Step, schedule, loader position and skipped batches: plain JSON, the same on every rank."""
+        return {"step": self.step, "schedule": self.schedule.state_dict(), "loader": self.loader.state_dict(),
+                "skip_positions": self.nonfinite.state_dict()}
 
     def _set_state(self, model_sd: dict[str, Any], optim_sd: dict[str, Any] | None) -> None:
         from torch.distributed.checkpoint.state_dict import (
@@ -205,7 +168,8 @@ class Trainer:
 
     def _metadata(self) -> dict[str, Any]:
         return {"model": config_to_dict(self.cfg)["model"], "tokenizer": self.data.tokenizer.fingerprint(),
-                "world_size": self.env.world_size, "tokens_seen": self.step * self.tokens_per_step}
+                "world_size": self.env.world_size, "tokens_seen": self.step * self.tokens_per_step,
+                "train_state": self._train_state()}
 
     def _load(self, path: Path, weights_only: bool = False) -> None:
         self.checkpointer.wait()  # a pending async save is committed (or its error raised) first
@@ -224,20 +188,37 @@ class Trainer:
             self.checkpointer.load(path, state)
             self._set_state(state["model"], None)
             return
-        rng_key = f"rng_rank{self.rank}"
-        if not ckpt_lib.has_key(path, f"train.{rng_key}"):  # saved by fewer ranks: keep this rank's seed
-            del state["train"][rng_key]
-        if not ckpt_lib.has_key(path, "train.skip_positions"):
-            del state["train"]["skip_positions"]
+        rng_key, stored = f"rng_rank{self.rank}", read_metadata(path).state_dict_metadata
+        # RNG states this rank saved (none when the checkpoint had fewer ranks: keep this rank's seed)
+        rng = {k: v for k, v in state["train"][rng_key].items() if f"train.{rng_key}.{k}" in stored}
+        state["train"] = {rng_key: rng} if rng else {}
+        train = meta.get("train_state")
+        if train is None:  # written before the train state moved into the marker: see _legacy_train_state
+            state["train"].update(self._legacy_train_state(stored))
         self.checkpointer.load(path, state)
+        configured = self.optimizer.settings()
         self._set_state(state["model"], state["optim"])
-        train = state["train"]
+        changed = self.optimizer.apply_settings(configured)
+        if changed and self.rank == 0:
+            print(f"resuming from {path} with changed optimizer settings (checkpoint -> config, used from now on): "
+                  + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), file=sys.stderr, flush=True)
+        if train is None:
+            train = dict(state["train"], skip_positions=json.loads(state["train"].get("skip_positions", "[]")))
         self.step = int(train["step"])
         self.schedule.load_state_dict(train["schedule"])
         self.loader.load_state_dict(train["loader"])
-        if rng_key in train:
-            ckpt_lib.restore_rng(train[rng_key], self.device)
-        self.skip_positions = {tuple(p) for p in json.loads(train.get("skip_positions", "[]"))}
+        if rng_key in state["train"]:
+            ckpt_lib.restore_rng(state["train"][rng_key], self.device)
+        self.nonfinite.load_state_dict(train["skip_positions"])
+
+    def _legacy_train_state(self, stored: dict[str, Any]) -> dict[str, Any]:
+        """Templates of the train state as checkpoints before the marker held it stored it: DCP
+        values (ints, dicts, a JSON string), which the checkpointer reads with
+        torch.load(weights_only=True), so loading them runs no code either."""
+        legacy = {"step": 0, "schedule": self.schedule.state_dict(), "loader": self.loader.state_dict()}
+        if "train.skip_positions" in stored:
+            legacy["skip_positions"] = "[]"
+        return legacy
 
     def _save_tokenizer(self) -> None:
         self.data.tokenizer.save(str(self.run_dir / "tokenizer"))  # atomic per file, tokenizer.json last
@@ -280,14 +261,14 @@ class Trainer:
 
     def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with self.autocast():
-            logits = self.model(inputs)  # [batch, seq, vocab]
+            logits = self.unsplit_model(inputs)  # [batch, seq, vocab]
         return self._loss(logits, targets)
 
     def _build_pipeline(self):
         from scaletrain.parallel.pp import build_pipeline
 
         p = self.cfg.parallel
-        return build_pipeline(self.parts, self.meshes.pp, self.device, p.pp_microbatches or self.dims.pp,
+        return build_pipeline(self.parts, self.meshes.pp, self.device, microbatch_count(p, self.dims.pp),
                               p.pp_schedule, cross_entropy_loss, grad_accum=self.cfg.train.grad_accum)
 
     @property
@@ -299,7 +280,7 @@ class Trainer:
         while True:
             batch = self.loader.next_batch()
             position = (self.loader.epoch, self.loader.global_position)
-            if position not in self.skip_positions:
+            if not self.nonfinite.skips(position):
                 positions.append(position)
                 sample_ids.extend(int(i) for i in self.loader.last_sample_ids)
                 return batch
@@ -310,6 +291,7 @@ class Trainer:
         The optimizer's kernels may still be running on the device when it returns."""
         for part in self.parts:
             part.train()
+        self.loader_at_step_start = self.loader.state_dict()  # what "abort" saves (plain ints)
         self.schedule.set_for_step(self.step + 1)
         self.watchdog.beat("forward/backward", self.step + 1)
         accum = self.cfg.train.grad_accum
@@ -340,15 +322,17 @@ class Trainer:
                                    self.meshes.pp.get_group() if self.pipeline is not None else None)
         mark("grad norm + clip")
         self.watchdog.beat("all-reduce of the loss")
-        loss = global_mean(loss_sum / accum, self._reports_loss)
+        # Any rank's stop request (train/preempt.py) rides along in the loss all-reduce.
+        loss, stops = global_mean_and_any(loss_sum / accum, self._reports_loss, self.stop.requested)
         moe = ()
         if self.moe is not None:
             self.watchdog.beat("all-reduce of the expert counts (MoE)")
             moe = self.moe.reduce(self.device).unbind()
         # The step's only host sync, before the update (a bad step never touches the weights);
         # none after it, so the host prepares the next step while the optimizer runs.
-        values = host_values(loss, grad_norm, *moe)
-        self.moe_metrics = dict(zip(MOE_METRIC_KEYS, values[2:]))
+        values = host_values(loss, grad_norm, stops, *moe)
+        self.stop.agreed = values[2] > 0
+        self.moe_metrics = dict(zip(MOE_METRIC_KEYS, values[3:]))
         values = values[:2]
         if not all(math.isfinite(v) for v in values):
             return self._nonfinite(values[0], values[1], positions, sample_ids)
@@ -366,42 +350,32 @@ class Trainer:
 
     def _nonfinite(self, loss: float, grad_norm: float, positions: list[tuple[int, int]],
                    sample_ids: list[int]) -> tuple[float, float] | None:
-        """Apply train.nan_policy to a step whose loss or global gradient norm (host floats, from
-        the step's one sync) is NaN/Inf."""
-        policy, step = self.cfg.train.nan_policy, self.step + 1
-        self.nonfinite_steps += 1
-        if policy == "skip":
-            self.optimizer.zero_grad(set_to_none=True)
+        """Apply train.nan_policy (train/faults.py) to a step whose loss or global gradient norm
+        (host floats, from the step's one sync) is NaN/Inf; returns what train_step returns."""
+        guard, step = self.nonfinite, self.step + 1
+        guard.count += 1
+        self.optimizer.zero_grad(set_to_none=True)  # the bad update is never applied
+        if guard.policy == "skip":
             self.step += 1
             return loss, grad_norm
-        bad_loss = not math.isfinite(loss)
-        culprit = first_nonfinite(self.parts) or ("the loss" if bad_loss else "a gradient on another rank")
-        report = (f"non-finite {'loss' if bad_loss else 'gradient norm'} at step {step} "
-                  f"(loss {loss}, grad norm {grad_norm}); rank {self.rank}'s batch had sample ids "
-                  f"{sample_ids[:16]}{' ...' if len(sample_ids) > 16 else ''}; first non-finite tensor on this rank: "
-                  f"{culprit}")
-        if policy == "rollback":
+        report = guard.report(step, loss, grad_norm, self.parts, sample_ids)
+        if guard.policy == "rollback":
             self.watchdog.beat("checkpoint wait (rollback)")
             self.checkpointer.wait()
-            latest = self.checkpointer.latest()
-            if sum(r["step"] == step for r in self.rollbacks) >= 4:
-                raise NumericsError(report + f". Step {step} failed 4 times, also after its batches were skipped: "
-                                    "the weights or the optimizer state are the problem, not the data.")
-            if latest is None:
-                raise NumericsError(report + ". train.nan_policy = 'rollback' but there is no checkpoint yet; "
-                                    "set checkpoint.interval, or use 'skip'.")
-            # First failure of these batches: retry them (transient fault); a repeat: skip them.
-            repeat = [p for p in positions if p in self.failed_positions]
-            self.skip_positions.update(repeat)
-            self.failed_positions.update(positions)
-            skip = set(self.skip_positions)
-            self.optimizer.zero_grad(set_to_none=True)
-            self._load(latest)
-            self.skip_positions |= skip
-            self.rollbacks.append({"step": step, "to": self.step, "skipped": [list(p) for p in repeat]})
+            guard.rollback(step, positions, self.checkpointer.latest(), report, self._reload)
             return None
-        raise NumericsError(report + " (train.nan_policy = 'abort'; 'skip' drops such steps, 'rollback' "
-                            "reloads the last checkpoint and skips the batch).")
+        self.loader.load_state_dict(self.loader_at_step_start)  # "abort": nor are its batches consumed
+        saved, error = None, None
+        try:
+            saved = self._save_now()
+        except ScaletrainError as e:
+            error = e
+        raise guard.abort(report, self.step, saved, error)
+
+    def _reload(self, path: Path) -> int:
+        """Load checkpoint `path` (a rollback); returns the step it holds."""
+        self._load(path)
+        return self.step
 
     def evaluate(self) -> float:
         """Mean validation loss (nats/token): over the fixed validation batches, or with
@@ -431,10 +405,14 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to train.steps (with the hang watchdog armed when configured); returns a summary."""
         self.watchdog = Watchdog(self.cfg.train.hang_timeout_s, self.rank, self.run_dir)
+        self.stop.defer()  # a stop signal now finishes the step in flight and saves it (train/preempt.py)
         try:
             return self._fit()
         finally:
+            self.stop.restore()
             self.watchdog.stop()
+            if self.lock is not None:
+                self.lock.release()
 
     def _fit(self) -> dict[str, Any]:
         t, c = self.cfg.train, self.cfg.checkpoint
@@ -453,14 +431,18 @@ class Trainer:
                 if result is None:
                     progress.note(f"non-finite step: rolled back to step {self.step} from the newest checkpoint "
                                   "(a batch that fails twice is skipped)")
+                    if self.stop.agreed:
+                        self._stop_on_signal()
                     continue
                 loss, grad_norm = result
                 loss_value = float(loss)  # a host float already (train_step's one sync)
                 dt = time.perf_counter() - t0
                 record = self._record(loss_value, float(grad_norm), dt)
-                record["nonfinite_steps"] = self.nonfinite_steps
+                record["nonfinite_steps"] = self.nonfinite.count
                 self.metrics.log_step(record)
                 progress.update(self.step, record)
+                if self.stop.agreed:
+                    self._stop_on_signal()
                 if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.steps:
                     self._eval_and_log(progress)
                 if c.interval and self.step % c.interval == 0 and self.step < t.steps:
@@ -473,11 +455,32 @@ class Trainer:
             if c.save_final and not self.checkpointer.has_good(self.step):
                 self._save_and_note(progress, wait=True)
             self.checkpointer.wait()  # the final checkpoint is committed before the summary
-        summary.update(nonfinite_steps=self.nonfinite_steps, rollbacks=self.rollbacks, final_step=self.step, final_loss=loss_value if summary["start_step"] < t.steps else None,
-                       predicted_peak_bytes=self.memory_estimate.predicted_bytes,
+        summary.update(nonfinite_steps=self.nonfinite.count, rollbacks=self.nonfinite.rollbacks, final_step=self.step, final_loss=loss_value if summary["start_step"] < t.steps else None,
+                       predicted_peak_bytes=self.predicted_peak_bytes,
                        measured_peak_bytes=peak_memory_bytes(self.device), device=self.device.type)
         self._finish(summary)
         return summary
+
+    def _save_now(self) -> Path | None:
+        """Commit a checkpoint of the current step unless a good one exists (or no step has
+        run: None); returns its folder. A damaged one is replaced (the save moves it aside).
+        Collective."""
+        self.watchdog.beat("checkpoint wait")
+        self.checkpointer.wait()
+        folder = self.checkpointer.root / ckpt_lib.step_dir_name(self.step)
+        if self.step == 0:
+            return None
+        if not self.checkpointer.has_good(self.step):
+            self.save_checkpoint()
+            self.checkpointer.wait()
+        return folder
+
+    def _stop_on_signal(self) -> None:
+        """Some rank got SIGTERM/SIGUSR1/SIGINT and every rank finished the same step: save it
+        and end the process (train/preempt.py); steps lost: none."""
+        folder = self._save_now()
+        self.metrics.close()
+        raise self.stop.stopped(self.step, folder)
 
     def _record(self, loss: float, grad_norm: float, dt: float) -> dict[str, Any]:
         tokens_per_s = self.tokens_per_step / dt
@@ -512,5 +515,6 @@ class Trainer:
             from scaletrain.model.generate import generate
 
             tok = self.data.tokenizer
-            ids = generate(self.model, tok.encode(t.sample_prompt), t.sample_tokens, seed=t.seed, eos_id=tok.eos_id)
+            ids = generate(self.unsplit_model, tok.encode(t.sample_prompt), t.sample_tokens, seed=t.seed,
+                           eos_id=tok.eos_id)
             summary["sample"] = t.sample_prompt + tok.decode(ids)

@@ -1,24 +1,26 @@
 """Context parallelism on 2 and 4 gloo CPU ranks against single-process references.
 
-Ranks are started with torch.multiprocessing.spawn and meet through a FileStore in tmp_path
-(no port to pick); each writes its results to tmp_path and the test compares them in the
-parent. A failing rank makes spawn raise, so the test fails with that rank's traceback.
+Every case runs in ONE group of 4 spawned ranks (conftest.spawn_cases): the cp=4 attention
+over all of them, the cp=2 cases over two pairs of ranks (ranks 0-1 and 2-3, each pair its own
+cp group computing the same thing; ranks 0 and 1 report). Each rank writes its results to a
+folder and the tests compare them in the parent; a failing case fails its own test with that
+rank's traceback.
 """
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from conftest import spawn_cases
 from scaletrain.errors import LayoutError
 from scaletrain.model import build_model
-from scaletrain.model.flavors import model_config_for
+from scaletrain.config.flavors import model_config_for
 from scaletrain.parallel.cp import cp_attention, cp_positions, shard_sequence
 
 # fp32 throughout: CP changes only the order of the softmax/matmul reductions (keys split
@@ -27,15 +29,37 @@ ATTN_ATOL = 1e-5
 MODEL_RTOL = 1e-5
 
 
-def _init(rank: int, world: int, store_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+def _pair_mesh():
+    """A (pair, cp) mesh of the 4 ranks: this rank's "cp" sub-mesh is a cp=2 group."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (2, 2), mesh_dim_names=("pair", "cp"))
 
 
-def _spawn(fn, world: int, tmp_path, *args) -> list[dict]:
-    mp.spawn(fn, args=(world, str(tmp_path), *args), nprocs=world, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+def _run_case(name: str, rank: int, world: int, out: str) -> None:
+    """One case on this spawned rank (the 4-rank group is formed by the first case)."""
+    if not dist.is_initialized():  # a short timeout turns a hang into an error
+        dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    if name == "attention_cp4":
+        result = _attention(dist.group.WORLD, world, rank, seq=8 * 4)
+    else:
+        cp_mesh = _pair_mesh()["cp"]
+        result = _attention(cp_mesh.get_group(), 2, cp_mesh.get_local_rank(), seq=8 * 2) if name == "attention_cp2" \
+            else _model_cp(cp_mesh)
+    if name == "attention_cp4" or rank < 2:
+        torch.save(result, Path(out) / f"{name}.rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    out = tmp_path_factory.mktemp("cp")
+    return out, spawn_cases(4, ["attention_cp4", "attention_cp2", "model_cp2"], _run_case, out, str(out))
+
+
+def _results(results, name: str, world: int) -> list[dict]:
+    out, errors = results
+    assert name not in errors, f"{name} failed:\n{errors.get(name, '')[-4000:]}"
+    return [torch.load(out / f"{name}.rank{r}.pt", weights_only=True) for r in range(world)]
 
 
 # ---------------------------------------------------------------- attention kernel alone
@@ -53,15 +77,13 @@ def _attention_inputs(seq: int) -> tuple[torch.Tensor, ...]:
     return q, k, v, grad_out
 
 
-def _attention_worker(rank: int, world: int, tmp: str, seq: int) -> None:
-    _init(rank, world, tmp)
-    q, k, v, grad_out = (shard_sequence(t, world, rank, dim=2) for t in _attention_inputs(seq))
+def _attention(group, cp: int, cp_rank: int, seq: int) -> dict:
+    q, k, v, grad_out = (shard_sequence(t, cp, cp_rank, dim=2) for t in _attention_inputs(seq))
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
     out = cp_attention(q, k.repeat_interleave(N_REP, dim=1), v.repeat_interleave(N_REP, dim=1),
-                       group=dist.group.WORLD, cp=world, cp_rank=rank, local_seq=seq // world, n_rep=N_REP)
+                       group=group, cp=cp, cp_rank=cp_rank, local_seq=seq // cp, n_rep=N_REP)
     (out * grad_out).sum().backward()
-    torch.save({"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}, f"{tmp}/rank{rank}.pt")
-    dist.destroy_process_group()
+    return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
 
 
 def _unshard(parts: list[torch.Tensor], seq: int, dim: int) -> torch.Tensor:
@@ -76,9 +98,9 @@ def _unshard(parts: list[torch.Tensor], seq: int, dim: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("cp", [2, 4])
-def test_cp_attention_matches_full_causal_sdpa(tmp_path, cp):
+def test_cp_attention_matches_full_causal_sdpa(results, cp):
     seq = 8 * cp  # chunks of 4 tokens
-    results = _spawn(_attention_worker, cp, tmp_path, seq)
+    results = _results(results, f"attention_cp{cp}", cp)
 
     q, k, v, grad_out = _attention_inputs(seq)
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
@@ -106,26 +128,20 @@ def _tokens() -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, targets
 
 
-def _model_worker(rank: int, world: int, tmp: str) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-
+def _model_cp(mesh) -> dict:
     from scaletrain.model.transformer import Transformer
     from scaletrain.parallel.ac import apply_ac
     from scaletrain.parallel.cp import apply_cp
+    from scaletrain.parallel.init import materialize
 
-    _init(rank, world, tmp)
-    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cp",))
-    # The trainer's order: build on meta, wrap (AC, then CP), materialise, init_weights. The
+    world, rank, group = mesh.size(), mesh.get_local_rank(), mesh.get_group()
+    # The trainer's order: build on meta, wrap (AC, then CP), materialise and initialise. The
     # same seed as build_model(seed=0) must give the same weights and the CP RoPE rows.
     with torch.device("meta"):
         model = Transformer(model_config_for("debug"))
     apply_ac(model, "full")  # CP must find Attention modules inside checkpoint wrappers
     apply_cp(model, mesh, SEQ)
-    model.to_empty(device="cpu")
-    model.tie_weights()
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model.init_weights()
+    materialize([model], "cpu", seed=0)
 
     tokens, targets = (shard_sequence(t, world, rank) for t in _tokens())
     logits = model(tokens)  # [b, seq / cp, vocab]
@@ -134,18 +150,16 @@ def _model_worker(rank: int, world: int, tmp: str) -> None:
     loss.backward()
     grads = {}
     for name, p in model.named_parameters():
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=group)
         grads[name.replace("_checkpoint_wrapped_module.", "")] = p.grad
     total = loss.detach().clone()
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    torch.save({"logits": logits.detach(), "loss": total, "grads": grads, "rope_rows": model.rope_cos.shape[0]},
-               f"{tmp}/rank{rank}.pt")
-    dist.destroy_process_group()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return {"logits": logits.detach(), "loss": total, "grads": grads, "rope_rows": model.rope_cos.shape[0]}
 
 
-def test_debug_model_with_cp2_matches_single_process(tmp_path):
+def test_debug_model_with_cp2_matches_single_process(results):
     world = 2
-    results = _spawn(_model_worker, world, tmp_path)
+    results = _results(results, "model_cp2", world)
 
     model = build_model(model_config_for("debug"), seed=0)
     tokens, targets = _tokens()

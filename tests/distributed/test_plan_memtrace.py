@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from conftest import DEBUG_CONFIG, run_torchrun
-from scaletrain.model.flavors import model_config_for
+from scaletrain.config.flavors import model_config_for
 from scaletrain.model.flops import param_counts
 
 PROFILE = {"name": "synthetic-cpu", "peak_flops": {"fp32": 5e10, "bf16": 5e10}, "matmul_eff_max": 1.0,

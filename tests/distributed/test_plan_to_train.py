@@ -10,14 +10,14 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from conftest import run_cli, run_torchrun
+from conftest import run_main, run_torchrun
 from scaletrain.train.metrics import read_metrics
 
 
 def test_written_plan_trains(tmp_path, data_cache):
     best = tmp_path / "best.toml"
-    run_cli("plan", "search", "--model", "debug", "--gpus", "2", "--gpu", "h100_sxm", "--seq-len", "128",
-            "--global-batch-tokens", "4096", "--write-config", str(best))
+    run_main("plan", "search", "--model", "debug", "--gpus", "2", "--gpu", "h100_sxm", "--seq-len", "128",
+             "--global-batch-tokens", "4096", "--write-config", str(best))
     text = best.read_text()
     assert text.startswith("# Written by `scaletrain plan`: debug on 2 x h100_sxm")
     written = tomllib.loads(text)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -19,9 +18,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from conftest import free_port
 from scaletrain.config.schema import ParallelConfig
 from scaletrain.model import build_model
-from scaletrain.model.flavors import model_config_for
+from scaletrain.config.flavors import model_config_for
 from scaletrain.parallel.layout import virtual_stages
 from scaletrain.parallel.pp import build_pipeline, pipeline_split
 
@@ -120,16 +120,10 @@ def _worker(rank: int, port: int, result_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def pp_results(tmp_path_factory) -> list[dict]:
     result_dir = tmp_path_factory.mktemp("pp")
-    mp.spawn(_worker, args=(_free_port(), str(result_dir)), nprocs=PP, join=True)
+    mp.spawn(_worker, args=(free_port(), str(result_dir)), nprocs=PP, join=True)
     return [torch.load(result_dir / f"rank{r}.pt", weights_only=True) for r in range(PP)]
 
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT, cli_env, debug_train_args
@@ -29,6 +30,7 @@ def _job(run, data_cache, env_extra):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
 
+@pytest.mark.slow  # three torchrun starts of 4 ranks (clean, killed, restarted): ~65 CPU-seconds
 def test_sigkill_one_rank_restart_resume_bit_identical(tmp_path, data_cache):
     clean = _job(tmp_path / "clean", data_cache, {})
     assert clean.returncode == 0, clean.stderr[-3000:]

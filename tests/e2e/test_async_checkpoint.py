@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import debug_train_args, run_cli
+from conftest import debug_train_args, run_main
 from scaletrain.export.runio import load_run_model
 from scaletrain.train.metrics import read_metrics
 
@@ -15,8 +15,8 @@ ARGS = ("--checkpoint.interval", "3", "--checkpoint.keep", "0", "--metrics.tenso
 
 def test_async_equals_sync_and_resumes(tmp_path, data_cache):
     sync, asyn = tmp_path / "sync", tmp_path / "async"
-    run_cli(*debug_train_args(sync, data_cache, 9, *ARGS))
-    run_cli(*debug_train_args(asyn, data_cache, 9, *ARGS, "--checkpoint.async_save", "true"))
+    run_main(*debug_train_args(sync, data_cache, 9, *ARGS))
+    run_main(*debug_train_args(asyn, data_cache, 9, *ARGS, "--checkpoint.async_save", "true"))
     names = sorted(p.name for p in (asyn / "checkpoints").iterdir())
     assert names == sorted(p.name for p in (sync / "checkpoints").iterdir()) == [
         "step-00000003", "step-00000006", "step-00000009"]
@@ -27,6 +27,6 @@ def test_async_equals_sync_and_resumes(tmp_path, data_cache):
 
     shutil.rmtree(asyn / "checkpoints" / "step-00000009")
     before = {r["step"]: r["loss"] for r in read_metrics(asyn / "metrics.jsonl")[0]}
-    run_cli(*debug_train_args(asyn, data_cache, 9, *ARGS, "--checkpoint.async_save", "true", "--resume", "auto"))
+    run_main(*debug_train_args(asyn, data_cache, 9, *ARGS, "--checkpoint.async_save", "true", "--resume", "auto"))
     after = {r["step"]: r["loss"] for r in read_metrics(asyn / "metrics.jsonl")[0]}
     assert [after[s] for s in (7, 8, 9)] == [before[s] for s in (7, 8, 9)]

@@ -1,4 +1,8 @@
-"""Bad input: a clear message on stderr, no traceback, exit code 2, and existing files intact."""
+"""Bad input: a clear message on stderr, no traceback, exit code 2, and existing files intact.
+
+The CLI runs in this process (conftest.run_main), except once in a fresh one (a missing
+config) for the real interpreter's exit code; the cases that need an existing run folder use
+conftest's shared `trained_run` and must leave it as it was."""
 
 from __future__ import annotations
 
@@ -6,20 +10,22 @@ import hashlib
 
 import pytest
 
-from conftest import debug_train_args, run_cli
+from conftest import debug_train_args, run_cli, run_main
 
 
 def _tree_digest(folder):
+    """Digest of every file's name and bytes, except RUN/.lock: a refused run may have held
+    the writer lock (it records the last holder's pid), which is not run data."""
     h = hashlib.sha256()
     for p in sorted(folder.rglob("*")):
-        if p.is_file():
+        if p.is_file() and p.name != ".lock":
             h.update(str(p.relative_to(folder)).encode())
             h.update(p.read_bytes())
     return h.hexdigest()
 
 
-def _fails(*args, needle: str):
-    proc = run_cli(*args, check=False)
+def _fails(*args, needle: str, fresh: bool = False):
+    proc = (run_cli if fresh else run_main)(*args, check=False)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr
     assert needle in proc.stderr, proc.stderr
@@ -27,10 +33,8 @@ def _fails(*args, needle: str):
 
 
 @pytest.fixture(scope="module")
-def small_run(tmp_path_factory, data_cache):
-    run = tmp_path_factory.mktemp("bad") / "run"
-    run_cli(*debug_train_args(run, data_cache, 4, "--metrics.tensorboard", "false", "--metrics.plot", "false"))
-    return run
+def small_run(trained_run):
+    return trained_run[0]
 
 
 def test_existing_run_folder_is_refused_and_untouched(small_run, data_cache):
@@ -63,7 +67,8 @@ def test_config_errors(tmp_path, data_cache, extra, needle):
 
 
 def test_missing_config_and_bad_toml(tmp_path):
-    _fails("train", "--config", str(tmp_path / "nope.toml"), "--run-dir", str(tmp_path / "r"), needle="does not exist")
+    _fails("train", "--config", str(tmp_path / "nope.toml"), "--run-dir", str(tmp_path / "r"), needle="does not exist",
+           fresh=True)
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nsteps = = 3\n")
     _fails("train", "--config", str(bad), "--run-dir", str(tmp_path / "r"), needle="not valid TOML")

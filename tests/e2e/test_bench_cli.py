@@ -1,15 +1,16 @@
 """`scaletrain bench` end to end on the CPU: a smoke benchmark of the debug preset, its result
-row and JSON, and the errors (exit 2, nothing appended, nothing overwritten)."""
+row and JSON, and the errors (exit 2, nothing appended, nothing overwritten). The CLI runs in
+this process (conftest.run_main), one error case in a fresh one."""
 
 from __future__ import annotations
 
 import json
 
-from tests.conftest import DEBUG_CONFIG, run_cli
+from conftest import DEBUG_CONFIG, run_cli, run_main
 
 
-def _bench(tmp_path, data_cache, *extra, check=True):
-    return run_cli("bench", "--config", str(DEBUG_CONFIG), "--data.cache_dir", str(data_cache),
+def _bench(tmp_path, data_cache, *extra, check=True, fresh=False):
+    return (run_cli if fresh else run_main)("bench", "--config", str(DEBUG_CONFIG), "--data.cache_dir", str(data_cache),
                    "--run-dir", str(tmp_path / "scratch"), "--results", str(tmp_path / "results.jsonl"),
                    *extra, check=check)
 
@@ -36,7 +37,7 @@ def test_bench_smoke_reports_and_appends(tmp_path, data_cache):
 
 
 def test_bench_bad_input_exits_2_and_writes_nothing(tmp_path, data_cache):
-    proc = _bench(tmp_path, data_cache, "--steps", "5", check=False)
+    proc = _bench(tmp_path, data_cache, "--steps", "5", check=False, fresh=True)
     assert proc.returncode == 2 and "--steps must be >= 20" in proc.stderr and "--smoke" in proc.stderr
     proc = _bench(tmp_path, data_cache, "--smoke", "--steps", "2", "--model.dimm", "8", check=False)
     assert proc.returncode == 2 and "model.dim" in proc.stderr

@@ -1,14 +1,15 @@
 """Non-finite numerics policies and the hang watchdog, with faults injected through the
-SCALETRAIN_FAULT_* environment variables (scaletrain/train/faults.py)."""
+SCALETRAIN_FAULT_* environment variables (scaletrain/train/faults.py). Single-process runs call
+the CLI in this process (conftest.run_main; runs whose losses are compared bit for bit share its
+thread count), the abort without a checkpoint in a fresh one (exit code 3 from the real
+interpreter); the 2-rank cases run under torchrun."""
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
-from conftest import ROOT, cli_env, debug_train_args, run_torchrun
+from conftest import debug_train_args, run_cli, run_main, run_torchrun
 from scaletrain.train.checkpoint import Checkpointer
 from scaletrain.config.schema import CheckpointConfig
 from scaletrain.train.metrics import read_metrics
@@ -18,12 +19,9 @@ ARGS = ("--checkpoint.interval", "4", "--metrics.tensorboard", "false", "--metri
         "--data.seq_len", "64")
 
 
-def _train(run, data_cache, policy, nan_steps="6", steps=STEPS):
-    env = cli_env()
-    env["SCALETRAIN_FAULT_NAN_STEPS"] = nan_steps
-    cmd = [sys.executable, "-m", "scaletrain", *debug_train_args(run, data_cache, steps, *ARGS,
-                                                                   "--train.nan_policy", policy)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+def _train(run, data_cache, policy, nan_steps="6", steps=STEPS, *extra, env=None):
+    args = debug_train_args(run, data_cache, steps, *ARGS, "--train.nan_policy", policy, *extra)
+    return run_main(*args, check=False, env={"SCALETRAIN_FAULT_NAN_STEPS": nan_steps, **(env or {})})
 
 
 def _losses(run):
@@ -44,16 +42,21 @@ def test_skip_drops_the_update_and_counts_it(tmp_path, data_cache):
     assert all(math.isfinite(loss) for _, loss, _ in got)
 
 
-def test_abort_reports_and_keeps_checkpoints(tmp_path, data_cache):
+def test_abort_reports_and_keeps_the_last_good_state(tmp_path, data_cache):
     run = tmp_path / "abort"
     proc = _train(run, data_cache, "abort")
     assert proc.returncode == 3, proc.stderr
     for part in ("non-finite gradient norm at step 6", "sample ids [", "first non-finite tensor on this rank: ",
-                 "train.nan_policy = 'abort'"):
+                 "train.nan_policy = 'abort'", f"The last good state (after step 5) is in {run}/checkpoints/step-00000005"):
         assert part in proc.stderr
     assert "Traceback" not in proc.stderr
     ckpts = Checkpointer(run, CheckpointConfig()).complete_steps()
-    assert [s for s, _ in ckpts] == [4]
+    assert [s for s, _ in ckpts] == [4, 5]
+    # Step 6's bad update was never applied: resuming the saved state continues the clean run exactly.
+    assert _train(tmp_path / "clean", data_cache, "abort", "").returncode == 0
+    proc = _train(run, data_cache, "abort", "", STEPS, "--resume", "auto")
+    assert proc.returncode == 0, proc.stderr
+    assert _losses(run) == _losses(tmp_path / "clean")
 
 
 def test_rollback_retries_a_transient_fault_exactly(tmp_path, data_cache):
@@ -75,12 +78,8 @@ def test_rollback_skips_a_batch_that_fails_twice(tmp_path, data_cache):
     the second skips the batch, and training continues past it."""
     probe = _train(tmp_path / "probe", data_cache, "abort")  # learn the sample ids of step 6
     bad = probe.stderr.split("sample ids [")[1].split(",")[0]
-    env = cli_env()
-    env["SCALETRAIN_FAULT_NAN_SAMPLES"] = bad
     run = tmp_path / "bad"
-    cmd = [sys.executable, "-m", "scaletrain", *debug_train_args(run, data_cache, STEPS, *ARGS,
-                                                                   "--train.nan_policy", "rollback")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    proc = _train(run, data_cache, "rollback", "", env={"SCALETRAIN_FAULT_NAN_SAMPLES": bad})
     assert proc.returncode == 0, proc.stderr
     train = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in train if r["kind"] == "train"]
@@ -90,41 +89,27 @@ def test_rollback_skips_a_batch_that_fails_twice(tmp_path, data_cache):
 
 
 def test_rollback_without_checkpoint_aborts(tmp_path, data_cache):
-    env = cli_env()
-    env["SCALETRAIN_FAULT_NAN_STEPS"] = "2"
-    cmd = [sys.executable, "-m", "scaletrain", *debug_train_args(tmp_path / "r", data_cache, 4,
-                                                                   "--train.nan_policy", "rollback")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert proc.returncode == 3
+    proc = run_cli(*debug_train_args(tmp_path / "r", data_cache, 4, "--train.nan_policy", "rollback"),
+                   check=False, timeout=300, env={"SCALETRAIN_FAULT_NAN_STEPS": "2"})
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr
     assert "no checkpoint yet" in proc.stderr
 
 
 def test_nan_on_one_rank_is_skipped_by_every_rank(tmp_path, data_cache):
     """The NaN is injected into rank 0's gradient shard only; the global norm carries it to
     rank 1, so both ranks skip the same step and the job finishes."""
-    import os
-
-    os.environ["SCALETRAIN_FAULT_NAN_STEPS"] = "3"
-    try:
-        proc = run_torchrun(2, *debug_train_args(tmp_path / "dp", data_cache, 5, *ARGS, "--parallel.dp_shard", "2",
-                                                 "--train.nan_policy", "skip", "--data.batch_size", "4"))
-    finally:
-        del os.environ["SCALETRAIN_FAULT_NAN_STEPS"]
+    proc = run_torchrun(2, *debug_train_args(tmp_path / "dp", data_cache, 5, *ARGS, "--parallel.dp_shard", "2",
+                                             "--train.nan_policy", "skip", "--data.batch_size", "4"),
+                        env={"SCALETRAIN_FAULT_NAN_STEPS": "3"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [n for _, _, n in _losses(tmp_path / "dp")] == [0, 0, 1, 1, 1]
 
 
 def test_watchdog_dumps_stacks_and_exits(tmp_path, data_cache):
-    import os
-
-    os.environ["SCALETRAIN_FAULT_SLEEP"] = "1:3:120"
-    try:
-        run = tmp_path / "hang"
-        proc = run_torchrun(2, *debug_train_args(run, data_cache, 6, *ARGS, "--parallel.dp_shard", "2",
-                                                 "--train.hang_timeout_s", "4", "--data.batch_size", "4"),
-                            timeout=120)
-    finally:
-        del os.environ["SCALETRAIN_FAULT_SLEEP"]
+    run = tmp_path / "hang"
+    proc = run_torchrun(2, *debug_train_args(run, data_cache, 6, *ARGS, "--parallel.dp_shard", "2",
+                                             "--train.hang_timeout_s", "4", "--data.batch_size", "4"),
+                        timeout=120, env={"SCALETRAIN_FAULT_SLEEP": "1:3:120"})
     assert proc.returncode != 0
     assert "watchdog: no progress for" in proc.stderr and "in step 3" in proc.stderr
     assert "most recent call first" in proc.stderr  # a Python stack dump

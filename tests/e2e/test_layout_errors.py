@@ -1,13 +1,11 @@
 """Impossible layouts fail before any process-group work, with the offending keys and a valid
 alternative, exit code 2 and nothing written. The world size comes from torchrun's WORLD_SIZE
-variable; no processes need to be launched because the checks run before rendezvous."""
+variable; no processes need to be launched because the checks run before rendezvous, so the
+CLI runs in this process (the fresh-process check of `train` is in tests/e2e/test_bad_input.py)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
-from conftest import ROOT, cli_env, debug_train_args, main_exit
+from conftest import debug_train_args, main_exit, main_run
 
 CASES = {
     "product": (4, ("--parallel.dp_shard", "3"), ["parallel degrees multiply to 3", "world size is 4",
@@ -29,21 +27,12 @@ CASES = {
 
 
 def test_impossible_layouts(tmp_path, data_cache, capsys, monkeypatch):
-    """One case through a fresh process (no traceback, exit 2), the rest through the same
-    main() in this process."""
     run = tmp_path / "run"
-    for i, (name, (world, layout, messages)) in enumerate(CASES.items()):
-        if i == 0:
-            env = cli_env()
-            env.update(WORLD_SIZE=str(world), RANK="0", LOCAL_RANK="0")
-            proc = subprocess.run([sys.executable, "-m", "scaletrain", *debug_train_args(run, data_cache, 2, *layout)],
-                                  capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
-            code, err = proc.returncode, proc.stderr
-        else:
-            monkeypatch.setenv("WORLD_SIZE", str(world))
-            monkeypatch.setenv("RANK", "0")
-            monkeypatch.setenv("LOCAL_RANK", "0")
-            code, err = main_exit(capsys, *debug_train_args(run, data_cache, 2, *layout))
+    for name, (world, layout, messages) in CASES.items():
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        code, err = main_exit(capsys, *debug_train_args(run, data_cache, 2, *layout))
         assert code == 2, (name, err)
         for message in messages:
             assert message in err, (name, err)
@@ -51,22 +40,21 @@ def test_impossible_layouts(tmp_path, data_cache, capsys, monkeypatch):
         assert not run.exists()
 
 
-def test_predicted_oom_is_refused_unless_forced(tmp_path, data_cache):
+def test_predicted_oom_is_refused_unless_forced(tmp_path, data_cache, capsys, monkeypatch):
     """The planner's memory check runs before anything is built: with room for almost nothing
     (the CPU capacity is RAM / LOCAL_WORLD_SIZE) the run is refused with the breakdown and a
     fix; --force runs it anyway."""
-    env = cli_env()
-    env["LOCAL_WORLD_SIZE"] = str(10**9)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(10**9))
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "scaletrain", *debug_train_args(run, data_cache, 2)]
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
-    assert proc.returncode == 2, proc.stderr
+    args = debug_train_args(run, data_cache, 2)
+    code, err = main_exit(capsys, *args)
+    assert code == 2, err
     for part in ("predicted not to fit", "weights", "activations", "Pass --force to run anyway"):
-        assert part in proc.stderr
+        assert part in err
     assert not run.exists()
-    forced = subprocess.run([*args, "--force"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert forced.returncode == 0, forced.stderr
-    assert "planner" in forced.stdout and (run / "metrics.jsonl").exists()  # the memory line names its prediction
+    code, out, err = main_run(capsys, *args, "--force")
+    assert code == 0, err
+    assert "planner" in out and (run / "metrics.jsonl").exists()  # the memory line names its prediction
 
 
 def test_one_process_layout_points_to_the_launchers(tmp_path, data_cache, capsys, monkeypatch):

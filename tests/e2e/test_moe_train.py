@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEBUG_CONFIG, debug_train_args, main_exit, run_cli
+from conftest import DEBUG_CONFIG, debug_train_args, main_exit, run_main
 from scaletrain.train.metrics import read_metrics
 
 STEPS = 40
@@ -21,7 +21,7 @@ STEPS = 40
 @pytest.fixture(scope="module")
 def moe_run(tmp_path_factory, data_cache):
     run = tmp_path_factory.mktemp("moe") / "run"
-    run_cli(*debug_train_args(run, data_cache, STEPS, "--model.flavor", "moe_debug"))
+    run_main(*debug_train_args(run, data_cache, STEPS, "--model.flavor", "moe_debug"))
     return run
 
 
@@ -56,13 +56,14 @@ def test_moe_run_exports_to_qwen3_moe_and_imports_back(moe_run, tmp_path, capsys
 
 def _trainer(run: Path, data_cache: Path, steps: int, resume: str, *extra: str):
     from scaletrain.config import load_config
+    from scaletrain.plan.memcheck import preflight
     from scaletrain.train.trainer import Trainer
 
     cfg = load_config(DEBUG_CONFIG, ["--model.flavor", "moe_debug", "--train.steps", str(steps),
                                      "--data.cache_dir", str(data_cache), "--metrics.progress", "none",
                                      "--metrics.tensorboard", "false", "--metrics.plot", "false",
                                      "--train.eval_interval", "0", *extra])
-    return Trainer(cfg, run, resume=resume)
+    return Trainer(cfg, run, memory_check=preflight(), resume=resume)
 
 
 def test_moe_resume_is_exact(tmp_path, data_cache):
@@ -72,7 +73,7 @@ def test_moe_resume_is_exact(tmp_path, data_cache):
     trainer = _trainer(run, data_cache, 6, "never", *extra)
     trainer.fit()
     straight = read_metrics(run)[0]
-    bias = trainer.model.layers["2"].feed_forward.router.expert_bias.clone()
+    bias = trainer.unsplit_model.layers["2"].feed_forward.router.expert_bias.clone()
     assert bias.abs().sum() > 0 and any(r["dropped_frac"] > 0 for r in straight)
     shutil.rmtree(run / "checkpoints" / "step-00000006")  # as if killed after step 3's checkpoint
     resumed = _trainer(run, data_cache, 6, "auto", *extra)
@@ -81,7 +82,7 @@ def test_moe_resume_is_exact(tmp_path, data_cache):
     again = read_metrics(run)[0]
     keys = ("loss", "grad_norm", "aux_loss", "expert_imbalance", "dropped_frac")
     assert [[r[k] for k in keys] for r in again[3:]] == [[r[k] for k in keys] for r in straight[3:]]
-    assert torch.equal(resumed.model.layers["2"].feed_forward.router.expert_bias, bias)
+    assert torch.equal(resumed.unsplit_model.layers["2"].feed_forward.router.expert_bias, bias)
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ def test_resume_uses_the_runs_config_and_lists_changes(tmp_path, data_cache, cap
     mem = [x for x in lines if "RSS" in x]
     assert len(mem) == 1 and "not comparable" in mem[0] and "measured" not in mem[0], mem
     info = json.loads((run / "run_info.json").read_text())
-    assert info["layout"] == {"dp_replicate": 1, "dp_shard": 1, "tp": 1, "pp": 1, "cp": 1}
+    assert info["layout"] == {"dp_replicate": 1, "dp_shard": 1, "tp": 1, "pp": 1, "cp": 1, "ep": 1}
 
     # No --config: the run's config.toml (seq_len 64, its cache) plus the override.
     code, out, err = main_run(capsys, "train", "--run-dir", str(run), "--resume", "auto", "--train.steps", "6")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEBUG_CONFIG, cli_env, run_cli
+from conftest import DEBUG_CONFIG, cli_env, free_port, run_cli
 
 STUBS = {
     "srun": """#!/bin/bash
@@ -40,12 +39,6 @@ echo 127.0.0.1
 exec {sys.executable} "$@"
 """,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_job(tmp_path: Path, *args: str) -> Path:

@@ -1,5 +1,6 @@
-"""End to end from the CLI: train the debug preset, then generate, export to Hugging Face and
-import back; every file of the run-folder contract is checked."""
+"""End to end from the CLI: train the debug preset (conftest's `trained_run`, a fresh process),
+then generate, export to Hugging Face and import back (in this process); every file of the
+run-folder contract is checked."""
 
 from __future__ import annotations
 
@@ -8,19 +9,9 @@ import json
 import pytest
 import torch
 
-from conftest import debug_train_args, run_cli
+from conftest import TRAINED_STEPS as STEPS
+from conftest import run_main
 from scaletrain.train.metrics import read_metrics
-
-STEPS = 40
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, data_cache):
-    run = tmp_path_factory.mktemp("e2e") / "run"
-    proc = run_cli(*debug_train_args(run, data_cache, STEPS, "--train.eval_interval", "20",
-                                     "--checkpoint.interval", "20", "--train.sample_tokens", "20",
-                                     "--train.sample_prompt", "def "))
-    return run, proc
 
 
 def test_run_folder_contract(trained_run):
@@ -52,9 +43,9 @@ def test_metrics_and_loss_decrease(trained_run):
 
 def test_generate_from_checkpoint(trained_run):
     run, _ = trained_run
-    out = run_cli("generate", "--run", str(run), "--prompt", "def main(", "--max-new-tokens", "30").stdout
+    out = run_main("generate", "--run", str(run), "--prompt", "def main(", "--max-new-tokens", "30").stdout
     assert out.startswith("def main(") and len(out) > len("def main(")
-    again = run_cli("generate", "--run", str(run), "--prompt", "def main(", "--max-new-tokens", "30").stdout
+    again = run_main("generate", "--run", str(run), "--prompt", "def main(", "--max-new-tokens", "30").stdout
     assert out == again  # seeded sampling is reproducible
 
 
@@ -62,7 +53,7 @@ def test_export_hf_matches_transformers_and_imports_back(trained_run, tmp_path):
     transformers = pytest.importorskip("transformers", reason="the [dev] extra installs transformers")
     run, _ = trained_run
     out = tmp_path / "hf"
-    run_cli("export", "--run", str(run), "--to", "hf", "--out", str(out))
+    run_main("export", "--run", str(run), "--to", "hf", "--out", str(out))
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
 
     from scaletrain.export.runio import load_run_model
@@ -81,10 +72,10 @@ def test_export_hf_matches_transformers_and_imports_back(trained_run, tmp_path):
     assert diff < 1e-4, diff
 
     run2 = tmp_path / "imported"
-    run_cli("import", "--from", "hf", "--src", str(out), "--run-dir", str(run2))
+    run_main("import", "--from", "hf", "--src", str(out), "--run-dir", str(run2))
     back, _, _ = load_run_model(run2)
     for (k, a), (k2, b) in zip(ours.state_dict().items(), back.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
-    g1 = run_cli("generate", "--run", str(run), "--prompt", "x = ", "--max-new-tokens", "10").stdout
-    g2 = run_cli("generate", "--run", str(run2), "--prompt", "x = ", "--max-new-tokens", "10").stdout
+    g1 = run_main("generate", "--run", str(run), "--prompt", "x = ", "--max-new-tokens", "10").stdout
+    g2 = run_main("generate", "--run", str(run2), "--prompt", "x = ", "--max-new-tokens", "10").stdout
     assert g1 == g2

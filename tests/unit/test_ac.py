@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
 from scaletrain.model import build_model
-from scaletrain.model.flavors import model_config_for
+from scaletrain.config.flavors import model_config_for
 from scaletrain.parallel.ac import apply_ac
 
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT, main_exit, main_run
 from scaletrain.config import load_config
 from scaletrain.plan.hardware import get_hardware
-from scaletrain.recipes.btx_plan import MOE_NOT_PRICED, best_step, format_plan, planner_prices_moe, price_btx
+from scaletrain.recipes.btx_plan import best_step, format_plan, price_btx
 from scaletrain.recipes.mix import moe_config
 
 GPU_CONFIG = str(ROOT / "configs" / "btx_gpu.toml")
@@ -43,11 +43,9 @@ def test_branches_are_priced_as_independent_jobs_against_one_synchronous_job(pri
     assert dense.steps == 4 * b.branch_steps + b.finetune_steps and dense.seconds == dense.steps * on_8
     finetune, upcycle = rows[4], rows[6]
     assert (finetune.steps, upcycle.steps) == (b.finetune_steps, dense.steps)
-    if planner_prices_moe():  # the MoE stages priced like the others, with the mixed model
-        moe, _ = best_step(moe_config(cfg.model, 5), cfg.data.seq_len, global_batch, 8, hw, "bf16", False)
-        assert moe > on_8 and finetune.seconds == b.finetune_steps * moe and upcycle.seconds == dense.steps * moe
-    else:  # a planner that would price the experts as one dense FFN: no number rather than a wrong one
-        assert finetune.seconds is None is upcycle.seconds and finetune.note == upcycle.note == MOE_NOT_PRICED
+    # the MoE stages priced like the others, with the mixed model
+    moe, _ = best_step(moe_config(cfg.model, 5), cfg.data.seq_len, global_batch, 8, hw, "bf16", False)
+    assert moe > on_8 and finetune.seconds == b.finetune_steps * moe and upcycle.seconds == dense.steps * moe
     text = format_plan(cfg, rows, 8, hw.name, global_batch * cfg.data.seq_len)
     saved = 1 - branches.seconds / sync.seconds
     assert f"{saved:+.1%} wall-clock saved" in text and "4 x 2" in text

@@ -38,7 +38,8 @@ def test_cli_flavor_switch_keeps_explicit_keys(tmp_path):
     (["--optim.lr", "-1e-3"], "optim.lr must be > 0"),
     (["--data.seq_len", "100000"], "data.seq_len = 100000 exceeds model.max_seq_len"),
     (["--train.compile", "maybe"], "train.compile must be true or false"),
-    (["--schedule.kind", "cosin"], "schedule.kind = 'cosin' is not one of"),
+    (["--schedule.kind", "cosin"], "schedule.kind = 'cosin' is not one of 'cosine', 'wsd', 'constant', 'linear'. "
+                                   "Did you mean 'cosine'?"),
     (["--model.flavor", "llama3_7b"], "llama3_8b"),
     (["--model.n_kv_heads", "3"], "n_kv_heads"),
     (["--parallel.dp_shard", "0"], "parallel.dp_shard"),
@@ -75,6 +76,14 @@ def test_parse_overrides_forms():
     assert parse_overrides(["--a.b", "1", "--c.d=x=y"]) == {"a.b": "1", "c.d": "x=y"}
 
 
+def test_split_overrides_takes_config_keys_out_of_a_command_line_in_order():
+    from scaletrain.config.load import split_overrides
+
+    argv = ["bench", "--config", "c.toml", "--train.steps", "3", "ffn", "--x.y=2", "--tokens", "4", "--train.seed"]
+    assert split_overrides(argv) == (["bench", "--config", "c.toml", "ffn", "--tokens", "4"],
+                                     ["--train.steps", "3", "--x.y=2", "--train.seed"])
+
+
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(None, ["--model.flavor", "cpu_demo", "--train.steps", "9"])
     write_config(cfg, tmp_path / "config.toml")
@@ -89,3 +98,37 @@ def test_presets_load():
     assert {p.stem for p in presets} >= {"cpu_debug", "cpu_demo", "anchor_1b"}
     for p in presets:
         build_config(read_toml(p))  # each preset is valid
+
+
+def test_choice_fields_are_checked_from_their_literal_type(tmp_path):
+    """TOML and code-built configs meet the same check as the command line: the schema's
+    Literal type is the one list of allowed values."""
+    import dataclasses
+
+    from scaletrain.config.validate import validate_config
+
+    with pytest.raises(ConfigError, match=r"train.precision = 16 is not one of 'auto', 'fp32', 'bf16', 'fp8'\."):
+        load_config(_toml(tmp_path, "[train]\nprecision = 16\n"))
+    cfg = load_config(None)
+    bad = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, nan_policy="skp"))
+    with pytest.raises(ConfigError, match="train.nan_policy = 'skp' is not one of .* Did you mean 'skip'"):
+        validate_config(bad)
+
+
+FREE_TEXT = {"flavor", "path", "text_field", "cache_dir", "name", "domain", "sample_prompt"}
+
+
+def test_every_string_field_with_fixed_values_is_a_literal():
+    """A string field is free text (a name, a path, a prompt) or a Literal of its values: a new
+    choice field declared as plain `str` would escape the load-time check."""
+    import dataclasses
+    import typing
+
+    from scaletrain.config.load import section_types
+    from scaletrain.config.schema import DomainConfig
+
+    for node in [*section_types().values(), DomainConfig]:
+        hints = typing.get_type_hints(node)
+        for f in dataclasses.fields(node):
+            if hints[f.name] is str:
+                assert f.name in FREE_TEXT, f"{node.__name__}.{f.name} is a plain str: type it Literal[...]"

@@ -1,6 +1,7 @@
 """precision = "fp8" on the CPU: which linears become torchao Float8Linear, how close an fp8
-forward/backward stays to fp32, a short CLI training run, checkpoints without torchao, and the
-errors for missing torchao and unsupported combinations.
+forward/backward stays to fp32, a short CLI training run (in this process), float8 weights
+saved as plain tensors, and the errors for missing torchao and unsupported combinations. The
+2-rank FSDP checkpoint that loads without torchao is in tests/distributed/test_fp8_fsdp.py.
 
 torch has a reference CPU kernel for `torch._scaled_mm`, so both recipes run here for real
 (not emulated); GPU loss curves live in tests/gpu/test_fp8_gpu.py.
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import subprocess
 import sys
 
 import pytest
@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import ROOT, cli_env, debug_train_args, run_cli, run_torchrun
+from conftest import debug_train_args, main_exit, run_main
 from scaletrain.config.schema import ParallelConfig
 from scaletrain.errors import ConfigError
 from scaletrain.model import Transformer, build_model
-from scaletrain.model.flavors import model_config_for
-from scaletrain.parallel.dims import resolve_dims
+from scaletrain.config.flavors import model_config_for
+from scaletrain.parallel.layout import resolve_dims
 from scaletrain.parallel.fp8 import apply_fp8, check_fp8, fp8_filter, fp8_supported
 from scaletrain.train.metrics import read_metrics
 
@@ -131,7 +131,7 @@ CLI_COMMON = ("--metrics.tensorboard", "false", "--metrics.plot", "false", "--tr
 
 
 def _train_losses(run_dir, data_cache, *extra: str) -> list[float]:
-    run_cli(*debug_train_args(run_dir, data_cache, CLI_STEPS, *CLI_COMMON, *extra))
+    run_main(*debug_train_args(run_dir, data_cache, CLI_STEPS, *CLI_COMMON, *extra))
     return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")[0]]
 
 
@@ -153,26 +153,6 @@ def test_cli_fp8_training_loss_decreases_like_fp32(tmp_path, data_cache, fp32_lo
     assert abs(last8 - last32) < 0.05
 
 
-@needs_torchao
-@pytest.mark.slow
-def test_fsdp_fp8_checkpoint_loads_without_torchao(tmp_path, data_cache):
-    """2 gloo ranks, FSDP + tensorwise (float8 all-gather): the DCP checkpoint loads into a
-    single-device plain model in a process where torchao cannot be imported."""
-    run = tmp_path / "fsdp_fp8"
-    proc = run_torchrun(2, *debug_train_args(run, data_cache, 4, "--train.precision", "fp8",
-                                             "--parallel.dp_shard", "2", "--metrics.tensorboard", "false",
-                                             "--metrics.plot", "false", "--train.eval_interval", "0"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    code = ("import sys; sys.modules['torchao'] = None\n"
-            "from scaletrain.export.runio import load_run_model\n"
-            f"model = load_run_model({str(run)!r})[0]\n"
-            "print(float(model.layers['0'].attention.wq.weight.norm()))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), cwd=ROOT,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert float(out.stdout.strip().splitlines()[-1]) > 0
-
-
 def test_missing_torchao_is_a_config_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao", None)  # `import torchao...` now raises ImportError
     monkeypatch.setitem(sys.modules, "torchao.float8", None)
@@ -182,15 +162,14 @@ def test_missing_torchao_is_a_config_error(monkeypatch):
         check_fp8("tensorwise", "cpu")
 
 
-def test_cli_without_torchao_exits_2_before_writing(tmp_path, data_cache):
+def test_cli_without_torchao_exits_2_before_writing(tmp_path, data_cache, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as if not installed (see the test above)
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)
     run = tmp_path / "run"
-    argv = debug_train_args(run, data_cache, 2, "--train.precision", "fp8")
-    code = "import sys; sys.modules['torchao'] = None\nfrom scaletrain.cli import main\nmain()"
-    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=cli_env(),
-                          cwd=ROOT, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "needs torchao" in proc.stderr and "pip install" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    code, err = main_exit(capsys, *debug_train_args(run, data_cache, 2, "--train.precision", "fp8"))
+    assert code == 2, err[-3000:]
+    assert "needs torchao" in err and "pip install" in err
+    assert "Traceback" not in err
     assert not run.exists()
 
 

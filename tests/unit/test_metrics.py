@@ -1,4 +1,4 @@
-"""Throughput/MFU arithmetic, memory, JSONL + TensorBoard writing, reading, plot, log line."""
+"""MFU arithmetic, memory, JSONL + TensorBoard writing, reading, plot, log line."""
 
 import json
 import math
@@ -10,7 +10,7 @@ import torch
 from scaletrain.config.schema import MetricsConfig
 from scaletrain.errors import CheckpointError
 from scaletrain.train.metrics import (
-    MetricsWriter, Throughput, format_log_line, mfu, peak_memory_bytes, peak_reserved_bytes,
+    MetricsWriter, format_log_line, mfu, peak_memory_bytes, peak_reserved_bytes,
     plot_loss, read_metrics, reset_peak_memory,
 )
 
@@ -21,41 +21,6 @@ def test_mfu_by_hand():
     assert mfu(500_000, 6e9, 989.4e12, n_devices=8) == pytest.approx(3.0e15 / 7.9152e15)
     assert mfu(1000, 1e9, 1e13) == pytest.approx(0.1)
     assert mfu(1000, 1e9, None) is None
-
-
-class FakeClock:
-    def __init__(self):
-        self.t = 100.0
-
-    def __call__(self):
-        return self.t
-
-
-def test_throughput_rates_and_summary():
-    clock = FakeClock()
-    tp = Throughput(flops_per_token=6e6, peak_flops=1e12, n_devices=2, clock=clock)
-    tp.begin()
-    clock.t += 4.0  # slow first step (warm-up)
-    first = tp.end(tokens=4096)
-    assert first["step_time_s"] == pytest.approx(4.0)
-    assert first["tokens_per_s"] == pytest.approx(1024.0)
-    tp.begin()
-    clock.t += 0.5
-    second = tp.end(tokens=4096)
-    assert second["tokens_per_s"] == pytest.approx(8192.0)
-    assert second["tflops"] == pytest.approx(8192 * 6e6 / 1e12)
-    assert second["mfu"] == pytest.approx(8192 * 6e6 / 2e12)
-    tp.record(tokens=4096, seconds=1.5)
-    summary = tp.summary()  # skips the warm-up step: 8192 tokens in 2.0 s
-    assert summary["tokens_per_s"] == pytest.approx(4096.0)
-    assert tp.summary(skip_first=False)["tokens_per_s"] == pytest.approx(12288 / 6.0)
-    with pytest.raises(RuntimeError):
-        tp.end(tokens=1)
-
-
-def test_throughput_unknown_peak_gives_none():
-    tp = Throughput(flops_per_token=1e6, peak_flops=None)
-    assert tp.record(tokens=100, seconds=1.0)["mfu"] is None
 
 
 def test_cpu_peak_memory_is_rss():

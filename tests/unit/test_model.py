@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from scaletrain.config.validate import validate_model_config
 from scaletrain.errors import ConfigError
-from scaletrain.model import Transformer, build_model, flavor_names, model_config_for, validate_model_config
+from scaletrain.model import Transformer, build_model, flavor_names, model_config_for
 from scaletrain.model.flops import param_counts
 from scaletrain.model.transformer import apply_rope, rope_cos_sin
 
@@ -184,9 +185,9 @@ def test_unknown_flavor_suggests_the_closest_name():
         ({"n_heads": 4, "n_kv_heads": 3}, "not divisible by model.n_kv_heads"),
         ({"dim": 66, "n_heads": 4}, "not divisible by model.n_heads"),
         ({"dim": 60, "n_heads": 4, "n_kv_heads": 4}, "head_dim .* is odd"),
-        ({"ffn": "gelu"}, "model.ffn='gelu' is unknown"),
+        ({"ffn": "gelu"}, "model.ffn = 'gelu' is not one of 'swiglu', 'squared_relu'"),
         ({"activation_sparsity": "2:4"}, "needs model.ffn='squared_relu'"),
-        ({"activation_sparsity": "1:2"}, "activation_sparsity='1:2' is unknown"),
+        ({"activation_sparsity": "1:2"}, "model.activation_sparsity = '1:2' is not one of 'none', '2:4'"),
         ({"n_layers": 0}, "n_layers must be a positive integer"),
         ({"norm_eps": 0.0}, "norm_eps must be > 0"),
     ],
@@ -210,7 +211,7 @@ def test_sequence_longer_than_rope_table_is_rejected():
 def test_materialize_stage_equals_full_model():
     """A meta-built part holding only some layers (a pipeline stage) initialises to exactly the
     full model's values for what it holds: the RNG stream skips what it lacks."""
-    from scaletrain.model.transformer import materialize
+    from scaletrain.parallel.init import materialize
 
     cfg = model_config_for("debug", n_layers=4)
     full = build_model(cfg, seed=3).state_dict()

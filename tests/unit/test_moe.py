@@ -196,11 +196,14 @@ def _stats_model(balance: str):
 
 def test_statistics_and_bias_update_closed_form():
     cfg, model, (first, second) = _stats_model("bias")
-    stats = ExpertStats.for_model([model], cfg, grad_accum=2)
+    stats = ExpertStats.for_model([model], cfg, loss_scale=2, passes=2)
     assert first.aux_grad_scale == 0.5
     # [counts of the 8 experts, dropped, aux sum, passes]
-    first._stats = torch.tensor([3.0, 1, 0, 4, 2, 2, 2, 2, 3, 2.0, 2])
-    second._stats = torch.tensor([2.0] * 8 + [0, 3.0, 2])
+    # One record per forward pass; a pass before the step's 2 (a pipeline's shape inference) is dropped.
+    extra = torch.tensor([9.0] * 8 + [9, 9, 1])
+    first._stats = [extra, torch.tensor([2.0, 1, 0, 2, 1, 1, 1, 0, 1, 1.0, 1]),
+                    torch.tensor([1.0, 0, 0, 2, 1, 1, 1, 2, 2, 1.0, 1])]  # sum [3, 1, 0, 4, 2, 2, 2, 2, 3, 2, 2]
+    second._stats = [extra, torch.tensor([1.0] * 8 + [0, 1.5, 1]), torch.tensor([1.0] * 8 + [0, 1.5, 1])]
     aux, imbalance, dropped = stats.reduce(torch.device("cpu")).tolist()
     assert aux == pytest.approx(5.0 / 4)  # (2 + 3) over 2 + 2 forward passes
     assert imbalance == pytest.approx((4 + 2) / (2 + 2))  # busiest expert 4 and 2, mean 2 and 2
@@ -213,9 +216,9 @@ def test_statistics_and_bias_update_closed_form():
 
 def test_no_bias_update_without_bias_balancing():
     cfg, model, (first, _) = _stats_model("aux_loss")
-    stats = ExpertStats.for_model([model], cfg, grad_accum=1)
-    first._stats = torch.tensor([3.0, 1, 0, 4, 2, 2, 2, 2, 0, 1.0, 1])
+    stats = ExpertStats.for_model([model], cfg, loss_scale=1, passes=1)
+    first._stats = [torch.tensor([3.0, 1, 0, 4, 2, 2, 2, 2, 0, 1.0, 1])]
     stats.reduce(torch.device("cpu"))
     stats.update_bias()
     assert torch.equal(first.router.expert_bias, torch.zeros(8))
-    assert ExpertStats.for_model([model], model_config_for("debug"), 1) is None
+    assert ExpertStats.for_model([model], model_config_for("debug"), 1, 1) is None

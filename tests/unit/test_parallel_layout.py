@@ -5,7 +5,7 @@ import pytest
 
 from scaletrain.config.schema import ParallelConfig
 from scaletrain.errors import LayoutError
-from scaletrain.model.flavors import model_config_for
+from scaletrain.config.flavors import model_config_for
 from scaletrain.parallel.dims import ParallelDims
 from scaletrain.parallel.layout import check_layout, microbatch_count, virtual_stages
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import debug_train_args, main_exit, run_cli
+from conftest import debug_train_args, main_exit, run_main
 
 # A small synthetic CPU profile (the fields `plan calibrate` writes), so the test needs no
 # microbenchmarks: 50 GFLOP/s fp32, 10 GB/s memory, 5 us per op, 0.3 GiB framework RSS.
@@ -18,8 +18,8 @@ PROFILE = {"name": "synthetic-cpu", "peak_flops": {"fp32": 5e10, "bf16": 5e10}, 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, data_cache):
     run = tmp_path_factory.mktemp("check") / "run"
-    run_cli(*debug_train_args(run, data_cache, 8, "--train.eval_interval", "0", "--checkpoint.interval", "0",
-                              "--metrics.tensorboard", "false", "--metrics.plot", "false"), timeout=300)
+    run_main(*debug_train_args(run, data_cache, 8, "--train.eval_interval", "0", "--checkpoint.interval", "0",
+                               "--metrics.tensorboard", "false", "--metrics.plot", "false"))
     return run
 
 
@@ -32,7 +32,7 @@ def profile(tmp_path):
 
 def test_check_prints_measured_and_predicted_with_finite_errors(run_dir, profile, tmp_path):
     out = tmp_path / "check.json"
-    r = run_cli("plan", "check", "--run", str(run_dir), "--profile", str(profile), "--json", str(out))
+    r = run_main("plan", "check", "--run", str(run_dir), "--profile", str(profile), "--json", str(out))
     assert "measured" in r.stdout and "predicted" in r.stdout and "step time (median)" in r.stdout
     assert "peak RSS (rank 0)" in r.stdout and "framework baseline" in r.stdout
     assert "peak live tensors" not in r.stdout  # only with --measure-tensors
@@ -47,14 +47,13 @@ def test_check_prints_measured_and_predicted_with_finite_errors(run_dir, profile
 
 
 def test_cpu_run_without_profile_exits_2(run_dir):
-    r = run_cli("plan", "check", "--run", str(run_dir), check=False)
+    r = run_main("plan", "check", "--run", str(run_dir), check=False)
     assert r.returncode == 2 and "profile is required" in r.stderr and "plan calibrate" in r.stderr
     assert "Traceback" not in r.stderr
 
 
 def test_bad_run_folders_exit_2(run_dir, profile, tmp_path, capsys):
-    # one through the installed entry point (a fresh process, no traceback), the rest in-process
-    r = run_cli("plan", "check", "--run", str(tmp_path / "missing"), "--profile", str(profile), check=False)
+    r = run_main("plan", "check", "--run", str(tmp_path / "missing"), "--profile", str(profile), check=False)
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
     no_metrics = tmp_path / "no_metrics"
     no_metrics.mkdir()
@@ -82,8 +81,8 @@ def test_steady_steps_skip_warmup_and_steps_after_eval_or_checkpoint():
 def test_measure_tensors_rebuilds_the_run_and_compares_live_tensor_bytes(run_dir, profile, tmp_path):
     out = tmp_path / "check.json"
     before = sorted(p.name for p in run_dir.rglob("*"))
-    r = run_cli("plan", "check", "--run", str(run_dir), "--profile", str(profile), "--measure-tensors",
-                "--measure-steps", "2", "--json", str(out))
+    r = run_main("plan", "check", "--run", str(run_dir), "--profile", str(profile), "--measure-tensors",
+                 "--measure-steps", "2", "--json", str(out))
     assert "peak live tensors" in r.stdout and "peak RSS (rank 0)" in r.stdout
     assert "without its fragmentation allowance" in r.stdout and "rank 0:" in r.stdout
     res = json.loads(out.read_text())
@@ -91,7 +90,7 @@ def test_measure_tensors_rebuilds_the_run_and_compares_live_tensor_bytes(run_dir
     assert rank["rank"] == 0 and len(rank["step_peaks"]) == 2
     assert res["measured_tensor_bytes"] == rank["peak_bytes"] == sum(rank["at_peak"].values())
     # the state the step starts from: fp32 parameters + the RoPE tables, both Adam moments (+ step counters)
-    from scaletrain.model.flavors import model_config_for
+    from scaletrain.config.flavors import model_config_for
     from scaletrain.model.flops import param_counts
 
     m = model_config_for("debug")
@@ -111,7 +110,7 @@ def test_measure_tensors_needs_the_runs_world_size(run_dir, profile, tmp_path):
     info = json.loads((two / "run_info.json").read_text())
     info["world_size"] = 2
     (two / "run_info.json").write_text(json.dumps(info))
-    r = run_cli("plan", "check", "--run", str(two), "--profile", str(profile), "--measure-tensors", check=False)
+    r = run_main("plan", "check", "--run", str(two), "--profile", str(profile), "--measure-tensors", check=False)
     assert r.returncode == 2 and "torchrun --standalone --nproc-per-node 2" in r.stderr
     assert "Traceback" not in r.stderr
 
@@ -121,5 +120,5 @@ def test_measure_tensors_is_for_cpu_runs(run_dir, tmp_path):
     shutil.copytree(run_dir, cuda)
     cfg = (cuda / "config.toml").read_text()
     (cuda / "config.toml").write_text(cfg.replace('device = "auto"', 'device = "cuda"'))
-    r = run_cli("plan", "check", "--run", str(cuda), "--profile", "h100_sxm", "--measure-tensors", check=False)
+    r = run_main("plan", "check", "--run", str(cuda), "--profile", "h100_sxm", "--measure-tensors", check=False)
     assert r.returncode == 2 and "max_memory_allocated" in r.stderr and "Traceback" not in r.stderr

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import main_exit, run_cli
+from conftest import main_exit
 from scaletrain.config.load import load_config
 
 
@@ -72,12 +72,6 @@ def test_each_sub_command_help_shows_only_its_own_options(action, own, foreign, 
 def test_bare_plan_exits_2_naming_the_required_options(capsys):
     code, err = main_exit(capsys, "plan")
     assert code == 2 and "--model" in err and "--gpus" in err and len(err.strip().splitlines()) == 1
-
-
-def test_bad_gpu_exits_2_with_one_line_in_a_fresh_process():
-    r = run_cli("plan", "--model", "debug", "--gpus", "8", "--gpu", "h100_sxn", check=False, timeout=120)
-    assert r.returncode == 2 and "unknown GPU 'h100_sxn'" in r.stderr and "h100_sxm" in r.stderr
-    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("args, needle", [

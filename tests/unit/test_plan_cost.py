@@ -2,7 +2,7 @@
 
 import pytest
 
-from scaletrain.model.flavors import model_config_for
+from scaletrain.config.flavors import model_config_for
 from scaletrain.model.flops import flops_per_token, param_counts
 from scaletrain.plan.cost import PARAMS, Layout, Stack, Workload, axis_link, collective_time, estimate, estimate_memory, gemm_time
 from scaletrain.plan.hardware import GB, get_hardware

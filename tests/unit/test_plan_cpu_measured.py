@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from scaletrain.model.flavors import model_config_for
+from scaletrain.config.flavors import model_config_for
 from scaletrain.plan.cost import Layout, Stack, Workload, estimate
 from scaletrain.plan.cpu_measured import _fit, block_seconds, head_seconds, measured_block_key
 from scaletrain.plan.hardware import get_hardware

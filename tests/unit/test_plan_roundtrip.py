@@ -6,8 +6,8 @@ memory."""
 import pytest
 
 from scaletrain.config.load import config_from_dict, config_to_dict, load_config
-from scaletrain.model.flavors import model_config_for
-from scaletrain.parallel.dims import resolve_dims
+from scaletrain.config.flavors import model_config_for
+from scaletrain.parallel.layout import resolve_dims
 from scaletrain.parallel.layout import check_layout
 from scaletrain.plan.cost import Workload, estimate
 from scaletrain.plan.hardware import get_hardware
@@ -21,6 +21,7 @@ GRID = [  # (flavor, GPUs, seq_len, sequences per step, precision, fp8 recipe, c
     ("llama3_8b", 8, 4096, 32, "bf16", "tensorwise", True),
     ("llama3_8b", 8, 8192, 16, "fp8", "tensorwise", False),
     ("llama3_70b", 16, 8192, 32, "bf16", "tensorwise", False),
+    ("moe_debug", 8, 256, 64, "bf16", "tensorwise", False),  # expert parallelism: ep 1, 2, 4, 8
 ]
 
 
@@ -41,6 +42,8 @@ def test_every_emitted_layout_round_trips(flavor, gpus, seq, batch, precision, r
         w2, lay2 = workload_for_config(cfg, gpus, "cuda")
         assert (lay2, w2.global_batch, w2.precision) == (lay, w.global_batch, w.precision), lay.short()
         assert memory_for_config(cfg, gpus, "cuda").total == pytest.approx(e.memory.total, rel=1e-12), lay.short()
+    if model.moe_experts:
+        assert {lay.ep for lay in layouts} == {1, 2, 4, 8}
 
 
 def test_written_file_loads_and_matches(tmp_path):
@@ -55,3 +58,17 @@ def test_written_file_loads_and_matches(tmp_path):
     cfg = load_config(path)
     assert cfg.parallel.pp_virtual_stages == lay.virtual_stages > 2
     assert memory_for_config(cfg, 16, "cuda").total == pytest.approx(e.memory.total, rel=1e-12)
+
+
+def test_written_moe_plan_keeps_its_expert_parallelism(tmp_path):
+    model = model_config_for("moe_debug")
+    w = Workload(model, 256, 64, "bf16")
+    hw = get_hardware("h100_sxm")
+    lay = next(x for x in enumerate_layouts(w, 8, hw) if x.ep == 4 and x.dp_shard == 8)
+    e = estimate(w, lay, hw, scaletrain_stack(False, "bf16", "tensorwise"))
+    path = tmp_path / "moe.toml"
+    write_winner(model, w, e, path, hw, 8)
+    assert "ep = 4" in path.read_text() and "ep4" in path.read_text()  # the [parallel] key and the header's layout
+    cfg = load_config(path)
+    assert cfg.parallel.ep == 4 and resolve_dims(cfg.parallel, 8).ep == 4
+    assert memory_for_config(cfg, 8, "cuda").total == pytest.approx(e.memory.total, rel=1e-12)

@@ -4,7 +4,7 @@ trainer's checker accepts, and the order is deterministic."""
 import pytest
 
 from scaletrain.errors import ConfigError
-from scaletrain.model.flavors import model_config_for
+from scaletrain.config.flavors import model_config_for
 from scaletrain.parallel.layout import check_layout
 from scaletrain.plan.cost import Workload
 from scaletrain.plan.hardware import get_hardware

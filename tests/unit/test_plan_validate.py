@@ -21,11 +21,11 @@ def test_the_development_set_ships_with_the_package(rows):
     assert "scaletrain" in path.parts and len(rows) >= 280 and "row_id" in rows[0]
 
 
-def test_moe_and_mla_rows_are_skipped_with_a_reason_never_priced_as_dense(rows):
-    moe = [r for r in rows if r["arch_type"] != "dense"]
+def test_moe_rows_are_priced_as_moe_and_mla_rows_skipped_with_a_reason(rows):
+    moe = [r for r in rows if r["arch_type"] == "moe"]
     assert moe
     for r in moe:
-        assert case_for_row(r) == "MoE model: MoE pricing is not in the cost model yet"
+        assert case_for_row(r).workload.model.moe_experts == int(r["moe_experts"])
     mla = dict(rows[0], attention="mla", arch_type="dense")
     assert "MLA" in case_for_row(mla)
 
@@ -36,7 +36,11 @@ def test_every_skip_names_its_reason_and_priced_rows_cover_today_s_gpus(rows):
     gpus = {case_for_row(r).hw.name for r in rows if not isinstance(case_for_row(r), str)}
     assert {"gb200_nvl72", "gb300_nvl72", "b200", "h100_sxm", "a100_80gb"} <= gpus
     s = summary(results)
-    assert s["predicted"] >= 180 and s["median_abs_rel_error"] < 0.07 and s["p90_abs_rel_error"] < 0.2
+    assert s["predicted"] >= 250 and s["skipped"] <= 37
+    dense = summary([r for r in results if not r.moe])
+    assert dense["predicted"] >= 180 and dense["median_abs_rel_error"] < 0.07 and dense["p90_abs_rel_error"] < 0.2
+    moe = summary([r for r in results if r.moe])
+    assert moe["predicted"] >= 60 and moe["median_abs_rel_error"] < 0.2
 
 
 def test_recompute_text_maps_to_the_ac_policy(rows):

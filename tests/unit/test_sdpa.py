@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from scaletrain.errors import ConfigError
 from scaletrain.model.sdpa import check_sdpa_backend, sdpa_context
-from tests.conftest import debug_train_args, run_cli
+from conftest import debug_train_args, run_main
 
 
 @pytest.mark.parametrize("name", ["flash", "math"])
@@ -34,8 +34,8 @@ def test_cuda_only_backends_are_refused_on_cpu():
 
 
 def test_cli_math_backend_trains_and_cudnn_on_cpu_is_exit_2(tmp_path, data_cache):
-    run_cli(*debug_train_args(tmp_path / "math", data_cache, 3, "--train.sdpa_backend", "math"))
-    proc = run_cli(*debug_train_args(tmp_path / "cudnn", data_cache, 3, "--train.sdpa_backend", "cudnn",
-                                     "--train.device", "cpu"), check=False)
+    run_main(*debug_train_args(tmp_path / "math", data_cache, 3, "--train.sdpa_backend", "math"))
+    proc = run_main(*debug_train_args(tmp_path / "cudnn", data_cache, 3, "--train.sdpa_backend", "cudnn",
+                                      "--train.device", "cpu"), check=False)
     assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr
     assert not (tmp_path / "cudnn").exists()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_main
 from scaletrain.errors import CheckpointError
 from scaletrain.export import export_hf, import_hf
 from scaletrain.export.runio import import_run
@@ -28,6 +28,23 @@ def test_every_torch_load_in_the_package_is_weights_only():
                 calls.append((f"{path.relative_to(ROOT)}:{node.lineno}", kw.get("weights_only")))
     assert calls, "the scan found no torch.load call at all (hf.py's --allow-pickle path has one)"
     assert [c for c in calls if c[1] != "True"] == []
+
+
+def test_every_checkpoint_read_goes_through_the_safe_reader():
+    """DCP's own reader unpickles `.metadata` freely and its planner reads stored values with
+    weights_only=False: the package reads checkpoints only with SafeReader + SafePlanner."""
+    loads, readers = [], []
+    for path in sorted((ROOT / "scaletrain").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            name, where = ast.unparse(node.func), f"{path.relative_to(ROOT)}:{node.lineno}"
+            if (name.split(".")[-1] in ("load", "load_state_dict") and "dcp" in name) or "checkpoint.load" in name:
+                loads.append((where, sorted(k.arg for k in node.keywords if k.arg in ("storage_reader", "planner"))))
+            if name.split(".")[-1] in ("FileSystemReader", "_load_state_dict_from_keys"):
+                readers.append(where)
+    assert loads, "the scan found no dcp.load at all (Checkpointer.load has one)"
+    assert [w for w, kw in loads if kw != ["planner", "storage_reader"]] == [] and readers == []
 
 
 def _pickled_hf_folder(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -69,7 +86,7 @@ class _Evil:
 
 def test_cli_import_rejects_pickles_and_allow_pickle_imports(tmp_path):
     src, sd = _pickled_hf_folder(tmp_path)
-    proc = run_cli("import", "--from", "hf", "--src", str(src), "--run-dir", str(tmp_path / "run"), check=False)
+    proc = run_main("import", "--from", "hf", "--src", str(src), "--run-dir", str(tmp_path / "run"), check=False)
     assert proc.returncode == 2, proc.stderr
     assert "only safetensors weights are accepted" in proc.stderr and "--allow-pickle" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from scaletrain.bench import ffn as bench_ffn
+from scaletrain.config.validate import validate_model_config
 from scaletrain.errors import ConfigError
-from scaletrain.model import build_model, model_config_for, validate_model_config
+from scaletrain.model import build_model, model_config_for
 from scaletrain.model.sparsity import mask_2to4, sparse_squared_relu_ffn
 
 
@@ -151,6 +152,19 @@ def test_ffn_bench_runs_on_cpu_and_reports_sane_numbers(tmp_path, capsys):
         assert r["dense_equiv_tflops"][case] > 0
     assert set(r["speedup"]) == {"fwd", "fwd_bwd"} and all(v > 0 for v in r["speedup"].values())
     assert 0 < r["activation_density"] < 1
+
+
+def test_bench_ffn_is_a_sub_command_of_bench(tmp_path, capsys):
+    from conftest import main_exit, main_run
+
+    small = ("--device", "cpu", "--tokens", "64", "--dim", "32", "--hidden", "64", "--warmup", "1")
+    code, out, err = main_run(capsys, "bench", "ffn", *small, "--iters", "20", "--json", str(tmp_path / "f.json"))
+    assert code == 0 and "speedup" in out, err
+    assert json.loads((tmp_path / "f.json").read_text())["backend"] == "reference"
+    code, err = main_exit(capsys, "bench", "ffn", *small, "--iters", "5")
+    assert code == 2 and "--iters must be >= 20" in err
+    code, err = main_exit(capsys, "bench", "ffn", *small, "--train.steps", "3")
+    assert code == 2 and "bench ffn takes no config overrides" in err
 
 
 @pytest.mark.parametrize("argv, message", [

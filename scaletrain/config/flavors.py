@@ -2,15 +2,20 @@
 
 A flavor is the set of defaults for the `[model]` table; any key set next to `flavor` in a
 config overrides it. Add shapes with :func:`register_flavor`, never by copying a config.
+
+The registry lives in config/, not next to the model: a flavor is pure config data (ModelConfig
+values, no model code), and the loader applies it (defaults < flavor < TOML < command line), so
+keeping it here lets config/ import nothing above it without an import-order side effect (a
+registry filled from model/ would be empty for a caller that had not imported model/ first).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any
 
 from scaletrain.config.schema import ModelConfig
+from scaletrain.config.validate import did_you_mean
 from scaletrain.errors import ConfigError
 
 FLAVORS: dict[str, dict[str, Any]] = {}
@@ -31,20 +36,15 @@ def flavor_names() -> list[str]:
     return list(FLAVORS)
 
 
-def _did_you_mean(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
-    return f" Did you mean '{close[0]}'?" if close else ""
-
-
 def model_config_for(name: str, **overrides: Any) -> ModelConfig:
     """The ModelConfig of flavor `name`, with `overrides` (ModelConfig field values) applied.
 
     Raises ConfigError for an unknown flavor (with a "did you mean" suggestion) or an unknown
-    override key. Shapes are not validated here; see `transformer.validate_model_config`.
+    override key. Shapes are not validated here; see `validate.validate_model_config`.
     """
     if name not in FLAVORS:
         raise ConfigError(
-            f"unknown model flavor '{name}'.{_did_you_mean(name, flavor_names())} "
+            f"unknown model flavor '{name}'.{did_you_mean(name, flavor_names())} "
             f"Known flavors: {', '.join(flavor_names())}."
         )
     overrides.pop("flavor", None)
@@ -52,7 +52,7 @@ def model_config_for(name: str, **overrides: Any) -> ModelConfig:
     if unknown:
         bad = unknown[0]
         raise ConfigError(
-            f"unknown model field '{bad}'.{_did_you_mean(bad, sorted(_FIELDS))} "
+            f"unknown model field '{bad}'.{did_you_mean(bad, sorted(_FIELDS))} "
             f"Model fields: {', '.join(sorted(_FIELDS))}."
         )
     values = {**FLAVORS[name], **overrides}
@@ -126,4 +126,19 @@ register_flavor(
     dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=32000,
     max_seq_len=32768, rope_theta=1000000.0, norm_eps=1e-5,
     moe_experts=8, moe_top_k=2, moe_ffn_dim=14336,
+)  # fmt: skip
+# openai/gpt-oss-120b, from transformers' GptOssConfig (whose defaults document that checkpoint;
+# transformers 5.24): hidden_size 2880, num_hidden_layers 36, num_attention_heads 64,
+# num_key_value_heads 8, head_dim 64, intermediate_size 2880 (each expert), num_local_experts 128,
+# num_experts_per_tok 4, vocab_size 201088, rms_norm_eps 1e-5, rope_theta 150000 with YaRN x32
+# (4096 original context), max_position_embeddings 131072, tie_word_embeddings false,
+# router_aux_loss_coef 0.001. NOT modelled here: attention biases and sinks, the 128-token sliding
+# window of every other layer, the experts' biases and clamped SwiGLU, YaRN: the planner prices it
+# as plain GQA (docs/planner.md). 116.79B parameters here (the omitted biases and sinks are 40.1M more),
+# 5.71B active (5.13B without the embedding: the "5.1B active" of the model card).
+register_flavor(
+    "gpt_oss_120b",
+    dim=2880, n_layers=36, n_heads=64, n_kv_heads=8, head_dim=64, ffn_dim=2880, vocab_size=201088,
+    max_seq_len=131072, rope_theta=150000.0, norm_eps=1e-5,
+    moe_experts=128, moe_top_k=4, moe_ffn_dim=2880, moe_aux_coef=0.001,
 )  # fmt: skip
