@@ -6,7 +6,6 @@ report against the runs' own evaluations, and the user errors (exit 2)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import signal
@@ -16,14 +15,11 @@ import sys
 import pytest
 
 from conftest import ROOT, cli_env, main_exit, run_torchrun
-from scaletrain.config.schema import ParallelConfig
 from scaletrain.train.metrics import read_metrics
 
 SEQ, BATCH, SEED_STEPS, BRANCH_STEPS, FINETUNE_STEPS = 32, 2, 2, 5, 3
 TOKENS_PER_STEP = SEQ * BATCH  # one rank, grad_accum 1
 MATCHED_STEPS = 2 * BRANCH_STEPS + FINETUNE_STEPS  # the dense and upcycling baselines
-# The finetune under expert parallelism too, where this scaletrain has it (parallel.ep).
-EXPERT_PARALLEL = ["--parallel.ep", "2"] if "ep" in {f.name for f in dataclasses.fields(ParallelConfig)} else []
 
 
 def tiny_config(tmp_path, data_cache, domains=("code", "prose")) -> str:
@@ -324,8 +320,7 @@ def test_mix_finetune_and_report_under_torchrun(recipe, tmp_path):
     """The stages after the branches on 2 gloo ranks: the mix is built collectively (every rank
     computes the same weights, DCP writes each tensor once) and equals the single-process mix
     bit for bit; the finetune resumes the mixed checkpoint under FSDP (dp_shard 2, the same
-    global batch; with expert parallelism 2, one expert per rank, where ParallelConfig has
-    `ep`) with the single-process losses to fp32 reduction order (rel 1e-5); the report is
+    global batch, expert parallelism 2: one expert per rank) with the single-process losses to fp32 reduction order (rel 1e-5); the report is
     written once."""
     from scaletrain.config.load import config_from_dict, read_toml
     from scaletrain.recipes.mix import load_weights
@@ -333,7 +328,7 @@ def test_mix_finetune_and_report_under_torchrun(recipe, tmp_path):
     src, out = recipe[0] / "dir", tmp_path / "dir"
     copy_stages(src, out, "seed", "branches")
     proc = run_torchrun(2, "btx", "--run-dir", str(out), "--btx.baselines", "false", "--data.batch_size",
-                        str(BATCH // 2), "--parallel.dp_shard", "2", *EXPERT_PARALLEL)
+                        str(BATCH // 2), "--parallel.dp_shard", "2", "--parallel.ep", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     moe = config_from_dict(read_toml(src / "mix" / "config.toml")).model
     mine, ref = (load_weights(d / "mix" / "checkpoints" / "step-00000000", moe) for d in (out, src))
