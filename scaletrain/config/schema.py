@@ -32,6 +32,7 @@ CheckpointVerify = Literal["checksum", "size"]  # sizes + sha256 of every file |
 ProgressMode = Literal["auto", "rich", "plain", "none"]  # "auto": a live bar on a TTY
 PpSchedule = Literal["gpipe", "1f1b", "interleaved_1f1b"]
 AcMode = Literal["none", "selective", "full"]  # activation checkpointing, by growing recompute
+RouterInit = Literal["normal", "zero"]  # a new MoE router: N(0, model.init_std) | zeros (uniform routing)
 
 
 @dataclass
@@ -200,6 +201,9 @@ class BtxConfig:
     seed_steps: int = 100  # stage seed: dense optimizer steps on the mixture of data.domains
     branch_steps: int = 100  # stage branch: dense optimizer steps of each branch on its own domain
     finetune_steps: int = 100  # stage finetune: MoE optimizer steps on the mixture after the mix
+    seed_expert: bool = False  # stage mix: the seed's FFN joins the branches' as one more expert (the paper's generalist)
+    router_init: RouterInit = "normal"  # stage mix: how the router of the mixed MoE starts
+    baselines: bool = True  # also run the compute-matched baselines dense, btm and upcycle (docs/btx.md)
 
 
 @dataclass

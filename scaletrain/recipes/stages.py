@@ -77,11 +77,18 @@ def final_checkpoint(run_dir: Path, step: int, what: str) -> Path | None:
 
 
 def checkpoint_identity(ckpt: Path) -> dict[str, Any]:
-    """What identifies a checkpoint for a later stage that starts from it: its absolute path,
-    step and commit time (a stage trained again commits a new time under the same path)."""
+    """What identifies a checkpoint for a later stage that starts from it: its step and commit
+    time (a stage trained again commits a new time under the same path), with its absolute
+    path and tokens for the reader."""
     marker = read_marker(ckpt)
     return {"path": str(Path(ckpt).resolve()), "step": int(marker["step"]), "time": marker.get("time"),
             "tokens_seen": marker.get("tokens_seen")}
+
+
+def same_checkpoint(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two `checkpoint_identity` records name the same commit: step and commit time
+    (not the path, so a recipe folder moved or copied elsewhere keeps its stages)."""
+    return (a["step"], a["time"]) == (b["step"], b["time"])
 
 
 def _metrics_mtime(run_dir: Path, default: float) -> float:
