@@ -187,8 +187,8 @@ def format_report(r: dict[str, Any], cfg: Config) -> str:
         lines.append("Not checked: BTX or the baselines are missing.")
     for base in ("dense", "btm"):
         if c[f"btx_beats_{base}"] is not None:
-            lines.append(f"- BTX mean {_f(models['btx']['mean'])} {'<' if c[f'btx_beats_{base}'] else '>='} {base} "
-                         f"mean {_f(models[base]['mean'])}: **{'yes' if c[f'btx_beats_{base}'] else 'no'}**")
+            lines.append(f"- BTX's mean below {base}'s ({_f(models['btx']['mean'])} vs {_f(models[base]['mean'])}): "
+                         f"**{'yes' if c[f'btx_beats_{base}'] else 'no'}**")
     for d, g in c["btx_near_branch"].items():
         lines.append(f"- {d}: BTX {_f(models['btx']['losses'][d])} vs branch/{d} {_f(models[f'branch/{d}']['losses'][d])}"
                      f" ({g['gap']:+.2%}; within {CLAIM_GAP:.0%}: **{'yes' if g['ok'] else 'no'}**)")
