@@ -295,8 +295,9 @@ def estimate(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), 
         if block_key:  # the measured block already includes its dispatch
             host_exposed = 0.0
         elif moe and not cpu:  # the dispatch's host sync (again in a fully recomputed forward): the
-            # layer's bookkeeping runs with the GPU idle
-            host_exposed += p.moe_layer_overhead_s * (2 if layout.ac == "full" else 1)
+            # layer's launches run with the GPU idle (a counted prior x the fitted moe_host_scale)
+            host_exposed += p.moe_host_scale * cost_moe.moe_host_prior_s(host_ops, hw) * (
+                2 if layout.ac == "full" else 1)
         return LayerTime(compute, bwd, 0.0 if block_key else recompute, cast, exposed, hidden, host_exposed)
 
     kinds = [(m.n_layers - moe_layer_count(m), layer_time(False))]

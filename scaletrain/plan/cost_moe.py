@@ -124,6 +124,26 @@ def expert_gemms(m: ModelConfig, tokens: float, ep: int, imbalance: float = 1.0)
     return out
 
 
+# Kernels an MoE FFN launches beyond a dense SwiGLU FFN per micro-batch, forward + backward:
+# router (gate, softmax, top-k, load-balancing loss), permutation (sort, counts, gather), the
+# expert-parallel exchange (counts all-to-all, split sizes to the host, row order, the dispatch
+# and combine all-to-alls and their gradients), grouped expert GEMMs, combine. Counted, not
+# fitted: aten ops that launch a kernel (views excluded) of model/moe.py's MoE with grouped-GEMM
+# experts under parallel/ep.py's exchange, 107, minus model/transformer.py's FeedForward, 17
+# (tests/unit/test_plan_moe.py recounts them on the CPU, one all-to-all kernel per collective).
+MOE_FFN_EXTRA_LAUNCHES = 90
+
+
+def moe_host_prior_s(layer_ops: float, hw: Hardware) -> float:
+    """Prior of the host seconds one MoE layer exposes per micro-batch (forward + backward): the
+    dispatch's device-to-host sync (the token counts the all-to-all and the grouped GEMM need)
+    drains the GPU queue, so the layer's launches -- `layer_ops` (a dense layer's kernels,
+    Params.ops_per_layer_*) plus MOE_FFN_EXTRA_LAUNCHES -- run with the GPU waiting,
+    `hw.host_overhead_s` each, instead of ahead of it. Params.moe_host_scale (fitted on the MoE
+    rows only) scales it to what a framework really spends per MoE layer."""
+    return (layer_ops + MOE_FFN_EXTRA_LAUNCHES) * hw.host_overhead_s
+
+
 def fp8_elements(m: ModelConfig, tokens: float, ep: int) -> tuple[float, float, float]:
     """(inputs, output gradients, weights) elements of one MoE FFN's fp8 GEMMs per rank and
     micro-batch: the expert inputs of w1/w3 (one cast) and w2 on the T k slots, their output

@@ -24,11 +24,13 @@ class Params:
     elementwise_passes_eager: float = 4.0  # HBM passes over the layer's activations, fwd+bwd
     elementwise_passes_fused: float = 2.5  # with torch.compile / fused kernels
     overlap_interference: float = 0.25  # compute slowdown per second of communication hidden behind it
-    # Host seconds per MoE layer and micro-batch that nothing hides: the dispatch needs the token
-    # counts on the host (a device-to-host sync per MoE layer), so the router, load-balancing and
-    # permutation bookkeeping launched after it cannot run ahead of the GPU (CUDA graphs of the
-    # router and dispatcher remove most of it). Fitted on the MoE rows only (docs/planner.md).
-    moe_layer_overhead_s: float = 0.0045
+    # Host time an MoE layer exposes per micro-batch / its launch-count prior
+    # (cost_moe.moe_host_prior_s): the dispatch needs the token counts on the host (a
+    # device-to-host sync per MoE layer), which drains the GPU queue, so the layer's kernels are
+    # launched with the GPU waiting. The prior prices the counted launches at host_overhead_s
+    # each; this factor, fitted on the MoE rows only, is how much more a framework really spends
+    # (1 = the prior alone: what a fit without MoE rows keeps; docs/planner.md).
+    moe_host_scale: float = 6.0
     # -- not fitted --
     mamf_default: float = 0.80  # devices the MAMF table does not list: its median (A100 .87 .. MI300X .51)
     attn_eff: float = 0.45  # flash-attention fraction of peak when the device gives none
@@ -43,7 +45,7 @@ class Params:
 
 
 FITTED = ("mamf_scale", "matmul_half_dim", "attn_eff_scale", "elementwise_passes_eager", "elementwise_passes_fused",
-          "overlap_interference", "moe_layer_overhead_s")
+          "overlap_interference", "moe_host_scale")
 
 # HBM bytes moved per element of every fp8 GEMM operand (activation, weight, output gradient) to
 # quantise it, (separate kernels, fused into the producing kernel by torch.compile or Transformer

@@ -35,13 +35,14 @@ GRID: dict[str, tuple[float, ...]] = {
     "elementwise_passes_eager": tuple(float(x) for x in range(2, 17)),
     "elementwise_passes_fused": tuple(0.5 * x for x in range(2, 21)),  # 1 .. 10
     "overlap_interference": tuple(round(0.05 * i, 2) for i in range(13)),  # 0 .. 0.6
-    "moe_layer_overhead_s": tuple(round(0.5e-3 * i, 5) for i in range(17)),  # 0 .. 8 ms
+    "moe_host_scale": tuple(float(i) for i in range(21)),  # 0 .. 20 x the launch-count prior
 }
 # Where every fit starts: the middle of each grid, so a fit depends on its rows only; except
-# moe_layer_overhead_s, which starts at 0 (the cost model without it): only MoE rows move it, and
-# a fit without any (a held-out group holding them all) keeps the model without it.
+# moe_host_scale, which starts at 1: the MoE layer's host time is then its launch-count prior
+# (cost_moe.moe_host_prior_s, counted, not fitted). Only MoE rows move it, and a fit without any
+# (a held-out group holding them all) prices MoE layers with the prior, not without the term.
 START = Params(mamf_scale=0.85, matmul_half_dim=100.0, attn_eff_scale=0.75, elementwise_passes_eager=8.0,
-               elementwise_passes_fused=4.0, overlap_interference=0.3, moe_layer_overhead_s=0.0)
+               elementwise_passes_fused=4.0, overlap_interference=0.3, moe_host_scale=1.0)
 MAX_SWEEPS = 6
 
 
@@ -56,7 +57,7 @@ def objective(cases: list[Case], p: Params) -> float:
 
 
 # Parameters that only MoE layers use: fitted on the MoE rows alone, after the shared ones.
-MOE_ONLY = ("moe_layer_overhead_s",)
+MOE_ONLY = ("moe_host_scale",)
 
 
 def fit(cases: list[Case], start: Params = START, names: tuple[str, ...] = FITTED) -> Params:

@@ -144,10 +144,70 @@ def test_moe_time_terms_and_placement():
     assert "ep" not in dense.time.exposed
     skewed = estimate(dataclasses.replace(w, expert_imbalance=1.3), ep8.layout, get_hardware("b200"), meg)
     assert skewed.time.total > ep8.time.total
-    # MoE layers pay the fitted per-layer host overhead once per micro-batch (twice under full AC)
-    no_tax = estimate(w, ep8.layout, get_hardware("b200"), meg, dataclasses.replace(PARAMS, moe_layer_overhead_s=0.0))
-    assert ep8.time.overhead - no_tax.time.overhead == pytest.approx(
-        PARAMS.moe_layer_overhead_s * 36 * ep8.microbatches)
+    # MoE layers pay the launch-count prior x the fitted scale once per micro-batch (twice under full AC)
+    b200 = get_hardware("b200")
+    no_tax = estimate(w, ep8.layout, b200, meg, dataclasses.replace(PARAMS, moe_host_scale=0.0))
+    per_layer = PARAMS.moe_host_scale * (PARAMS.ops_per_layer_fused + cost_moe.MOE_FFN_EXTRA_LAUNCHES) * 6e-6
+    assert b200.host_overhead_s == 6e-6
+    assert ep8.time.overhead - no_tax.time.overhead == pytest.approx(per_layer * 36 * ep8.microbatches)
+    full = dataclasses.replace(ep8.layout, ac="full")
+    full_tax = estimate(w, full, b200, meg).time.overhead - estimate(
+        w, full, b200, meg, dataclasses.replace(PARAMS, moe_host_scale=0.0)).time.overhead
+    assert full_tax == pytest.approx(2 * per_layer * 36 * ep8.microbatches)
+
+
+def _launches(module: torch.nn.Module, x: torch.Tensor) -> int:
+    """aten ops of module(x) forward + backward that launch a kernel (views and aliases excluded)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    views = {"t", "view", "_unsafe_view", "select", "slice", "expand", "unsqueeze", "squeeze", "transpose",
+             "detach", "alias", "reshape", "permute", "as_strided", "split", "split_with_sizes"}
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func.overloadpacket.__name__ not in views
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        module(x).float().sum().backward()
+    return Count.n
+
+
+def test_moe_launch_count_of_the_host_prior_is_counted(monkeypatch):
+    """cost_moe.MOE_FFN_EXTRA_LAUNCHES is what model/moe.py's MoE FFN (grouped-GEMM experts) under
+    parallel/ep.py's exchange launches beyond a dense SwiGLU FFN, forward + backward, each
+    all-to-all standing in as one kernel (a copy) in forward and one in backward."""
+    from torch.distributed import _functional_collectives as funcol
+
+    from scaletrain.model.moe import MoE
+    from scaletrain.model.transformer import FeedForward
+    from scaletrain.parallel.ep import TokenExchange
+
+    class AllToAll(torch.autograd.Function):  # one rank: the collective is a copy, both ways
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g.clone()
+
+    monkeypatch.setattr(funcol, "all_to_all_single", lambda t, out, inp, group: t.clone())
+    monkeypatch.setattr(funcol, "all_to_all_single_autograd", lambda t, out, inp, group: AllToAll.apply(t))
+    cfg = model_config_for("moe_debug")
+    torch.manual_seed(0)
+    moe = MoE(cfg, 1)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    moe.experts.backend = "grouped"
+    exchange = TokenExchange(None, 1)
+    moe.experts.register_forward_pre_hook(exchange.dispatch)
+    moe.experts.register_forward_hook(exchange.combine)
+    dense = FeedForward(dataclasses.replace(cfg, moe_experts=0, ffn="swiglu"))
+    x = torch.randn(2, 32, cfg.dim, requires_grad=True)
+    assert _launches(moe, x) - _launches(dense, x.detach().requires_grad_()) == cost_moe.MOE_FFN_EXTRA_LAUNCHES
 
 
 def test_layout_checker_expert_parallel_rules():
