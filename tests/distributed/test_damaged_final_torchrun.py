@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import damaged_copies, debug_train_args, main_run, run_torchrun, train_losses, truncate_one_file
 from scaletrain.train.checkpoint import verify_checkpoint
+
+pytestmark = pytest.mark.slow  # two torchrun jobs: ~15 s on 2 cores
 
 QUIET = ("--metrics.tensorboard", "false", "--metrics.plot", "false", "--train.eval_interval", "0",
          "--metrics.progress", "plain", "--metrics.log_interval", "1")

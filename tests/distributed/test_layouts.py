@@ -26,6 +26,8 @@ from conftest import debug_train_args, run_main, spawn_cases
 from scaletrain.export.runio import load_run_model
 from scaletrain.train.metrics import read_metrics
 
+pytestmark = pytest.mark.slow  # every layout in one process group per world size: ~70 s on 2 cores
+
 STEPS = 10
 GLOBAL_BATCH = 8
 COMMON = ("--model.n_layers", "4", "--metrics.tensorboard", "false", "--metrics.plot", "false",

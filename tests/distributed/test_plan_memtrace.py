@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import DEBUG_CONFIG, run_torchrun
 from scaletrain.config.flavors import model_config_for
 from scaletrain.model.flops import param_counts
+
+pytestmark = pytest.mark.slow  # a 2-rank FSDP run measured: ~11 s on 2 cores
 
 PROFILE = {"name": "synthetic-cpu", "peak_flops": {"fp32": 5e10, "bf16": 5e10}, "matmul_eff_max": 1.0,
            "attn_eff": 0.2, "hbm_bytes": 8e9, "hbm_bw": 1e10, "host_overhead_s": 5e-6, "gpus_per_node": 2,

@@ -10,8 +10,12 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+import pytest
+
 from conftest import run_main, run_torchrun
 from scaletrain.train.metrics import read_metrics
+
+pytestmark = pytest.mark.slow  # a planned layout trained under torchrun: ~14 s on 2 cores
 
 
 def test_written_plan_trains(tmp_path, data_cache):

@@ -17,6 +17,8 @@ import pytest
 from conftest import debug_train_args, run_main, spawn_cases
 from scaletrain.train.metrics import read_metrics
 
+pytestmark = pytest.mark.slow  # train, save and resume under other layouts: ~14 s on 2 cores
+
 STEPS = 6
 COMMON = ("--metrics.tensorboard", "false", "--metrics.plot", "false", "--train.eval_interval", "0",
           "--checkpoint.interval", "3", "--checkpoint.keep", "3", "--data.seq_len", "64")

@@ -8,7 +8,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, cli_env, debug_train_args, run_torchrun
+
+pytestmark = pytest.mark.slow  # torchrun and launch local jobs: ~10 s on 2 cores
 
 
 def test_layout_error_under_torchrun_and_the_wrapper(tmp_path, data_cache):

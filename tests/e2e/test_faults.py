@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from conftest import debug_train_args, run_cli, run_main, run_torchrun
-from scaletrain.train.checkpoint import Checkpointer
 from scaletrain.config.schema import CheckpointConfig
+from scaletrain.train.checkpoint import Checkpointer
 from scaletrain.train.metrics import read_metrics
 
 STEPS = 10
@@ -105,6 +107,7 @@ def test_nan_on_one_rank_is_skipped_by_every_rank(tmp_path, data_cache):
     assert [n for _, _, n in _losses(tmp_path / "dp")] == [0, 0, 1, 1, 1]
 
 
+@pytest.mark.slow  # waits for the hang watchdog: ~10 s on 2 cores
 def test_watchdog_dumps_stacks_and_exits(tmp_path, data_cache):
     run = tmp_path / "hang"
     proc = run_torchrun(2, *debug_train_args(run, data_cache, 6, *ARGS, "--parallel.dp_shard", "2",

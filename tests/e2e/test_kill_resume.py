@@ -10,10 +10,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import ROOT, cli_env, debug_train_args, run_cli
 from scaletrain.train.metrics import read_metrics
+
+pytestmark = pytest.mark.slow  # a SIGKILLed training process and its resume: ~11 s on 2 cores
 
 STEPS = 30
 

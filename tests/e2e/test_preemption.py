@@ -18,6 +18,8 @@ from scaletrain.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from scaletrain.train.checkpoint import Checkpointer, verify_checkpoint
 from scaletrain.train.metrics import read_metrics
 
+pytestmark = pytest.mark.slow  # signals to training processes and torchrun workers: ~23 s on 2 cores
+
 STEPS = 8
 QUIET = ("--metrics.tensorboard", "false", "--metrics.plot", "false", "--train.eval_interval", "4",
          "--checkpoint.interval", "0")

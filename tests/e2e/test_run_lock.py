@@ -9,9 +9,13 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import ROOT, cli_env, debug_train_args, main_exit
 from scaletrain.train.checkpoint import verify_checkpoint
 from scaletrain.train.metrics import read_metrics
+
+pytestmark = pytest.mark.slow  # two training processes on one folder: ~6 s on 2 cores
 
 STEPS = 100
 QUIET = ("--metrics.tensorboard", "false", "--metrics.plot", "false", "--train.eval_interval", "0",

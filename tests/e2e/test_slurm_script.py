@@ -20,6 +20,8 @@ import pytest
 
 from conftest import DEBUG_CONFIG, cli_env, free_port, run_cli
 
+pytestmark = pytest.mark.slow  # the generated Slurm script run with stand-in srun/scontrol: ~35 s on 2 cores
+
 STUBS = {
     "srun": """#!/bin/bash
 echo "srun $*" >> "$FAKE_SLURM_LOG"

@@ -107,6 +107,7 @@ def test_sweep_shows_sizes_that_do_not_fit_and_a_bounded_efficiency(tmp_path, ca
     assert "per-GPU efficiency = tokens/s per GPU / the best" in out
 
 
+@pytest.mark.slow  # times the real block per AC mode: ~15 s on 2 cores
 def test_calibrate_then_plan_with_the_profile(tmp_path, capsys):
     prof = tmp_path / "cpu.json"
     assert _run("calibrate", "--model", "debug", "--out", str(prof)) == 0
