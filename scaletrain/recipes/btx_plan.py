@@ -10,12 +10,10 @@ job on all N GPUs (k x branch_steps steps at the step time on N GPUs). With perf
 the two are equal; the planner predicts how much the smaller jobs gain from less
 communication and better per-GPU efficiency.
 
-MoE stages (the finetune and the upcycling baseline) are priced the same way where the planner
-prices MoE layers (plan/cost_moe.py: routed experts' GEMMs and memory, the router, all-to-all
-under expert parallelism, which the search then also ranks). A planner without it priced an MoE
-flavor's FFN as one dense FFN, which would understate their step time, so they are left
-unpriced there. The mix is a host-side job: its memory is given (recipes/mix.py
-`peak_bytes`), not a GPU time.
+MoE stages (the finetune and the upcycling baseline) are priced the same way, with the
+planner's MoE terms (plan/cost_moe.py: routed experts' GEMMs and memory, the router, all-to-all
+under expert parallelism, which the search also ranks). The mix is a host-side job: its memory
+is given (recipes/mix.py `peak_bytes`), not a GPU time.
 """
 
 from __future__ import annotations
@@ -24,8 +22,10 @@ from dataclasses import dataclass
 
 from scaletrain.config.schema import Config, ModelConfig
 from scaletrain.errors import ConfigError
+from scaletrain.parallel.dims import resolve_precision
 from scaletrain.recipes.btx import matched_steps, n_experts
 from scaletrain.recipes.mix import moe_config, peak_bytes
+
 
 @dataclass
 class PricedStage:
@@ -35,7 +35,7 @@ class PricedStage:
     gpus: int
     jobs: int
     steps: int
-    step_seconds: float | None = None  # predicted; None when not priced
+    step_seconds: float | None = None  # predicted; None when no layout fits (the note says why)
     layout: str = ""
     note: str = ""
 
@@ -78,7 +78,7 @@ def price_btx(cfg: Config, gpus: int, hw, global_batch_tokens: int | None = None
     if tokens % seq:
         raise ConfigError(f"--global-batch-tokens {tokens} is not a multiple of data.seq_len {seq}.")
     batch = tokens // seq
-    precision = "bf16" if cfg.train.precision == "auto" else cfg.train.precision
+    precision = resolve_precision(cfg.train.precision, "cuda")  # priced on GPUs
     moe = moe_config(cfg.model, n_experts(cfg))
     step = {(m.moe_experts, n): best_step(m, seq, batch, n, hw, precision, bool(cfg.train.compile))
             for m, n in ((cfg.model, gpus), (cfg.model, gpus // k), (moe, gpus))}

@@ -29,7 +29,8 @@ from scaletrain.config.schema import Config, ModelConfig
 from scaletrain.model import build_model
 from scaletrain.model.loss import cross_entropy_loss
 from scaletrain.model.moe import MoE
-from scaletrain.parallel.dims import barrier, read_env
+from scaletrain.parallel.dims import barrier, read_env, resolve_precision
+from scaletrain.parallel.layout import resolve_dims
 from scaletrain.recipes.mix import load_weights
 
 
@@ -55,9 +56,9 @@ class Evaluator:
         from scaletrain.data import prepare_data, validation_sets
 
         self.cfg = cfg
-        env, p = read_env(cfg.train.device), cfg.parallel
+        env = read_env(cfg.train.device)
         self.device = env.device
-        self.dp = max(1, env.world_size // (p.tp * p.pp * p.cp))  # the trainer's data-parallel degree
+        self.dp = resolve_dims(cfg.parallel, env.world_size).dp  # the trainer's data-parallel degree
         if rank != 0:
             barrier()
         data = prepare_data(cfg.data, cfg.tokenizer)
@@ -65,9 +66,7 @@ class Evaluator:
             barrier()
         whole = dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size * self.dp)  # every rank's rows
         self.val_sets = validation_sets(data, whole, cfg.train.eval_batches)
-        precision = cfg.train.precision
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        precision = resolve_precision(cfg.train.precision, self.device.type)
         self.bf16 = precision in ("bf16", "fp8")  # fp8 trains float8 linears; evaluation runs them in bf16
 
     @torch.no_grad()
