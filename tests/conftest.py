@@ -91,25 +91,21 @@ def run_main(*args: str, check: bool = True, env: dict[str, str] | None = None) 
     return proc
 
 
-def main_exit(capsys, *args: str) -> tuple[int, str]:
-    """Exit code and stderr of `scaletrain ARGS` run in this process through the CLI's own
-    `main` (error printing and exit codes as in a fresh process, without its ~3 s start-up)."""
-    from scaletrain.cli import main
-
-    with pytest.raises(SystemExit) as e:
-        main(list(args))
-    return e.value.code, capsys.readouterr().err
-
-
 def main_run(capsys, *args: str) -> tuple[int, str, str]:
-    """Exit code, stdout and stderr of `scaletrain ARGS` run in this process through `main`
-    (like `main_exit`, for commands whose normal output is checked too)."""
+    """Exit code, stdout and stderr of `scaletrain ARGS` run in this process through the CLI's
+    own `main` (error printing and exit codes as in a fresh process, without its ~3 s start-up)."""
     from scaletrain.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(list(args))
     out = capsys.readouterr()
     return e.value.code, out.out, out.err
+
+
+def main_exit(capsys, *args: str) -> tuple[int, str]:
+    """Exit code and stderr of `main_run` (for error paths)."""
+    code, _, err = main_run(capsys, *args)
+    return code, err
 
 
 def debug_train_args(run_dir: Path, data_cache: Path, steps: int = 30, *extra: str) -> list[str]:

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, cli_env, main_exit, run_torchrun
+from conftest import ROOT, cli_env, main_exit, main_run, run_torchrun
 from scaletrain.train.metrics import read_metrics
 
 SEQ, BATCH, SEED_STEPS, BRANCH_STEPS, FINETUNE_STEPS = 32, 2, 2, 5, 3
@@ -59,12 +59,8 @@ finetune_steps = {FINETUNE_STEPS}
 
 def run(capsys, *args: str) -> tuple[int, str]:
     """Exit code and output (stdout + stderr) of `scaletrain ARGS` run in this process."""
-    from scaletrain.cli import main
-
-    with pytest.raises(SystemExit) as e:
-        main(list(args))
-    out = capsys.readouterr()
-    return e.value.code, out.out + out.err
+    code, out, err = main_run(capsys, *args)
+    return code, out + err
 
 
 @pytest.fixture(scope="module")
