@@ -85,7 +85,7 @@ def gpu_for(gpu_type: str) -> str | None:
     """Catalog name of a published `gpu_type` description, or None."""
     g = gpu_type.lower()
     for needle, name in (("gb300", "gb300_nvl72"), ("gb200", "gb200_nvl72"), ("b300", "b300"), ("b200", "b200"),
-                         ("h200", "h200"), ("v100", "v100_32gb"), ("mi300x", "mi300x")):
+                         ("h200", "h200"), ("v100", "v100_32gb"), ("mi300x", "mi300x"), ("l40s", "l40s")):
         if needle in g:
             return name
     if "a100" in g:
@@ -150,6 +150,22 @@ def precision_for(row: dict, hw_name: str) -> tuple[str, str]:
     return ("fp16" if hw_name == "v100_32gb" else "bf16"), "tensorwise"
 
 
+# Precisions the cost model has no rates or cast terms for: a row in one of them is skipped with
+# its reason rather than priced at another precision's rate (4-bit GEMMs run at 2-3x the fp8 peak
+# on Blackwell, with their own block-scale and Hadamard-transform passes).
+UNPRICED_PRECISIONS = ("nvfp4", "mxfp4", "fp4", "fp6", "int8", "int4")
+
+
+def unpriced_precision(row: dict) -> str | None:
+    """The skip reason of a row whose precision the cost model does not price, or None."""
+    text = row.get("precision", "").lower()
+    for name in UNPRICED_PRECISIONS:
+        if name in text:
+            return (f"precision {row['precision']!r} is not in the cost model (it prices bf16/fp16/fp32 "
+                    "and fp8 tensorwise, rowwise, blockwise, mxfp8)")
+    return None
+
+
 def stack_for(row: dict) -> Stack:
     """The software switches a row names (docs/planner.md "Stack switches")."""
     text = " ".join(row.get(k, "") for k in ("optimizations", "framework", "precision")).lower()
@@ -189,6 +205,8 @@ def case_for_row(row: dict) -> Case | str:
     hw_name = gpu_for(row["gpu_type"])
     if hw_name is None:
         return f"GPU '{row['gpu_type']}' not in the catalog"
+    if reason := unpriced_precision(row):
+        return reason
     gpus, seq, gb = _i(row, "num_gpus"), _i(row, "seq_len"), _i(row, "global_batch")
     tp, pp, mb = _i(row, "tp"), _i(row, "pp"), _i(row, "micro_batch")
     cp, vp = _i(row, "cp", 1) or 1, _i(row, "vp", 1) or 1

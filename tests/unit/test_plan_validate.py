@@ -30,6 +30,17 @@ def test_moe_rows_are_priced_as_moe_and_mla_rows_skipped_with_a_reason(rows):
     assert "MLA" in case_for_row(mla)
 
 
+def test_rows_in_a_precision_without_rates_are_skipped_not_priced_at_another(rows):
+    """An NVFP4 (or MXFP4, INT8) row must not be priced at the bf16 or fp8 rate: it is skipped
+    and the reason names the precision."""
+    llama = next(r for r in rows if r["model"] == "LLAMA3_8B" and r["gpu_type"] == "GB300")
+    assert not isinstance(case_for_row(llama), str)
+    for text in ("NVFP4", "MXFP4 (32-element blocks)", "int8"):
+        reason = case_for_row(dict(llama, precision=text))
+        assert isinstance(reason, str) and text in reason and "not in the cost model" in reason
+    assert case_for_row(dict(llama, gpu_type="L40S (48GB)")).hw.name == "l40s"
+
+
 def test_every_skip_names_its_reason_and_priced_rows_cover_today_s_gpus(rows):
     results = validate_file()
     assert all(r.skipped or r.rel_error is not None for r in results)
