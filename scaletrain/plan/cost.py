@@ -127,12 +127,13 @@ def _peaks(hw: Hardware, precision: str) -> tuple[float, float]:
 
 
 def fp8_cast_seconds(w: Workload, T: float, tp: int, fused: bool, hw: Hardware, moe: bool = False,
-                     ep: int = 1) -> float:
+                     ep: int = 1, share: int = 1) -> float:
     """Seconds to quantise one layer's fp8 GEMM operands for one micro-batch (forward + backward):
     the inputs of qkv, wo, w1/w3 (one cast) and w2, the four output gradients and the weights,
     each moving FP8_CAST_BYTES[recipe] bytes per element at HBM bandwidth (memory-bound kernels).
     An MoE layer (`moe`) casts the expert GEMMs' operands instead of the dense FFN's
-    (cost_moe.fp8_elements: T k slots, E/ep local experts)."""
+    (cost_moe.fp8_elements: T k slots, E/ep local experts; T / share tokens under MoE parallel
+    folding, cost_moe.moe_token_share)."""
     m = w.model
     _, q, kv = attention_dims(m)
     c = param_counts(m)
@@ -140,7 +141,7 @@ def fp8_cast_seconds(w: Workload, T: float, tp: int, fused: bool, hw: Hardware, 
     grads = T * ((q + 2 * kv) + m.dim) / tp
     weights = c["attention_per_layer"] / tp
     if moe:
-        ei, eg, ew = cost_moe.fp8_elements(m, T, ep)
+        ei, eg, ew = cost_moe.fp8_elements(m, T / share, ep)
         inputs, grads, weights = inputs + ei, grads + eg, weights + ew
     else:
         f = m.ffn_dim
@@ -226,14 +227,17 @@ def estimate(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), 
     reshard = stack.reshard_after_forward if stack.reshard_after_forward is not None else pp == 1
     gather_bytes = 1 if w.precision == "fp8" and stack.fp8_all_gather else act_bytes
     host_ops = p.ops_per_layer_fused if stack.fused else p.ops_per_layer_eager
+    share = cost_moe.moe_token_share(layout, stack)  # ranks splitting a micro-batch's tokens in an MoE layer
 
     def layer_time(moe: bool) -> LayerTime:
         if moe:  # router (fp32, priced at the bf16 rate), E/ep local experts on T k ep / E rows each, shared
             g = {name: c * (gemm_time(mm, n, k, peak, hw, p) if name == "router" else gemm(mm, n, k))
-                 for name, (c, mm, n, k) in cost_moe.expert_gemms(m, T, layout.ep, w.expert_imbalance).items()}
+                 for name, (c, mm, n, k) in cost_moe.expert_gemms(m, T / share, layout.ep,
+                                                                  w.expert_imbalance).items()}
             ffn_gemm = sum(g.values())
             w3 = (g["w13"] + g.get("shared_w13", 0.0)) / 2
-            ffn_act = ffn_activation_bytes(m, mb, s_local, act_bytes, m.moe_dense_layers)  # not split by tp
+            # not split by tp (unless folded: each rank's own T / tp tokens)
+            ffn_act = ffn_activation_bytes(m, mb, s_local, act_bytes, m.moe_dense_layers) / share
         else:
             ffn_gemm = (n_ffn - 1) * gemm(T, m.ffn_dim / tp, m.dim) + gemm(T, m.dim, m.ffn_dim / tp)
             w3 = gemm(T, m.ffn_dim / tp, m.dim) if n_ffn == 3 else 0.0
@@ -251,7 +255,7 @@ def estimate(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), 
         compute = fwd + bwd + recompute
         if block_key:  # the real block, measured: recompute and dispatch included (cpu_measured.py)
             compute = block_seconds(cpu["blocks"][block_key], T, s_local)
-        cast = fp8_cast_seconds(w, T, tp, stack.fused, hw, moe, layout.ep) if w.precision == "fp8" else 0.0
+        cast = fp8_cast_seconds(w, T, tp, stack.fused, hw, moe, layout.ep, share) if w.precision == "fp8" else 0.0
 
         # --- communication per layer per micro-batch ---
         exposed: dict[str, float] = {}
@@ -281,7 +285,7 @@ def estimate(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), 
             exposed["dp_shard"] = max(0.0, fsdp_comm - compute) + first_gather / max(1, m.n_layers)
             hidden += min(fsdp_comm, compute)
         if moe and layout.ep > 1:  # token dispatch and combine: the experts wait for their rows
-            exposed["ep"] = ep_seconds(w, layout, hw, p)
+            exposed["ep"] = ep_seconds(w, layout, hw, p, stack)
         host = host_ops * hw.host_overhead_s * (1.3 if layout.ac in ("full", "op") else 1.0)
         # the CPU cannot run ahead of a too-fast GPU (a recomputed forward re-launches ~1/3 of the kernels)
         host_exposed = max(0.0, host - compute - sum(exposed.values()))
@@ -354,14 +358,16 @@ def estimate(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), 
     return Estimate(layout, mem, t, tps, mfu, mem.total <= hw.hbm_bytes, n_micro)
 
 
-def ep_seconds(w: Workload, layout: Layout, hw: Hardware, p: Params = PARAMS) -> float:
+def ep_seconds(w: Workload, layout: Layout, hw: Hardware, p: Params = PARAMS, stack: Stack = Stack()) -> float:
     """Expert-parallel communication of one MoE layer and micro-batch, none of it hidden: the
     counts and the token rows dispatched and combined in forward, their gradients in backward,
     and the forward's again under full AC (flops.moe_dispatch_bytes). The busiest rank receives
     `expert_imbalance` x the mean and every rank waits for it."""
     act_bytes = 4 if w.precision == "fp32" else 2
     b = moe_dispatch_bytes(w.model, layout.micro_batch, w.seq_len // layout.cp, layout.ep, act_bytes)
-    size, stride = cost_moe.ep_groups(layout, Stack())["ep"]
+    share = cost_moe.moe_token_share(layout, stack)  # folded: this rank routes its T / tp tokens
+    b = {k: v if k == "counts" else v / share for k, v in b.items()}
+    size, stride = cost_moe.ep_groups(layout, stack)["ep"]
 
     def a2a(nbytes: float) -> float:
         return cost_moe.all_to_all_seconds(nbytes, size, stride, hw, p.comm_eff)

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from scaletrain.config.schema import ModelConfig
 from scaletrain.model.flops import _dims as attention_dims  # (head_dim, q_dim, kv_dim): flops' one definition
 from scaletrain.model.flops import (backward_transient_bytes, head_activation_bytes, loss_activation_bytes,
-                                    moe_dispatch_buffer_bytes, param_counts, recompute_bytes, saved_activation_bytes)
+                                    moe_dispatch_buffer_bytes, moe_ffn_activation_bytes, param_counts, recompute_bytes,
+                                    saved_activation_bytes)
 from scaletrain.plan import cost_moe
 from scaletrain.plan.cost_moe import ParamSplit, gathered_params, layers_split, local_params
 from scaletrain.plan.cost_types import PARAMS, Layout, Memory, Params, Stack, Workload, is_cpu
@@ -80,6 +81,7 @@ def estimate_memory(w: Workload, layout: Layout, hw: Hardware, stack: Stack = St
     accumulate = n_micro > 1 or pp > 1  # earlier micro-batches' gradients are alive all step
     gathered_kv = cp_gathered_kv_bytes(m, mb, w.seq_len, B, layout, stack)
     moe_layer = m.moe_dense_layers  # the first MoE layer (a layer index for the flops functions)
+    share = cost_moe.moe_token_share(layout, stack)  # tp under MoE parallel folding, else 1
 
     def layer_memory(layer: int | None) -> tuple[float, float, float]:
         """(saved, recompute, backward transient) bytes of one dense (None) or MoE layer."""
@@ -92,7 +94,13 @@ def estimate_memory(w: Workload, layout: Layout, hw: Hardware, stack: Stack = St
             recompute += gathered_kv
         transient = backward_transient_bytes(m, mb, s_local, B, tp=tp, layer=layer)
         if layer is not None:  # the gradient all-to-all's send and receive buffers
-            transient += moe_dispatch_buffer_bytes(m, mb, s_local, layout.ep, B) * w.expert_imbalance
+            transient += moe_dispatch_buffer_bytes(m, mb, s_local, layout.ep, B) * w.expert_imbalance / share
+            # MoE parallel folding: the MoE FFN's tensors hold this rank's T / tp tokens, not all T
+            folded = (1 - 1 / share) * moe_ffn_activation_bytes(m, mb, s_local, B)
+            if layout.ac in ("none", "selective"):
+                saved -= folded
+            elif layout.ac == "full":
+                recompute -= folded
         return saved, recompute, transient
 
     dense, moe = layer_memory(None), layer_memory(moe_layer) if m.moe_experts else None

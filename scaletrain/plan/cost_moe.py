@@ -185,15 +185,29 @@ def all_to_all_seconds(sent_bytes: float, n: int, stride: int, hw: Hardware, com
     return (n - 1) * hw.inter_latency + max(intra, inter) / comm_eff
 
 
+def moe_token_share(layout, stack) -> int:
+    """How many ranks share one micro-batch's tokens in an MoE layer: 1 when the MoE FFN runs
+    replicated over tp on the gathered sequence (scaletrain, torchtitan), tp under Megatron's
+    MoE parallel folding (Stack.moe_folding: each rank routes its sequence-parallel shard)."""
+    return layout.tp if getattr(stack, "moe_folding", False) else 1
+
+
 def ep_groups(layout, stack) -> dict[str, tuple[int, int]]:
     """(size, stride in global ranks) of the groups expert parallelism adds:
-    "ep" -- the all-to-all group (ep consecutive data ranks, tp apart);
+    "ep" -- the all-to-all group (ep consecutive data ranks, tp apart; under MoE parallel
+            folding ep consecutive global ranks drawn from tp x cp x dp);
     "expert_shard" -- FSDP of the local experts over dp_shard * cp / ep ranks (FSDP only);
     "expert_reduce" -- the ranks the expert gradients are all-reduced over once per step:
     dp_replicate (HSDP replicas) under FSDP, or the dp * cp / ep expert-data-parallel ranks
     without FSDP (Megatron-Core DDP)."""
     tp, ep = layout.tp, layout.ep
     data = layout.dp * layout.cp
+    if getattr(stack, "moe_folding", False):  # expert tensor parallel 1: tp ranks hold whole experts too
+        ranks = data * tp
+        if stack.fsdp:
+            return {"ep": (ep, 1), "expert_shard": (max(1, layout.dp_shard * layout.cp * tp // ep), ep),
+                    "expert_reduce": (layout.dp_replicate, layout.dp_shard * layout.cp * tp)}
+        return {"ep": (ep, 1), "expert_shard": (1, ep), "expert_reduce": (max(1, ranks // ep), ep)}
     if stack.fsdp:
         efsdp = max(1, layout.dp_shard * layout.cp // ep)
         return {"ep": (ep, tp), "expert_shard": (efsdp, ep * tp),
@@ -201,14 +215,17 @@ def ep_groups(layout, stack) -> dict[str, tuple[int, int]]:
     return {"ep": (ep, tp), "expert_shard": (1, ep * tp), "expert_reduce": (max(1, data // ep), ep * tp)}
 
 
-def check_ep(m: ModelConfig, layout) -> str | None:
+def check_ep(m: ModelConfig, layout, stack=None) -> str | None:
     """Why the cost model cannot price `layout.ep` for `m` (None when it can): ep must divide the
-    experts and the data x context-parallel ranks it is taken from."""
+    experts and the ranks it is taken from (data x context parallel; x tp under MoE parallel
+    folding, `stack.moe_folding`)."""
     if layout.ep == 1:
         return None
     if m.moe_experts == 0:
         return "expert parallelism (ep > 1) needs an MoE model"
-    if m.moe_experts % layout.ep or (layout.dp * layout.cp) % layout.ep:
-        return (f"ep {layout.ep} must divide the {m.moe_experts} experts and the {layout.dp * layout.cp} data x "
-                "context-parallel ranks")
+    folding = getattr(stack, "moe_folding", False)
+    ranks = layout.dp * layout.cp * (layout.tp if folding else 1)
+    if m.moe_experts % layout.ep or ranks % layout.ep:
+        what = "tensor x data x context-parallel" if folding else "data x context-parallel"
+        return f"ep {layout.ep} must divide the {m.moe_experts} experts and the {ranks} {what} ranks"
     return None

@@ -78,6 +78,11 @@ class Stack:
     loss_parallel: bool = True
     compiled_loss: bool = False  # scaletrain with train.compile (torchtitan compiles blocks only)
     fused_attention: bool = False  # cuDNN / FlashAttention-3 class kernels (Transformer Engine), not SDPA's FA2
+    # Megatron-Core MoE parallel folding with expert tensor parallelism 1: the expert-parallel group
+    # is drawn from the tp x cp x dp ranks (consecutive global ranks, tp fastest) instead of the
+    # data x context ranks, and each rank routes its own sequence-parallel shard (T / tp tokens)
+    # to whole experts. A published layout whose ep does not divide dp x cp can only run this way.
+    moe_folding: bool = False
     grad_reduce_fp32: bool = True  # gradients reduced in fp32 (False: in the compute dtype, e.g. FSDP "PURE")
     fp8_all_gather: bool = False  # FSDP gathers fp8 weights (torchao tensorwise + enable_fsdp_float8_all_gather)
     cp_comm: str = "allgather"  # "allgather" (parallel/cp.py) | "allgather_overlap" (torchtitan) | "ring" (TE)

@@ -175,7 +175,7 @@ def stack_for(row: dict) -> Stack:
     return Stack(fused="compile" in text or megatron,
                  tp_overlap=any(k in text for k in ("asynctp", "async tp", "tp-comm-overlap")) or "nemo" in text,
                  reshard_after_forward=False if "shard_grad_op" in text else None, fsdp=fsdp,
-                 fused_attention=megatron, grad_reduce_fp32="mp mode pure" not in text,
+                 fused_attention=megatron, grad_reduce_fp32="mp mode pure" not in text, moe_folding=megatron,
                  cp_comm="ring" if megatron else "allgather_overlap" if "torchtitan" in text else "allgather")
 
 
@@ -238,7 +238,7 @@ def case_for_row(row: dict) -> Case | str:
     layout = Layout(dp_replicate=1 if stack.fsdp else dp, dp_shard=dp if stack.fsdp else 1, tp=tp, pp=pp, cp=cp,
                     pp_schedule=schedule, virtual_stages=vp if schedule == "interleaved_1f1b" else 1,
                     micro_batch=mb, ac=ac, ep=_i(row, "ep", 1) or 1)
-    why = check_ep(model, layout)
+    why = check_ep(model, layout, stack)
     if why:
         return f"source inconsistent: {why}"
     arch = (model.n_layers, model.dim, model.n_heads, model.n_kv_heads, model.ffn_dim, model.vocab_size,

@@ -246,3 +246,36 @@ def test_validate_prices_moe_rows_and_skips_mla():
     assert case_for_row(dict(rows[0], attention="mla")) == MLA_SKIP
     # an expert-parallel degree the data-parallel ranks cannot hold is the source's inconsistency
     assert "source inconsistent" in case_for_row(dict(moe[0], ep="7"))
+
+
+def test_megatron_moe_parallel_folding_prices_ep_drawn_from_tensor_parallel_ranks():
+    """Megatron-Core's MoE parallel folding (expert tensor parallel 1): a published layout whose
+    ep does not divide data x context parallel (Qwen3-30B-A3B on 8 GB200, tp 2, dp 4, ep 8) is
+    priced, not called inconsistent: every rank routes its own T / tp tokens over ep consecutive
+    ranks, so the all-to-all rows halve against the replicated-over-tp MoE of scaletrain."""
+    from scaletrain.plan.validate import case_for_row, predict, read_rows
+
+    row = next(r for r in read_rows() if r["model"].startswith("Qwen3_30B") and r["gpu_type"] == "GB200"
+               and r["micro_batch"] == "4")
+    case = case_for_row(dict(row, tp="2"))
+    assert not isinstance(case, str) and case.stack.moe_folding
+    assert (case.layout.tp, case.layout.dp, case.layout.ep) == (2, 4, 8)
+    assert cost_moe.check_ep(case.workload.model, case.layout) is not None  # unfolded: ep 8 > dp 4
+    assert cost_moe.ep_groups(case.layout, case.stack)["ep"] == (8, 1)
+    assert 0 < predict(case).predicted_tokens_per_s_per_gpu < float("inf")
+    w, hw = case.workload, case.hw
+    folded = ep_seconds(w, case.layout, hw, PARAMS, case.stack)
+    tp1 = dataclasses.replace(case.layout, tp=1, dp_replicate=8)
+    whole = ep_seconds(w, tp1, hw, PARAMS, case.stack)
+    b = moe_dispatch_bytes(w.model, tp1.micro_batch, w.seq_len, 8, 2)
+    a2a = lambda x: cost_moe.all_to_all_seconds(x, 8, 1, hw, PARAMS.comm_eff)  # noqa: E731
+    assert whole == pytest.approx(a2a(b["counts"]) + a2a(b["dispatch"] + b["combine"])
+                                  + a2a(b["combine_grad"] + b["dispatch_grad"]))
+    assert folded == pytest.approx(a2a(b["counts"]) + a2a((b["dispatch"] + b["combine"]) / 2)
+                                   + a2a((b["combine_grad"] + b["dispatch_grad"]) / 2))
+    # a tp 1 row is the same with or without folding (every published MoE row today)
+    flat = dataclasses.replace(case.stack, moe_folding=False)
+    assert ep_seconds(w, tp1, hw, PARAMS, flat) == pytest.approx(whole)
+    assert estimate(w, tp1, hw, flat).time.total == pytest.approx(estimate(w, tp1, hw, case.stack).time.total)
+    # folded MoE activations are split by tp: less memory than replicated MoE at tp 2
+    assert estimate_memory(w, case.layout, hw, case.stack).total < estimate_memory(w, case.layout, hw, flat).total
