@@ -118,7 +118,21 @@ def model_for(row: dict) -> ModelConfig | None:
                       ffn_dim=ffn, vocab_size=vocab, max_seq_len=_i(row, "seq_len", 2048),
                       ffn="swiglu" if llama or moe else "squared_relu", tie_embeddings=mpt, **experts)
     known = flavor_like(cfg)
-    return dataclasses.replace(cfg, head_dim=known.head_dim, qk_norm=known.qk_norm) if known else cfg
+    if known:
+        return dataclasses.replace(cfg, head_dim=known.head_dim, qk_norm=known.qk_norm)
+    name = re.sub(r"[\s_-]+", "", row["model"].lower())
+    for family, (head_dim, qk_norm) in FAMILY_HEADS.items():
+        if family in name:
+            return dataclasses.replace(cfg, head_dim=head_dim, qk_norm=qk_norm)
+    return cfg
+
+
+# Model families whose attention heads are not hidden / heads wide, for the rows of family
+# members no registered flavor has (the CSV has no head-width column): every Qwen3 model has
+# 128-wide heads with q/k RMSNorms (Qwen3 config.json: head_dim 128, e.g. Qwen3-235B-A22B with
+# hidden 4096 and 64 heads), every GPT-OSS model 64-wide heads (gpt-oss-20b / -120b config.json:
+# head_dim 64 with hidden 2880). Matched on the model name with spaces, '_' and '-' removed.
+FAMILY_HEADS: dict[str, tuple[int, bool]] = {"qwen3": (128, True), "gptoss": (64, False)}
 
 
 SHAPE = ("n_layers", "dim", "n_heads", "n_kv_heads", "vocab_size", "moe_experts", "moe_top_k", "moe_ffn_dim")

@@ -123,3 +123,19 @@ def test_validate_cv_cli(capsys, tmp_path, rows):
 def test_missing_file_exits_2_with_one_line(capsys, tmp_path):
     code, err = main_exit(capsys, "plan", "validate", "--published", str(tmp_path / "nope.csv"))
     assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_family_head_widths_for_models_without_a_flavor(rows):
+    """Qwen3-235B-A22B (hidden 4096, 64 heads of 128) and gpt-oss-20b (hidden 2880, 64 heads of
+    64) have no registered flavor: their head width comes from the family, not hidden / heads."""
+    qwen = next(r for r in rows if r["model"].startswith("Qwen3_30B"))
+    big = dict(qwen, model="Qwen3 235B-A22B", layers="94", hidden="4096", heads="64", kv_heads="4", ffn_hidden="12288",
+               moe_ffn_hidden="1536")
+    m = case_for_row(big).workload.model
+    assert (m.head_dim, m.qk_norm, m.dim, m.n_heads) == (128, True, 4096, 64)
+    oss = next(r for r in rows if r["model"] == "GPT OSS 120B")
+    small = dict(oss, model="GPT-OSS 20B", layers="24", moe_experts="32", num_gpus="8", ep="8")
+    m = case_for_row(small).workload.model
+    assert (m.head_dim, m.qk_norm, m.n_layers) == (64, False, 24)
+    llama = next(r for r in rows if r["model"] == "LLAMA3_8B")
+    assert case_for_row(dict(llama, model="LLAMA3 8B variant", layers="33")).workload.model.head_dim == 0  # dim / heads
