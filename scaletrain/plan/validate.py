@@ -15,13 +15,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import re
 import statistics
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from scaletrain.config.schema import ModelConfig
+from scaletrain.config.schema import ModelConfig, head_dim_of
 from scaletrain.errors import ConfigError
 from scaletrain.plan.cost import PARAMS, Layout, Params, Stack, Workload, estimate
 from scaletrain.plan.cost_moe import check_ep
@@ -69,11 +70,14 @@ class RowResult:
 
 
 def _f(row: dict, key: str) -> float | None:
+    """The row's number in column `key`, or None when it is missing, not a number, not finite or
+    negative (no column of a published run is negative)."""
     v = (row.get(key) or "").strip()
     try:
-        return float(v)
+        x = float(v)
     except ValueError:
         return None
+    return x if math.isfinite(x) and x >= 0 else None
 
 
 def _i(row: dict, key: str, default: int | None = None) -> int | None:
@@ -197,12 +201,22 @@ def measured_tokens(row: dict) -> float | None:
     gpus, seq, gb = _i(row, "num_gpus"), _i(row, "seq_len"), _i(row, "global_batch")
     measured = _f(row, "tokens_per_s_per_gpu")
     step = _f(row, "step_time_s")
-    if measured is None and step and gpus and seq and gb:
+    if not measured and step and gpus and seq and gb:
         measured = gb * seq / step / gpus  # derived from the printed step time
-    return measured
+    return measured or None  # a throughput of 0 is no measurement
 
 
 MLA_SKIP = "multi-head latent attention (MLA, DeepSeek-style) is not in the cost model"
+
+
+def architecture_inconsistent(m: ModelConfig) -> str | None:
+    """Why the row's architecture cannot be a model (None when it can): widths that are zero, kv
+    heads that do not divide the heads, more experts per token than experts."""
+    if min(m.n_kv_heads, m.ffn_dim, head_dim_of(m)) <= 0 or m.n_heads % m.n_kv_heads:
+        return f"hidden {m.dim}, {m.n_heads} heads, {m.n_kv_heads} kv heads, FFN width {m.ffn_dim}"
+    if m.moe_experts and not (0 < m.moe_top_k <= m.moe_experts and m.moe_dense_layers < m.n_layers):
+        return f"top-{m.moe_top_k} of {m.moe_experts} experts, {m.moe_dense_layers} of {m.n_layers} layers dense"
+    return None
 
 
 def case_for_row(row: dict) -> Case | str:
@@ -214,6 +228,8 @@ def case_for_row(row: dict) -> Case | str:
     model = model_for(row)
     if model is None:
         return "architecture not given (layers, hidden, heads or vocab missing)"
+    if why := architecture_inconsistent(model):
+        return f"architecture inconsistent: {why}"
     if row.get("arch_type") == "moe" and not (model.moe_experts and model.moe_top_k):
         return "MoE architecture not given (moe_experts or moe_topk missing)"
     hw_name = gpu_for(row["gpu_type"])
@@ -236,6 +252,10 @@ def case_for_row(row: dict) -> Case | str:
         return "no measured tokens/s per GPU or step time"
     if gpus % (tp * pp * cp):
         return "source inconsistent: TP*PP*CP does not divide the GPU count"
+    if seq % cp:
+        return f"source inconsistent: CP {cp} does not divide the {seq}-token sequence"
+    if pp * (vp if vp > 1 else 1) > model.n_layers:
+        return f"source inconsistent: {pp * vp} pipeline stages for {model.n_layers} layers"
     hw = get_hardware(hw_name)
     precision, recipe = precision_for(row, hw_name)
     if precision == "fp8" and not (hw.fp8_recipes and (recipe == "delayed" or recipe in hw.fp8_recipes)):
@@ -286,7 +306,16 @@ def read_rows(path: str | Path | None = None) -> list[dict]:
         rows = list(csv.DictReader(f))
     if not rows or "row_id" not in rows[0]:
         raise ConfigError(f"{p} is not a published-performance CSV (needs a row_id column).")
+    missing = [c for c in REQUIRED_COLUMNS if c not in rows[0]]
+    if missing:
+        raise ConfigError(f"{p} lacks the column(s) {', '.join(missing)}; a published-performance CSV has the "
+                          f"columns of the shipped development set ({dev_set_path().name}).")
     return rows
+
+
+# Columns every published-performance CSV must have (the others may be absent: a row then lacks
+# that figure and is priced without it or skipped with the reason).
+REQUIRED_COLUMNS = ("row_id", "source_id", "model", "gpu_type")
 
 
 def read_cases(path: str | Path | None = None) -> tuple[list[Case], list[RowResult]]:
