@@ -296,7 +296,7 @@ def estimate(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), 
             if stack.fused:  # not measured: the GPU ratio of fused to eager launches
                 n_ops *= p.ops_per_layer_fused / p.ops_per_layer_eager
             host_exposed = n_ops * cpu["op_s"]
-        if block_key:  # the measured block already includes its dispatch
+        if block_key or (stack.cuda_graphs and not cpu):  # measured block: dispatch included; graphs: no launches
             host_exposed = 0.0
         elif moe and not cpu:  # the dispatch's host sync (again in a fully recomputed forward): the
             # layer's launches run with the GPU idle (a counted prior x the fitted moe_host_scale)

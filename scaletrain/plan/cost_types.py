@@ -83,6 +83,10 @@ class Stack:
     # data x context ranks, and each rank routes its own sequence-parallel shard (T / tp tokens)
     # to whole experts. A published layout whose ep does not divide dp x cp can only run this way.
     moe_folding: bool = False
+    # CUDA graphs (Megatron --cuda-graph-impl, TE make_graphed_callables, torch.compile's
+    # "reduce-overhead"): the layers' kernels are replayed from a captured graph, so no host
+    # launch time is exposed, in a dense layer or in an MoE layer's dispatch (docs/planner.md).
+    cuda_graphs: bool = False
     grad_reduce_fp32: bool = True  # gradients reduced in fp32 (False: in the compute dtype, e.g. FSDP "PURE")
     fp8_all_gather: bool = False  # FSDP gathers fp8 weights (torchao tensorwise + enable_fsdp_float8_all_gather)
     cp_comm: str = "allgather"  # "allgather" (parallel/cp.py) | "allgather_overlap" (torchtitan) | "ring" (TE)

@@ -194,6 +194,7 @@ def stack_for(row: dict) -> Stack:
                  tp_overlap=any(k in text for k in ("asynctp", "async tp", "tp-comm-overlap")) or "nemo" in text,
                  reshard_after_forward=False if "shard_grad_op" in text else None, fsdp=fsdp,
                  fused_attention=megatron, grad_reduce_fp32="mp mode pure" not in text, moe_folding=megatron,
+                 cuda_graphs=bool(re.search(r"cuda[ _-]?graph|cudagraph|reduce-overhead", text)),
                  cp_comm="ring" if megatron else "allgather_overlap" if "torchtitan" in text else "allgather")
 
 

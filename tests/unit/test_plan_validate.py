@@ -170,3 +170,18 @@ def test_a_csv_without_the_required_columns_is_refused_in_one_line(tmp_path, cap
     path.write_text("row_id,model\n1,x\n")
     code, err = main_exit(capsys, "plan", "validate", "--published", str(path))
     assert code == 2 and "source_id, gpu_type" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_row_naming_cuda_graphs_exposes_no_host_launch_time(rows):
+    """Megatron-Bridge's newer MoE presets capture the router and the dispatcher's preprocessing
+    in CUDA graphs; a row that says so is priced without the MoE layer's host time."""
+    import dataclasses
+
+    from scaletrain.plan.cost import PARAMS
+
+    qwen = next(r for r in rows if r["model"].startswith("Qwen3_30B") and r["gpu_type"] == "GB200")
+    plain, graphs = case_for_row(qwen), case_for_row(dict(qwen, optimizations="CUDA graphs (moe_router, moe_preprocess)"))
+    assert graphs.stack.cuda_graphs and not plain.stack.cuda_graphs
+    no_host = predict(plain, dataclasses.replace(PARAMS, moe_host_scale=0.0)).predicted_tokens_per_s_per_gpu
+    assert predict(graphs).predicted_tokens_per_s_per_gpu == pytest.approx(no_host)
+    assert no_host > 1.2 * predict(plain).predicted_tokens_per_s_per_gpu
