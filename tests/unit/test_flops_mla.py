@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from conftest import debug_train_args, main_exit
 from scaletrain.config.schema import ModelConfig
 from scaletrain.errors import ConfigError
 from scaletrain.model.flops import (activation_bytes_per_layer, flops_per_token, forward_flops_per_layer,
@@ -90,3 +91,9 @@ def test_the_trainer_refuses_to_build_mla():
         build_model(TINY)
     with pytest.raises(ConfigError, match="mla_qk_rope_dim = 3 is odd"):
         build_model(dataclasses.replace(TINY, mla_qk_rope_dim=3))
+
+
+def test_train_refuses_mla_with_one_line(tmp_path, capsys, data_cache):
+    run = tmp_path / "run"
+    code, err = main_exit(capsys, *debug_train_args(run, data_cache, 1, "--model.attention", "mla"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "implements only 'gqa'" in err
