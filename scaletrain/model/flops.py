@@ -135,13 +135,13 @@ def forward_flops_per_layer(cfg: ModelConfig, seq_len: int, causal: bool = False
       qkv          2*s*dim*(q_dim + 2*kv_dim)   (GQA: wk, wv project to n_kv_heads*head_dim)
       attn_scores  Q K^T: 2*n_heads*head_dim * (s*s, or s*(s+1)/2 query-key pairs if causal)
       attn_values  P V: same count as attn_scores
-      (MLA, flops_mla.mla_forward_flops: qkv = its projections but wo, scores with head width
-      n + r, values with v, out_proj = wo)
       out_proj     2*s*q_dim*dim
       ffn          2*s*dim*ffn_dim * (3 for SwiGLU, 2 for squared ReLU); for an MoE layer the
                    experts each token is computed by: 2*s*dim*f_e*3 * (moe_top_k +
                    moe_shared_experts), capacity drops not discounted (an upper bound)
       router       MoE layers only: 2*s*dim*moe_experts (the gate)
+    MLA (flops_mla.mla_forward_flops): qkv = every projection but wo, attn_scores at the query/key
+    head width n + r, attn_values at the value width v, out_proj = wo.
 
     `causal=True` counts only the unmasked (query, key) pairs, which is what a causal
     flash-attention kernel actually executes; `False` counts the full s x s square.
@@ -418,13 +418,18 @@ def saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype_byt
     if ac == "full":
         return block_input
     lse = batch * cfg.n_heads * seq_len * 4 / tp
-    if is_mla(cfg) and ac in ("op", "none"):
-        return _mla_saved_bytes(cfg, batch, seq_len, B, ac, tp, fused, decomposed_norm, layer)
     if ac == "op":
-        saved = block_input + T * (q_dim + kv_dim) * B / tp + T * q_dim * B / tp + lse
+        if is_mla(cfg):
+            elems, n_mm = mla_op_saved_elements(cfg, tp)
+            saved = block_input + T * elems * B + lse
+        else:  # wq, wv, SDPA (every second of wq, wk, wv, wo)
+            saved, n_mm = block_input + T * (q_dim + kv_dim) * B / tp + T * q_dim * B / tp + lse, 4
         if moe:
             recomputed = 2 * T * expert_ffn_dim(cfg) * (cfg.moe_top_k + cfg.moe_shared_experts) * B
             return saved + moe_ffn_activation_bytes(cfg, batch, seq_len, B) - recomputed
+        if n_mm % 2:  # MLA with wq_a: the FFN's w1 is an even matmul, recomputed; w3 (squared ReLU: w2) kept
+            kept = T * f * B / tp if cfg.ffn == "swiglu" else T * d * B + (T * d * B / tp if tp > 1 else 0.0)
+            return saved + kept
         saved += T * f * B / tp + T * d * B
         return saved + (T * d * B / tp if tp > 1 else 0.0)
     norms = 2 * T * d * B / tp + 2 * T * 4 / tp + (2 * T * d * B / tp if decomposed_norm else 0.0)
@@ -436,35 +441,14 @@ def saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype_byt
         ffn = 2 * T * f * B / tp
     if ac == "selective":
         return norms + T * d * B + T * d * B / tp + ffn
+    if is_mla(cfg):  # the gathered FFN input, then the attention's tensors (flops_mla.mla_saved_elements)
+        elems, fp32_elems = mla_saved_elements(cfg, tp, decomposed_norm)
+        return norms + T * d * B + T * (elems * B + fp32_elems * 4) + ffn
     qk_norms = 0.0
     if cfg.qk_norm:  # RMSNorm over head_dim of every q and k head (Qwen3), inside the attention
         qk_norms = (T * (q_dim + kv_dim) * B * (2 if decomposed_norm else 1)
                     + T * (cfg.n_heads + cfg.n_kv_heads) * 4) / tp
     return norms + 2 * T * d * B + 4 * T * q_dim * B / tp + lse + qk_norms + ffn
-
-
-def _mla_saved_bytes(cfg: ModelConfig, batch: int, seq_len: int, B: int, ac: str, tp: int, fused: bool,
-                     decomposed_norm: bool, layer: int | None) -> float:
-    """saved_activation_bytes of an MLA layer under ac = "none" or "op" (its docstring)."""
-    T = batch * seq_len
-    d, f = cfg.dim, cfg.ffn_dim
-    moe = layer is not None and is_moe_layer(cfg, layer)
-    if ac == "op":
-        elems, n_mm = mla_op_saved_elements(cfg, tp)
-        saved = T * d * B / tp + T * elems * B + batch * cfg.n_heads * seq_len * 4 / tp
-        if moe:
-            recomputed = 2 * T * expert_ffn_dim(cfg) * (cfg.moe_top_k + cfg.moe_shared_experts) * B
-            return saved + moe_ffn_activation_bytes(cfg, batch, seq_len, B) - recomputed
-        if n_mm % 2:  # the FFN's first matmul is an even one: w3 (or, squared ReLU, w2's partial sum)
-            return saved + (T * f * B / tp if cfg.ffn == "swiglu" else T * d * B + (T * d * B / tp if tp > 1 else 0.0))
-        return saved + T * f * B / tp + T * d * B + (T * d * B / tp if tp > 1 else 0.0)
-    norms = 2 * T * d * B / tp + 2 * T * 4 / tp + (2 * T * d * B / tp if decomposed_norm else 0.0)
-    elems, fp32_elems = mla_saved_elements(cfg, tp, decomposed_norm)
-    if moe:
-        ffn = float(moe_ffn_activation_bytes(cfg, batch, seq_len, B))
-    else:
-        ffn = ffn_activation_bytes(cfg, batch, seq_len, B) * ((3 / 4) if fused and cfg.ffn == "swiglu" else 1) / tp
-    return norms + T * d * B + T * (elems * B + fp32_elems * 4) + ffn
 
 
 def head_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype_bytes: int = 2, *, tp: int = 1,

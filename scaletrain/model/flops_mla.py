@@ -135,5 +135,5 @@ def mla_op_saved_elements(cfg: ModelConfig, tp: int = 1) -> tuple[float, int]:
     projs = mla_projections(cfg)
     saved = 0.0
     for p in projs[0::2]:
-        saved += p.d_out + (p.d_out / tp if tp > 1 else 0.0) if p.split == "row" else p.d_out / tp
+        saved += (p.d_out + (p.d_out / tp if tp > 1 else 0.0)) if p.split == "row" else p.d_out / tp
     return saved + mla_kv_widths(cfg)[1] / tp, len(projs)
