@@ -59,6 +59,7 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm over head_dim of every query and key head before RoPE (Qwen3)
     # Multi-head latent attention (DeepSeek-V2/V3): priced by the planner (model/flops_mla.py), not
     # built by the trainer, which implements "gqa" only. Widths in channels; defaults = DeepSeek-V3.
+    # Set n_kv_heads = n_heads with it (MLA shares no key/value head; the layout checks read n_kv_heads).
     attention: AttentionKind = "gqa"
     mla_q_lora_rank: int = 1536  # width of the compressed query latent; 0 = no query compression (V2-Lite)
     mla_kv_lora_rank: int = 512  # width of the compressed key/value latent
