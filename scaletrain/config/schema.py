@@ -33,6 +33,7 @@ ProgressMode = Literal["auto", "rich", "plain", "none"]  # "auto": a live bar on
 PpSchedule = Literal["gpipe", "1f1b", "interleaved_1f1b"]
 AcMode = Literal["none", "selective", "full"]  # activation checkpointing, by growing recompute
 RouterInit = Literal["normal", "zero"]  # a new MoE router: N(0, model.init_std) | zeros (uniform routing)
+AttentionKind = Literal["gqa", "mla"]  # grouped-query | DeepSeek's multi-head latent attention (planner only)
 
 
 @dataclass
@@ -56,6 +57,15 @@ class ModelConfig:
     init_std: float = 0.02  # std of the normal init of linear and embedding weights
     head_dim: int = 0  # width of one attention head; 0 = dim / n_heads (Qwen3-30B-A3B: 128 with dim 2048, 32 heads)
     qk_norm: bool = False  # RMSNorm over head_dim of every query and key head before RoPE (Qwen3)
+    # Multi-head latent attention (DeepSeek-V2/V3): priced by the planner (model/flops_mla.py), not
+    # built by the trainer, which implements "gqa" only. Widths in channels; defaults = DeepSeek-V3.
+    # Set n_kv_heads = n_heads with it (MLA shares no key/value head; the layout checks read n_kv_heads).
+    attention: AttentionKind = "gqa"
+    mla_q_lora_rank: int = 1536  # width of the compressed query latent; 0 = no query compression (V2-Lite)
+    mla_kv_lora_rank: int = 512  # width of the compressed key/value latent
+    mla_qk_nope_dim: int = 128  # per-head query/key channels without RoPE
+    mla_qk_rope_dim: int = 64  # per-head query/key channels with RoPE (the key part shared by all heads)
+    mla_v_dim: int = 128  # per-head value width
     # Mixture of experts (model/moe.py, docs/moe.md); moe_experts = 0 is a dense model and the
     # other moe_* keys are then unused.
     moe_experts: int = 0  # routed experts per MoE layer

@@ -77,6 +77,23 @@ def validate_model_config(cfg: ModelConfig) -> None:
              "model.activation_sparsity='2:4' needs model.ffn='squared_relu' "
              "(the sparse activations come from the squared ReLU)")
     _validate_moe(cfg)
+    _validate_mla(cfg)
+
+
+def _validate_mla(cfg: ModelConfig) -> None:
+    """mla_* widths of a multi-head latent attention model (model/flops_mla.py)."""
+    if cfg.attention != "mla":
+        return
+    for key in ("mla_kv_lora_rank", "mla_qk_nope_dim", "mla_qk_rope_dim", "mla_v_dim"):
+        value = getattr(cfg, key)
+        _require(isinstance(value, int) and value > 0, f"model.{key} must be a positive integer, got {value!r}")
+    _require(isinstance(cfg.mla_q_lora_rank, int) and cfg.mla_q_lora_rank >= 0,
+             f"model.mla_q_lora_rank must be an integer >= 0 (0 = no query compression), got {cfg.mla_q_lora_rank!r}")
+    _require(cfg.mla_qk_rope_dim % 2 == 0, f"model.mla_qk_rope_dim = {cfg.mla_qk_rope_dim} is odd; RoPE rotates "
+                                           "pairs of channels, so choose an even width (DeepSeek-V3: 64)")
+    _require(not cfg.qk_norm, "model.qk_norm normalises the heads of grouped-query attention; multi-head latent "
+                              "attention normalises its latents instead: set model.qk_norm = false with "
+                              "model.attention = 'mla'")
 
 
 def _validate_moe(cfg: ModelConfig) -> None:

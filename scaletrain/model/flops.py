@@ -17,14 +17,23 @@ from __future__ import annotations
 from typing import get_args
 
 from scaletrain.config.schema import AcMode, ModelConfig, head_dim_of
+from scaletrain.model.flops_mla import (mla_forward_flops, mla_head_dims, mla_norm_params, mla_op_saved_elements,
+                                        mla_projections, mla_saved_elements)
 
 AC_MODES = get_args(AcMode)
 
 
 def _dims(cfg: ModelConfig) -> tuple[int, int, int]:
-    """(head_dim, q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim)."""
+    """(head_dim, q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim) of grouped-query
+    attention; a multi-head latent attention model (cfg.attention == "mla") takes its widths from
+    model/flops_mla.py instead, as every function below does."""
     head_dim = head_dim_of(cfg)
     return head_dim, cfg.n_heads * head_dim, cfg.n_kv_heads * head_dim
+
+
+def is_mla(cfg: ModelConfig) -> bool:
+    """Whether `cfg` has multi-head latent attention (model/flops_mla.py) instead of GQA."""
+    return cfg.attention == "mla"
 
 
 def _ffn_matrices(cfg: ModelConfig) -> int:
@@ -53,10 +62,12 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     Keys:
       embedding            vocab * dim (the tok_embeddings table)
       output               vocab * dim, or 0 when tied (the table is then counted once)
-      attention_per_layer  wq + wk + wv + wo = dim*q_dim + 2*dim*kv_dim + q_dim*dim
+      attention_per_layer  wq + wk + wv + wo = dim*q_dim + 2*dim*kv_dim + q_dim*dim (MLA: its
+                           projections, flops_mla.mla_projections)
       ffn_per_layer        one DENSE FFN: 3 * dim * ffn_dim (SwiGLU) or 2 * dim * ffn_dim
                            (squared ReLU)
       norm_per_layer       2 * dim (attention_norm + ffn_norm) + 2 * head_dim with qk_norm
+                           (MLA: + its latent norms, r_q + r_kv)
       final_norm           dim
       dense_layers         layers with a dense FFN (all of them for a dense model)
       moe_layers           layers with the MoE FFN (model/moe.py)
@@ -81,6 +92,9 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     attention = cfg.dim * q_dim + 2 * cfg.dim * kv_dim + q_dim * cfg.dim
     ffn = _ffn_matrices(cfg) * cfg.dim * cfg.ffn_dim
     norm = 2 * cfg.dim + (2 * head_dim if cfg.qk_norm else 0)
+    if is_mla(cfg):
+        attention = sum(p.params for p in mla_projections(cfg))
+        norm = 2 * cfg.dim + mla_norm_params(cfg)
     final_norm = cfg.dim
     moe_layers = moe_layer_count(cfg)
     dense_layers = cfg.n_layers - moe_layers
@@ -126,6 +140,8 @@ def forward_flops_per_layer(cfg: ModelConfig, seq_len: int, causal: bool = False
                    experts each token is computed by: 2*s*dim*f_e*3 * (moe_top_k +
                    moe_shared_experts), capacity drops not discounted (an upper bound)
       router       MoE layers only: 2*s*dim*moe_experts (the gate)
+    MLA (flops_mla.mla_forward_flops): qkv = every projection but wo, attn_scores at the query/key
+    head width n + r, attn_values at the value width v, out_proj = wo.
 
     `causal=True` counts only the unmasked (query, key) pairs, which is what a causal
     flash-attention kernel actually executes; `False` counts the full s x s square.
@@ -143,6 +159,8 @@ def forward_flops_per_layer(cfg: ModelConfig, seq_len: int, causal: bool = False
         "out_proj": 2 * s * q_dim * cfg.dim,
         "ffn": 2 * s * cfg.dim * cfg.ffn_dim * _ffn_matrices(cfg),
     }
+    if is_mla(cfg):
+        flops.update(mla_forward_flops(cfg, s, pairs))
     if layer is not None and is_moe_layer(cfg, layer):
         experts_per_token = cfg.moe_top_k + cfg.moe_shared_experts
         flops["ffn"] = 2 * s * cfg.dim * expert_ffn_dim(cfg) * 3 * experts_per_token
@@ -162,6 +180,7 @@ def flops_per_token(
 
     convention="torchtitan" (the MFU number other Llama trainers report):
         6 * matmul_params + 12 * n_layers * n_heads * head_dim * seq_len
+      (MLA: 6 * n_layers * n_heads * (qk head width + v head width) * seq_len for the attention)
       where matmul_params = active - embedding (the embedding lookup is not a matmul). For a
       tied model we add back vocab*dim, because the output head still runs a matmul with the
       shared table; torchtitan itself drops it there (it de-duplicates the tied parameter),
@@ -180,6 +199,8 @@ def flops_per_token(
             raise ValueError("the torchtitan convention does not discount the causal mask")
         counts = param_counts(cfg)
         matmul_params = counts["active_non_embedding"] + (counts["embedding"] if cfg.tie_embeddings else 0)
+        if is_mla(cfg):
+            return float(6 * matmul_params + 6 * cfg.n_layers * cfg.n_heads * sum(mla_head_dims(cfg)) * seq_len)
         return float(6 * matmul_params + 12 * cfg.n_layers * cfg.n_heads * head_dim * seq_len)
     if convention == "exact":
         layers = sum(sum(forward_flops_per_layer(cfg, seq_len, causal, i).values()) for i in range(cfg.n_layers))
@@ -220,6 +241,10 @@ def activation_bytes_per_layer(
     `layer` (0-based) selects the FFN of that layer (ffn_activation_bytes): an MoE layer's
     replaces the SwiGLU tensors; None means a dense layer.
 
+    MLA (cfg.attention == "mla"): wo's input is h*v wide, and "none" keeps instead of q, k, v, O
+    and logsumexp what flops_mla.mla_saved_elements lists at tp = 1 past the wq_a/wkv_a input
+    (the latents, the normalised latents, per-head q, k, v and O).
+
     Returns bytes (int).
     """
     if ac not in AC_MODES:
@@ -233,7 +258,12 @@ def activation_bytes_per_layer(
     linear_inputs = 2 * tokens * cfg.dim * dtype_bytes  # qkv input, ffn input
     wo_input = tokens * q_dim * dtype_bytes
     total = norms + linear_inputs + ffn_activation_bytes(cfg, batch, seq_len, dtype_bytes, layer)
-    if ac == "none":
+    if ac == "none" and is_mla(cfg):
+        elems, fp32_elems = mla_saved_elements(cfg)
+        v_width = cfg.n_heads * mla_head_dims(cfg)[1]
+        # mla_saved_elements counts the attention input (here in linear_inputs) and not wo's input
+        total += int(tokens * ((elems - cfg.dim + v_width) * dtype_bytes + fp32_elems * fp32))
+    elif ac == "none":
         sdpa_inputs_and_output = 4 * tokens * q_dim * dtype_bytes  # q, k, v, O
         logsumexp = batch * cfg.n_heads * seq_len * fp32
         total += wo_input + sdpa_inputs_and_output + logsumexp
@@ -368,6 +398,14 @@ def saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype_byt
     "none" and "selective". Under "op" the expert w1 outputs and the slot-order outputs are
     kept, silu and w3 outputs (2*T*k*f*B, and the shared experts' 2*T*f*S*B) recomputed: an
     approximation of torchtitan's policy for grouped GEMMs, not measured.
+
+    MLA (cfg.attention == "mla", Megatron-Core's layout under tp: flops_mla module docstring):
+    "none" keeps, past the two block norms and the gathered FFN input T*d*B, the attention
+    tensors of flops_mla.mla_saved_elements (the attention input on its sequence shard, the
+    latents, the gathered normalised latents, per-head q, k, v, O, logsumexp); "selective" and
+    "full" are as above; "op" keeps the outputs of the 1st, 3rd, ... matmul of the block
+    (flops_mla.mla_op_saved_elements), and the FFN continues that alternation (with wq_a, five
+    attention matmuls: w3 is saved, w1 and w2 recomputed).
     """
     if ac not in SAVED_AC_MODES:
         raise ValueError(f"unknown activation checkpointing mode {ac!r}; choose one of {SAVED_AC_MODES}")
@@ -381,10 +419,17 @@ def saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype_byt
         return block_input
     lse = batch * cfg.n_heads * seq_len * 4 / tp
     if ac == "op":
-        saved = block_input + T * (q_dim + kv_dim) * B / tp + T * q_dim * B / tp + lse
+        if is_mla(cfg):
+            elems, n_mm = mla_op_saved_elements(cfg, tp)
+            saved = block_input + T * elems * B + lse
+        else:  # wq, wv, SDPA (every second of wq, wk, wv, wo)
+            saved, n_mm = block_input + T * (q_dim + kv_dim) * B / tp + T * q_dim * B / tp + lse, 4
         if moe:
             recomputed = 2 * T * expert_ffn_dim(cfg) * (cfg.moe_top_k + cfg.moe_shared_experts) * B
             return saved + moe_ffn_activation_bytes(cfg, batch, seq_len, B) - recomputed
+        if n_mm % 2:  # MLA with wq_a: the FFN's w1 is an even matmul, recomputed; w3 (squared ReLU: w2) kept
+            kept = T * f * B / tp if cfg.ffn == "swiglu" else T * d * B + (T * d * B / tp if tp > 1 else 0.0)
+            return saved + kept
         saved += T * f * B / tp + T * d * B
         return saved + (T * d * B / tp if tp > 1 else 0.0)
     norms = 2 * T * d * B / tp + 2 * T * 4 / tp + (2 * T * d * B / tp if decomposed_norm else 0.0)
@@ -396,6 +441,9 @@ def saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype_byt
         ffn = 2 * T * f * B / tp
     if ac == "selective":
         return norms + T * d * B + T * d * B / tp + ffn
+    if is_mla(cfg):  # the gathered FFN input, then the attention's tensors (flops_mla.mla_saved_elements)
+        elems, fp32_elems = mla_saved_elements(cfg, tp, decomposed_norm)
+        return norms + T * d * B + T * (elems * B + fp32_elems * 4) + ffn
     qk_norms = 0.0
     if cfg.qk_norm:  # RMSNorm over head_dim of every q and k head (Qwen3), inside the attention
         qk_norms = (T * (q_dim + kv_dim) * B * (2 if decomposed_norm else 1)

@@ -163,6 +163,11 @@ def _feed_forward(cfg: ModelConfig, layer_id: int) -> nn.Module:
     return MoE(cfg, layer_id, shared)
 
 
+MLA_NOT_BUILT = ("model.attention = 'mla': scaletrain's trainer implements only 'gqa' (grouped-query attention); "
+                 "multi-head latent attention is priced by the planner only (`scaletrain plan validate`, "
+                 "`scaletrain plan search` without --write-config). Set model.attention = 'gqa' to train.")
+
+
 class Transformer(nn.Module):
     """Llama-3-style decoder: tokens [batch, seq] -> logits [batch, seq, vocab].
 
@@ -176,6 +181,8 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         validate_model_config(cfg)
+        if cfg.attention != "gqa":
+            raise ConfigError(MLA_NOT_BUILT)
         self.cfg = cfg
         self.head_dim = head_dim_of(cfg)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)

@@ -170,6 +170,9 @@ def _search(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}.")
     model = _model(args.model)
+    if args.write_config and model.attention != "gqa":  # refused before the search, which is long for such models
+        raise ConfigError(f"--write-config writes a config for `scaletrain train`, which does not build "
+                          f"model.attention = '{model.attention}' (priced by the planner only); drop --write-config.")
     hw = _hardware(args)
     w = _workload(args, model)
     stack = scaletrain_stack(args.compile, w.precision, w.fp8_recipe)

@@ -14,9 +14,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from scaletrain.config.schema import ModelConfig
 from scaletrain.model.flops import _dims as attention_dims  # (head_dim, q_dim, kv_dim): flops' one definition
 from scaletrain.model.flops import (activation_bytes_per_layer, ffn_activation_bytes, flops_per_token,
-                                    forward_flops_per_layer, moe_dispatch_bytes, moe_layer_count, param_counts)
+                                    forward_flops_per_layer, is_mla, moe_dispatch_bytes, moe_layer_count, param_counts)
+from scaletrain.model.flops_mla import mla_gathered_width, mla_kv_widths, mla_projections
 from scaletrain.parallel.dims import MESH_DIMS
 from scaletrain.plan import cost_moe
 from scaletrain.plan.cost_memory import Stage, cp_gathered_kv_bytes, estimate_memory, stages
@@ -28,8 +30,8 @@ from scaletrain.plan.hardware import Hardware
 from scaletrain.train.metrics import mfu as metrics_mfu
 
 __all__ = ["FITTED", "FP8_CAST_BYTES", "PARAMS", "Estimate", "Layout", "Memory", "Params", "Stack", "Stage",
-           "StepTime", "Workload", "axis_link", "collective_time", "cp_gathered_kv_bytes", "cpu_model", "ep_seconds",
-           "estimate", "estimate_memory", "gemm_time", "is_cpu", "stages"]
+           "StepTime", "Workload", "attention_gemms", "axis_link", "collective_time", "cp_gathered_kv_bytes",
+           "cpu_model", "ep_seconds", "estimate", "estimate_memory", "gemm_time", "is_cpu", "stages"]
 
 
 def collective_time(kind: str, nbytes: float, n: int, bw: float, alpha: float, p: Params = PARAMS) -> float:
@@ -107,6 +109,19 @@ def gemm_time(m: float, n: float, k: float, peak: float, hw: Hardware, p: Params
     return max(t, operand_bytes * (m * k + k * n + m * n) / hw.hbm_bw)
 
 
+def attention_gemms(m: ModelConfig, T: float, tp: int) -> list[tuple[str, float, float, float]]:
+    """(name, m, n, k) of the attention's linear GEMMs one rank runs forward on a micro-batch of
+    `T` tokens, in forward order. Grouped-query attention: the fused wq/wk/wv (column-parallel:
+    the heads split over tp) and wo (row-parallel). Multi-head latent attention
+    (flops_mla.mla_projections): wq_b, wkv_b split their heads over tp (column), wo its input
+    (row); the replicated wq_a, wkv_a run on the rank's T / tp tokens of the sequence shard."""
+    if not is_mla(m):
+        _, q, kv = attention_dims(m)
+        return [("wqkv", T, (q + 2 * kv) / tp, m.dim), ("wo", T, m.dim, q / tp)]
+    return [(p.name, T / tp if p.split == "sequence" else T, p.d_out / tp if p.split == "column" else p.d_out,
+             p.d_in / tp if p.split == "row" else p.d_in) for p in mla_projections(m)]
+
+
 def _peaks(hw: Hardware, precision: str) -> tuple[float, float]:
     """(peak for the blocks' linear GEMMs, peak for attention, head and everything else), FLOP/s.
     fp8 runs the linears at the fp8 tensor-core rate (MXFP8 too: Blackwell's block-scaled MMA
@@ -140,6 +155,11 @@ def fp8_cast_seconds(w: Workload, T: float, tp: int, fused: bool, hw: Hardware, 
     inputs = T * (m.dim + q) / tp  # qkv and wo inputs; column-parallel inputs are cast before the sequence gather
     grads = T * ((q + 2 * kv) + m.dim) / tp
     weights = c["attention_per_layer"] / tp
+    if is_mla(m):  # every projection's own input (wq_a/wq and wkv_a share one), output gradient and weight
+        projs = mla_projections(m)
+        inputs = T * (m.dim + sum(p.d_in for p in projs if p.d_in != m.dim)) / tp
+        grads = T * sum(p.d_out for p in projs) / tp
+        weights = sum(p.params / (1 if p.split == "sequence" else tp) for p in projs)
     if moe:
         ei, eg, ew = cost_moe.fp8_elements(m, T / share, ep)
         inputs, grads, weights = inputs + ei, grads + eg, weights + ew
@@ -211,7 +231,8 @@ def estimate(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), 
         return gemm_time(mm, n, k, lin_peak, hw, p, lp)
 
     # --- attention, the same in every layer (forward seconds per micro-batch) ---
-    gemm_attn = gemm(T, (q + 2 * kv) / tp, m.dim) + gemm(T, m.dim, q / tp)
+    attn_gemms = [gemm(mm, n, k) for _, mm, n, k in attention_gemms(m, T, tp)]
+    gemm_attn = sum(attn_gemms)
     f = forward_flops_per_layer(m, w.seq_len, causal=True)
     kernel_eff = (hw.attn_eff_fused if stack.fused_attention else None) or hw.attn_eff or p.attn_eff
     attn_rate = peak * kernel_eff * (1.0 if hw.calibrated else p.attn_eff_scale)
@@ -251,6 +272,10 @@ def estimate(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), 
         # selective = parallel/ac.py checkpoints each block's attention module (wq/wk/wv, SDPA, wo);
         # op = torchtitan's op-level SAC: every elementwise op and every second matmul (wk, wo, w3)
         op_sac = gemm(T, kv / tp, m.dim) + gemm(T, m.dim, q / tp) + w3 + elem / 3
+        if is_mla(m):  # every second matmul of the block: the alternation runs on into the FFN
+            ffn_rec = w3 if moe or len(attn_gemms) % 2 == 0 else (
+                ffn_gemm - w3 if n_ffn == 3 else gemm(T, m.ffn_dim / tp, m.dim))
+            op_sac = sum(attn_gemms[1::2]) + ffn_rec + elem / 3
         recompute = {"none": 0.0, "selective": gemm_attn + attn, "full": fwd, "op": op_sac}[layout.ac]
         compute = fwd + bwd + recompute
         if block_key:  # the real block, measured: recompute and dispatch included (cpu_measured.py)
@@ -264,12 +289,16 @@ def estimate(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), 
             bw, lat = axis_link(layout, ("tp",), hw)
             one = collective_time("all_gather", T * m.dim * act_bytes, tp, bw, lat, p)
             comm = (8 + (2 if layout.ac in ("full", "op") else 0)) * one  # the recompute re-gathers its inputs
+            if is_mla(m):  # the attention gathers its latents, not its input (flops_mla.mla_gathered_width)
+                latents = collective_time("all_gather", T * mla_gathered_width(m) * act_bytes, tp, bw, lat, p)
+                comm += (2 + (1 if layout.ac in ("full", "op") else 0)) * (latents - one)
             exposed["tp"] = max(0.0, comm - 3 * lin) if stack.tp_overlap else comm
             hidden += comm - exposed["tp"]
         if cp > 1:
-            exposed["cp"], cp_total = cp_seconds(layout, T * kv * act_bytes / tp, attn, stack, hw, p)
+            kv_width = sum(mla_kv_widths(m)) / 2 if is_mla(m) else kv  # mean of the K and V widths
+            exposed["cp"], cp_total = cp_seconds(layout, T * kv_width * act_bytes / tp, attn, stack, hw, p)
             hidden += cp_total - exposed["cp"]
-        split = cost_moe.layer_split(counts, moe)
+        split = cost_moe.layer_split(counts, moe, m)
         groups = [(split.tp / tp + split.replicated, shard, axis_link(layout, ("dp_shard", "cp"), hw))]
         if moe and stack.fsdp:  # the local experts' own FSDP group (parallel/ep.py: efsdp)
             size, stride = cost_moe.ep_groups(layout, stack)["expert_shard"]

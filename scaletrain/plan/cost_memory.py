@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 from scaletrain.config.schema import ModelConfig
 from scaletrain.model.flops import _dims as attention_dims  # (head_dim, q_dim, kv_dim): flops' one definition
-from scaletrain.model.flops import (backward_transient_bytes, head_activation_bytes, loss_activation_bytes,
+from scaletrain.model.flops import (backward_transient_bytes, head_activation_bytes, is_mla, loss_activation_bytes,
                                     moe_dispatch_buffer_bytes, moe_ffn_activation_bytes, param_counts, recompute_bytes,
                                     saved_activation_bytes)
+from scaletrain.model.flops_mla import mla_kv_widths
 from scaletrain.plan import cost_moe
 from scaletrain.plan.cost_moe import ParamSplit, gathered_params, layers_split, local_params
 from scaletrain.plan.cost_types import PARAMS, Layout, Memory, Params, Stack, Workload, is_cpu
@@ -49,14 +50,16 @@ def cp_gathered_kv_bytes(m: ModelConfig, mb: int, seq_len: int, B: int, layout: 
     holds (per micro-batch): parallel/cp.py gathers K, V of the whole sequence and repeats them to
     all query heads (GQA) before SDPA, which keeps them for its backward: 2 mb (S - S/cp) q B / tp
     beyond the local part flops.saved_activation_bytes counts. torchtitan's all-gather keeps the
-    kv heads only; Transformer Engine's ring re-sends K, V in backward and keeps nothing extra."""
+    kv heads only; Transformer Engine's ring re-sends K, V in backward and keeps nothing extra.
+    Multi-head latent attention gathers its per-head keys and values (flops_mla.mla_kv_widths:
+    h (n + r) + h v channels) either way."""
     if layout.cp == 1 or stack.cp_comm == "ring":
         return 0.0
     _, q, kv = attention_dims(m)
     width = q if stack.cp_comm == "allgather" else kv
+    if is_mla(m):
+        width = sum(mla_kv_widths(m)) / 2
     return 2 * mb * (seq_len - seq_len / layout.cp) * width * B / layout.tp
-
-
 
 
 def estimate_memory(w: Workload, layout: Layout, hw: Hardware, stack: Stack = Stack(), p: Params | None = None) -> Memory:

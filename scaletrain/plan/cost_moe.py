@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scaletrain.config.schema import ModelConfig
-from scaletrain.model.flops import expert_ffn_dim
+from scaletrain.model.flops import expert_ffn_dim, is_mla
+from scaletrain.model.flops_mla import mla_replicated_params
 from scaletrain.plan.hardware import Hardware
 
 
@@ -48,13 +49,15 @@ class ParamSplit:
         return self.tp + self.replicated + self.experts
 
 
-def layer_split(c: dict[str, int], moe: bool) -> ParamSplit:
-    """One transformer layer's parameters (`c` = flops.param_counts of the model): a dense
-    layer, or an MoE layer (`moe`)."""
-    base = float(c["attention_per_layer"] + c["norm_per_layer"])
+def layer_split(c: dict[str, int], moe: bool, m: ModelConfig) -> ParamSplit:
+    """One transformer layer's parameters (`c` = flops.param_counts of the model `m`): a dense
+    layer, or an MoE layer (`moe`). Multi-head latent attention's wq_a and wkv_a are replicated
+    over tp (flops_mla.mla_replicated_params)."""
+    latent = mla_replicated_params(m) if is_mla(m) else 0
+    base = float(c["attention_per_layer"] - latent + c["norm_per_layer"])
     if not moe:
-        return ParamSplit(tp=base + c["ffn_per_layer"])
-    return ParamSplit(tp=base, replicated=float(c["router_per_moe_layer"] + c["shared_per_moe_layer"]),
+        return ParamSplit(tp=base + c["ffn_per_layer"], replicated=float(latent))
+    return ParamSplit(tp=base, replicated=float(c["router_per_moe_layer"] + c["shared_per_moe_layer"] + latent),
                       experts=float(c["experts_per_moe_layer"]))
 
 
@@ -70,12 +73,12 @@ def moe_layers_in(m: ModelConfig, first: float, count: float) -> float:
 def layers_split(m: ModelConfig, c: dict[str, int], first: float, count: float) -> ParamSplit:
     """Parameters of the layers [first, first + count) (`c` = flops.param_counts(m))."""
     n_moe = moe_layers_in(m, first, count)
-    return layer_split(c, False).scaled(count - n_moe) + layer_split(c, True).scaled(n_moe)
+    return layer_split(c, False, m).scaled(count - n_moe) + layer_split(c, True, m).scaled(n_moe)
 
 
 def largest_layer(m: ModelConfig, c: dict[str, int]) -> ParamSplit:
     """The layer with the most parameters (what one FSDP unit gathers at most)."""
-    return layer_split(c, m.moe_experts > 0)
+    return layer_split(c, m.moe_experts > 0, m)
 
 
 def dense_shard(layout, stack) -> int:

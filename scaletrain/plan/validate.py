@@ -2,8 +2,8 @@
 
 `read_cases(path)` turns every row of a CSV in the format of published_training_perf_dev.csv
 (a copy ships in scaletrain/plan/data/) into a `Case` -- the workload, layout, hardware and
-software `Stack` the row describes -- or a skip with its reason (multi-head latent attention,
-an unknown architecture, GPU or layout). Dense and MoE (grouped-query attention) rows are
+software `Stack` the row describes -- or a skip with its reason (an unknown architecture, GPU
+or layout). Dense and MoE rows, with grouped-query or multi-head latent attention, are
 priced. `predict(case, params)` prices a case with ONE global parameter
 set; `validate_file` does both with the fitted default (cost.PARAMS). Software differences
 enter only through `Stack` switches read from the row's own description of its software
@@ -49,7 +49,7 @@ class Case:
     stack: Stack
     measured_tokens_per_s_per_gpu: float
     measured_peak_mem_gib: float | None = None
-    arch: tuple = ()  # (layers, dim, heads, kv heads, ffn, vocab, experts, top-k, expert ffn): one model whatever the row calls it
+    arch: tuple = ()  # (layers, dim, heads, kv heads, ffn, vocab, experts, top-k, expert ffn[, "mla"]): one model whatever the row calls it
 
 
 @dataclass
@@ -105,12 +105,16 @@ def model_for(row: dict) -> ModelConfig | None:
     their experts (moe_experts, moe_topk, moe_ffn_hidden, moe_shared_experts, moe_dense_layers).
     The CSV has no head width: where a registered flavor has the row's shape (the models the
     rows name, cited in model/flavors.py) its head_dim and q/k norms are taken, else
-    hidden / heads (what every dense row's model has)."""
+    hidden / heads (what every dense row's model has). A row whose `attention` is `mla` gets
+    multi-head latent attention with DeepSeek-V3's widths (ModelConfig's mla_* defaults: the CSV
+    has no MLA width columns; a DeepSeek-V2-Lite-style model without query compression would
+    need mla_q_lora_rank = 0) and one kv head per query head (MLA shares none)."""
     layers, hidden, heads = _i(row, "layers"), _i(row, "hidden"), _i(row, "heads")
     vocab = _i(row, "vocab")
     if not (layers and hidden and heads and vocab):
         return None
-    kv = _i(row, "kv_heads", heads)
+    mla = (row.get("attention") or "gqa").lower() == "mla"
+    kv = heads if mla else _i(row, "kv_heads", heads)
     ffn = _i(row, "ffn_hidden", 4 * hidden)
     moe = row.get("arch_type", "dense") == "moe"
     llama = "llama" in row["model"].lower()
@@ -120,7 +124,10 @@ def model_for(row: dict) -> ModelConfig | None:
                    moe_dense_layers=_i(row, "moe_dense_layers", 0)) if moe else {}
     cfg = ModelConfig(flavor=row["model"], dim=hidden, n_layers=layers, n_heads=heads, n_kv_heads=kv,
                       ffn_dim=ffn, vocab_size=vocab, max_seq_len=_i(row, "seq_len", 2048),
-                      ffn="swiglu" if llama or moe else "squared_relu", tie_embeddings=mpt, **experts)
+                      ffn="swiglu" if llama or moe else "squared_relu", tie_embeddings=mpt,
+                      attention="mla" if mla else "gqa", **experts)
+    if mla:  # DeepSeek-V3's widths (ModelConfig's defaults); never a registered flavor
+        return cfg
     known = flavor_like(cfg)
     if known:
         return dataclasses.replace(cfg, head_dim=known.head_dim, qk_norm=known.qk_norm)
@@ -207,9 +214,6 @@ def measured_tokens(row: dict) -> float | None:
     return measured or None  # a throughput of 0 is no measurement
 
 
-MLA_SKIP = "multi-head latent attention (MLA, DeepSeek-style) is not in the cost model"
-
-
 def architecture_inconsistent(m: ModelConfig) -> str | None:
     """Why the row's architecture cannot be a model (None when it can): widths that are zero, kv
     heads that do not divide the heads, more experts per token than experts."""
@@ -222,8 +226,6 @@ def architecture_inconsistent(m: ModelConfig) -> str | None:
 
 def case_for_row(row: dict) -> Case | str:
     """The row as a Case, or the reason it cannot be priced."""
-    if (row.get("attention") or "gqa").lower() == "mla":
-        return MLA_SKIP
     if row.get("arch_type", "dense") not in ("dense", "moe"):
         return f"architecture type {row['arch_type']!r} is not in the cost model"
     model = model_for(row)
@@ -277,7 +279,7 @@ def case_for_row(row: dict) -> Case | str:
     if why:
         return f"source inconsistent: {why}"
     arch = (model.n_layers, model.dim, model.n_heads, model.n_kv_heads, model.ffn_dim, model.vocab_size,
-            model.moe_experts, model.moe_top_k, model.moe_ffn_dim)
+            model.moe_experts, model.moe_top_k, model.moe_ffn_dim) + (("mla",) if model.attention == "mla" else ())
     return Case(row["row_id"], row["source_id"], row["model"], Workload(model, seq, gb, precision, recipe), layout,
                 hw, stack, measured, _f(row, "peak_mem_gib"), arch)
 

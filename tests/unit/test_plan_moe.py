@@ -225,8 +225,8 @@ def test_layout_checker_expert_parallel_rules():
         check_layout(ParallelDims(1, 2, 1, 1, 1, ep=0), par, moe, 256, 8)
 
 
-def test_validate_prices_moe_rows_and_skips_mla():
-    from scaletrain.plan.validate import MLA_SKIP, Case, case_for_row, read_rows
+def test_validate_prices_moe_rows_with_gqa_or_mla():
+    from scaletrain.plan.validate import Case, case_for_row, read_rows
 
     rows = read_rows()
     moe = [r for r in rows if r["arch_type"] == "moe"]
@@ -241,9 +241,10 @@ def test_validate_prices_moe_rows_and_skips_mla():
     assert {c.hw.name for c in cases} == {"h100_sxm", "b200", "b300", "gb200_nvl72", "gb300_nvl72"}
     assert {(c.workload.precision, c.workload.fp8_recipe) for c in cases} >= {("bf16", "tensorwise"), ("fp8", "mxfp8"),
                                                                               ("fp8", "tensorwise")}
-    # multi-head latent attention is refused by name, MoE or not
-    assert case_for_row(dict(moe[0], attention="mla")) == MLA_SKIP
-    assert case_for_row(dict(rows[0], attention="mla")) == MLA_SKIP
+    # multi-head latent attention is priced, MoE or not (tests/unit/test_plan_mla.py prices it)
+    dense = next(r for r in rows if r["arch_type"] == "dense" and isinstance(case_for_row(r), Case))
+    for row in (moe[0], dense):
+        assert case_for_row(dict(row, attention="mla")).workload.model.attention == "mla"
     # an expert-parallel degree the data-parallel ranks cannot hold is the source's inconsistency
     assert "source inconsistent" in case_for_row(dict(moe[0], ep="7"))
 

@@ -21,13 +21,14 @@ def test_the_development_set_ships_with_the_package(rows):
     assert "scaletrain" in path.parts and len(rows) >= 280 and "row_id" in rows[0]
 
 
-def test_moe_rows_are_priced_as_moe_and_mla_rows_skipped_with_a_reason(rows):
+def test_moe_rows_are_priced_as_moe_and_mla_rows_with_latent_attention(rows):
     moe = [r for r in rows if r["arch_type"] == "moe"]
     assert moe
     for r in moe:
         assert case_for_row(r).workload.model.moe_experts == int(r["moe_experts"])
-    mla = dict(rows[0], attention="mla", arch_type="dense")
-    assert "MLA" in case_for_row(mla)
+    dense = next(r for r in rows if r["arch_type"] == "dense" and not isinstance(case_for_row(r), str))
+    mla = case_for_row(dict(dense, attention="mla")).workload.model
+    assert (mla.attention, mla.n_kv_heads, mla.qk_norm) == ("mla", mla.n_heads, False)
 
 
 def test_rows_in_a_precision_without_rates_are_skipped_not_priced_at_another(rows):
