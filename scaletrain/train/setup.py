@@ -27,6 +27,7 @@ from scaletrain.config.schema import Config, TrainConfig
 from scaletrain.errors import ConfigError
 from scaletrain.model import Transformer, build_model
 from scaletrain.model.loss import cross_entropy_loss
+from scaletrain.model.transformer import MLA_NOT_BUILT
 from scaletrain.model.sdpa import check_sdpa_backend, sdpa_context
 from scaletrain.parallel import parallelize
 from scaletrain.parallel.dims import DistEnv, Meshes, ParallelDims, barrier, build_meshes, init_distributed, read_env
@@ -43,6 +44,8 @@ def check_launch(cfg: Config, memory_check: MemoryCheck) -> tuple[DistEnv, Paral
     """(this process's environment, the resolved degrees, the predicted peak bytes per rank);
     raises a ScaletrainError before any process-group work, naming layouts that would fit."""
     t, d = cfg.train, cfg.data
+    if cfg.model.attention != "gqa":  # a planner-only architecture: say so before any other check
+        raise ConfigError(MLA_NOT_BUILT)
     env = read_env(t.device)
     check_sdpa_backend(t.sdpa_backend, env.device)
     dims = resolve_dims(cfg.parallel, env.world_size, cfg.model, d.seq_len, d.batch_size)

@@ -97,3 +97,7 @@ def test_train_refuses_mla_with_one_line(tmp_path, capsys, data_cache):
     run = tmp_path / "run"
     code, err = main_exit(capsys, *debug_train_args(run, data_cache, 1, "--model.attention", "mla"))
     assert code == 2 and len(err.strip().splitlines()) == 1 and "implements only 'gqa'" in err
+    # a DeepSeek-sized MLA model hears the same, not a memory pre-flight about a model it cannot build
+    big = ("--model.dim", "16384", "--model.n_layers", "64", "--model.n_heads", "128", "--model.n_kv_heads", "128")
+    code, err = main_exit(capsys, *debug_train_args(run, data_cache, 1, "--model.attention", "mla", *big))
+    assert code == 2 and "implements only 'gqa'" in err and "memory" not in err
