@@ -305,7 +305,7 @@ def read_rows(path: str | Path | None = None) -> list[dict]:
     p = Path(path) if path else dev_set_path()
     if not p.is_file():
         raise ConfigError(f"published data file {p} does not exist.")
-    with p.open(newline="") as f:
+    with p.open(newline="", encoding="utf-8-sig") as f:  # a spreadsheet's byte-order mark is not part of row_id
         rows = list(csv.DictReader(f))
     if not rows or "row_id" not in rows[0]:
         raise ConfigError(f"{p} is not a published-performance CSV (needs a row_id column).")

@@ -186,3 +186,10 @@ def test_a_row_naming_cuda_graphs_exposes_no_host_launch_time(rows):
     no_host = predict(plain, dataclasses.replace(PARAMS, moe_host_scale=0.0)).predicted_tokens_per_s_per_gpu
     assert predict(graphs).predicted_tokens_per_s_per_gpu == pytest.approx(no_host)
     assert no_host > 1.2 * predict(plain).predicted_tokens_per_s_per_gpu
+
+
+def test_a_csv_saved_with_a_byte_order_mark_reads_like_any_other(tmp_path):
+    src = dev_set_path().read_text(encoding="utf-8")
+    path = tmp_path / "bom.csv"
+    path.write_text("\ufeff" + src, encoding="utf-8")
+    assert [r["row_id"] for r in read_rows(path)] == [r["row_id"] for r in read_rows()]
