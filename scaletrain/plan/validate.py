@@ -304,9 +304,13 @@ def read_rows(path: str | Path | None = None) -> list[dict]:
     """Rows of a published-performance CSV (default: the shipped development set)."""
     p = Path(path) if path else dev_set_path()
     if not p.is_file():
-        raise ConfigError(f"published data file {p} does not exist.")
-    with p.open(newline="", encoding="utf-8-sig") as f:  # a spreadsheet's byte-order mark is not part of row_id
-        rows = list(csv.DictReader(f))
+        raise ConfigError(f"published data file {p} does not exist" + (" (it is a folder)." if p.is_dir() else "."))
+    try:
+        with p.open(newline="", encoding="utf-8-sig") as f:  # a spreadsheet's byte-order mark is not part of row_id
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ConfigError(f"{p} is not a UTF-8 CSV file ({e.__class__.__name__}: {e}); export the table as CSV "
+                          "(UTF-8) with the development set's columns.") from None
     if not rows or "row_id" not in rows[0]:
         raise ConfigError(f"{p} is not a published-performance CSV (needs a row_id column).")
     missing = [c for c in REQUIRED_COLUMNS if c not in rows[0]]

@@ -171,6 +171,12 @@ def test_a_csv_without_the_required_columns_is_refused_in_one_line(tmp_path, cap
     path.write_text("row_id,model\n1,x\n")
     code, err = main_exit(capsys, "plan", "validate", "--published", str(path))
     assert code == 2 and "source_id, gpu_type" in err and len(err.strip().splitlines()) == 1
+    binary = tmp_path / "table.xlsx"
+    binary.write_bytes(b"PK\x03\x04\xd0\xcf\x11\xe0" * 64)
+    code, err = main_exit(capsys, "plan", "validate", "--published", str(binary))
+    assert code == 2 and "not a UTF-8 CSV" in err and len(err.strip().splitlines()) == 1
+    code, err = main_exit(capsys, "plan", "validate", "--published", str(tmp_path))
+    assert code == 2 and "it is a folder" in err
 
 
 def test_a_row_naming_cuda_graphs_exposes_no_host_launch_time(rows):
