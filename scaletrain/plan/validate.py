@@ -164,10 +164,15 @@ def precision_for(row: dict, hw_name: str) -> tuple[str, str]:
     """(precision, fp8 recipe) from the row's precision text. fp8 recipes: "tensorwise" (current
     per-tensor scaling: torchao Float8, Megatron-Bridge FP8-CS), "delayed" (Transformer Engine's
     amax-history scaling, its default before 2025: NeMo 24.x, llm-foundry), "mxfp8" (32-element
-    block scales, Blackwell)."""
+    block scales, Blackwell), "blockwise" (1x128 / 128x128 block scales: DeepSeek-V3's recipe,
+    Megatron's "FP8-SS" subchannel scaling; torchao's "rowwise" is per-row)."""
     text = row.get("precision", "").lower()
     if "mxfp8" in text or "fp8-mx" in text:
         return "fp8", "mxfp8"
+    if re.search(r"blockwise|block-wise|subchannel|sub-channel|fp8-ss|fp8-blk|fp8-ds|deepseek", text):
+        return "fp8", "blockwise"
+    if "rowwise" in text or "row-wise" in text:
+        return "fp8", "rowwise"
     if "fp8" in text or "float8" in text:
         te = any(k in (row.get("framework", "") + " " + text).lower() for k in ("nemo", "transformerengine"))
         current = "-cs" in text or "per-tensor" in text or "megatron-bridge" in row.get("framework", "").lower()

@@ -199,3 +199,16 @@ def test_a_csv_saved_with_a_byte_order_mark_reads_like_any_other(tmp_path):
     path = tmp_path / "bom.csv"
     path.write_text("\ufeff" + src, encoding="utf-8")
     assert [r["row_id"] for r in read_rows(path)] == [r["row_id"] for r in read_rows()]
+
+
+def test_fp8_recipes_named_by_the_precision_text(rows):
+    """Block-scaled (DeepSeek-style, Megatron subchannel) and row-wise fp8 are their own recipes
+    with their own cast bytes; the 25.09 rows' footnote text ("block-scaled ... per footnote") is
+    not a recipe name and stays per-tensor."""
+    h100 = next(r for r in rows if r["model"] == "LLAMA3_8B" and r["gpu_type"] == "H100")
+    for text, recipe in (("FP8-SS", "blockwise"), ("fp8 blockwise (1x128)", "blockwise"), ("FP8 rowwise", "rowwise"),
+                         ("FP8-CS", "tensorwise"), ("FP8-MX", "mxfp8")):
+        case = case_for_row(dict(h100, precision=text))
+        assert isinstance(case, str) if recipe == "mxfp8" else case.workload.fp8_recipe == recipe
+    footnote = next(r for r in rows if "per footnote" in r["precision"])
+    assert case_for_row(footnote).workload.fp8_recipe == "tensorwise"
