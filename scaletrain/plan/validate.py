@@ -100,8 +100,11 @@ def gpu_for(gpu_type: str) -> str | None:
 
 
 def model_for(row: dict) -> ModelConfig | None:
-    """ModelConfig of a row: Llama and MoE rows use SwiGLU; GPT/MPT rows a 2-matrix GELU FFN
-    (same FLOPs and activation count as squared ReLU), 4*hidden when not given. MoE rows add
+    """ModelConfig of a row: a gated FFN (SwiGLU/GeGLU: three matrices) for MoE rows and the
+    gated families (GATED_FAMILIES), a 2-matrix FFN (GELU, ReLU or squared ReLU: same FLOPs and
+    activation count) for the non-gated ones (PLAIN_FAMILIES); a model of neither family is
+    gated unless its FFN is exactly 4 x hidden (the width every non-gated family uses; gated
+    models shrink it to ~8/3 x or widen it, as Gemma's 8 x). 4*hidden when not given. MoE rows add
     their experts (moe_experts, moe_topk, moe_ffn_hidden, moe_shared_experts, moe_dense_layers).
     The CSV has no head width: where a registered flavor has the row's shape (the models the
     rows name, cited in model/flavors.py) its head_dim and q/k norms are taken, else
@@ -117,14 +120,16 @@ def model_for(row: dict) -> ModelConfig | None:
     kv = heads if mla else _i(row, "kv_heads", heads)
     ffn = _i(row, "ffn_hidden", 4 * hidden)
     moe = row.get("arch_type", "dense") == "moe"
-    llama = "llama" in row["model"].lower()
-    mpt = "mpt" in row["model"].lower()
+    name = re.sub(r"[\s_-]+", "", row["model"].lower())
+    plain = any(f in name for f in PLAIN_FAMILIES) and not any(f in name for f in GATED_FAMILIES)
+    gated = moe or any(f in name for f in GATED_FAMILIES) or (not plain and ffn != 4 * hidden)
+    tied = any(f in name for f in TIED_FAMILIES)
     experts = dict(moe_experts=_i(row, "moe_experts", 0), moe_top_k=_i(row, "moe_topk", 0),
                    moe_ffn_dim=_i(row, "moe_ffn_hidden", 0), moe_shared_experts=_i(row, "moe_shared_experts", 0),
                    moe_dense_layers=_i(row, "moe_dense_layers", 0)) if moe else {}
     cfg = ModelConfig(flavor=row["model"], dim=hidden, n_layers=layers, n_heads=heads, n_kv_heads=kv,
                       ffn_dim=ffn, vocab_size=vocab, max_seq_len=_i(row, "seq_len", 2048),
-                      ffn="swiglu" if llama or moe else "squared_relu", tie_embeddings=mpt,
+                      ffn="swiglu" if gated else "squared_relu", tie_embeddings=tied,
                       attention="mla" if mla else "gqa", **experts)
     if mla:  # DeepSeek-V3's widths (ModelConfig's defaults); never a registered flavor
         return cfg
@@ -136,6 +141,17 @@ def model_for(row: dict) -> ModelConfig | None:
         if family in name:
             return dataclasses.replace(cfg, head_dim=head_dim, qk_norm=qk_norm)
     return cfg
+
+
+# FFN kind by model family (names matched with spaces, '_' and '-' removed): gated FFNs
+# (SwiGLU / GeGLU, three matrices) in Llama, Mistral/Mixtral, Qwen, DeepSeek, Gemma, Phi-3/4,
+# InternLM, OLMo, Baichuan, Granite, GLM, Kimi, DBRX, Arctic; two matrices in GPT-2/3/NeoX/J,
+# MPT, BLOOM, OPT, Falcon, StarCoder, Pythia and Nemotron-4 (squared ReLU). Tied input and
+# output embeddings: MPT, Gemma.
+GATED_FAMILIES = ("llama", "mistral", "mixtral", "qwen", "deepseek", "gemma", "phi3", "phi4", "internlm",
+                  "olmo", "baichuan", "granite", "glm", "kimi", "dbrx", "arctic")
+PLAIN_FAMILIES = ("gpt", "mpt", "bloom", "opt", "falcon", "starcoder", "pythia", "nemotron")
+TIED_FAMILIES = ("mpt", "gemma")
 
 
 # Model families whose attention heads are not hidden / heads wide, for the rows of family

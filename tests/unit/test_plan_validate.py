@@ -212,3 +212,25 @@ def test_fp8_recipes_named_by_the_precision_text(rows):
         assert isinstance(case, str) if recipe == "mxfp8" else case.workload.fp8_recipe == recipe
     footnote = next(r for r in rows if "per footnote" in r["precision"])
     assert case_for_row(footnote).workload.fp8_recipe == "tensorwise"
+
+
+def test_ffn_kind_and_tied_embeddings_follow_the_model_family(rows):
+    """A gated FFN has three matrices, a GELU/ReLU one two: pricing a Qwen or Mistral row with two
+    would miss a third of its FFN. Families decide; an unknown model is gated unless its FFN is
+    exactly 4 x hidden."""
+    llama = next(r for r in rows if r["model"] == "LLAMA3_8B")
+    base = dict(llama, layers="33")  # no registered flavor has this shape
+
+    def kind(model, ffn):
+        m = case_for_row(dict(base, model=model, ffn_hidden=str(ffn))).workload.model
+        return m.ffn, m.tie_embeddings
+
+    assert kind("Qwen2.5 72B", 29568) == ("swiglu", False)
+    assert kind("Mistral-7B", 14336) == ("swiglu", False)
+    assert kind("Gemma 7B", 24576) == ("swiglu", True)
+    assert kind("Falcon 40B", 16384) == ("squared_relu", False)
+    assert kind("Nemotron-4 15B", 16384) == ("squared_relu", False)
+    assert kind("Llama-3.1-Nemotron 70B", 14336) == ("swiglu", False)
+    assert kind("FooLM 7B", 11008) == ("swiglu", False)
+    assert kind("FooLM 7B", 16384) == ("squared_relu", False)
+    assert kind("MPT-7b", 16384) == ("squared_relu", True)
