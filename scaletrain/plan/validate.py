@@ -216,10 +216,13 @@ def stack_for(row: dict) -> Stack:
     """The software switches a row names (docs/planner.md "Stack switches")."""
     text = " ".join(row.get(k, "") for k in ("optimizations", "framework", "precision")).lower()
     megatron = any(k in text for k in ("megatron", "nemo"))  # Megatron-Core with Transformer Engine
-    fsdp = (any(k in text for k in ("fsdp", "torchtitan", "llm-foundry")) and "megatron" not in text) \
+    # sharded weights: FSDP/HSDP, torchtitan, llm-foundry, DeepSpeed ZeRO stage 3 (ZeRO-1/2 shard only the
+    # optimizer state / gradients: DDP-like communication)
+    zero3 = re.search(r"zero[\s_-]*(stage[\s_-]*)?3", text) is not None
+    fsdp = (any(k in text for k in ("fsdp", "hsdp", "torchtitan", "llm-foundry")) or zero3) and "megatron" not in text \
         or (_i(row, "fsdp", 0) or 0) > 1
     return Stack(fused="compile" in text or megatron,
-                 tp_overlap=any(k in text for k in ("asynctp", "async tp", "tp-comm-overlap")) or "nemo" in text,
+                 tp_overlap=bool(re.search(r"async[\s_-]*tp|tp[\s_-]*comm[\s_-]*overlap", text)) or "nemo" in text,
                  reshard_after_forward=False if "shard_grad_op" in text else None, fsdp=fsdp,
                  fused_attention=megatron, grad_reduce_fp32="mp mode pure" not in text, moe_folding=megatron,
                  cuda_graphs=bool(re.search(r"cuda[ _-]?graph|cudagraph|reduce-overhead", text)),
@@ -290,7 +293,13 @@ def case_for_row(row: dict) -> Case | str:
     if schedule == "interleaved_1f1b" and vp == 1:
         vp = 2  # torchtitan's interleaved 1F1B default: 2 stages per rank
     ac_raw = (row.get("act_recompute") or "none").lower()
-    ac = "full" if ac_raw.startswith("full") else "selective" if ac_raw.startswith("selective") else "none"
+    # "full", Megatron's "uniform"/"block" methods, a bare yes -> full; "selective"/"partial"/SAC -> selective
+    if re.search(r"selective|partial|\bsac\b", ac_raw):
+        ac = "selective"
+    elif re.search(r"full|uniform|block|\byes\b|\btrue\b|enabled|\bon\b", ac_raw):
+        ac = "full"
+    else:
+        ac = "none"
     if ac == "selective" and re.search(r"\bop\b", ac_raw):
         ac = "op"  # torchtitan's op-level SAC: saves matmul outputs except every second mm (cost.py "op")
     layout = Layout(dp_replicate=1 if stack.fsdp else dp, dp_shard=dp if stack.fsdp else 1, tp=tp, pp=pp, cp=cp,

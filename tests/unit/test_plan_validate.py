@@ -234,3 +234,22 @@ def test_ffn_kind_and_tied_embeddings_follow_the_model_family(rows):
     assert kind("FooLM 7B", 11008) == ("swiglu", False)
     assert kind("FooLM 7B", 16384) == ("squared_relu", False)
     assert kind("MPT-7b", 16384) == ("squared_relu", True)
+
+
+def test_activation_checkpointing_text_in_its_common_spellings(rows):
+    llama = next(r for r in rows if r["model"] == "LLAMA3_8B")
+    for text, ac in (("full", "full"), ("Full (uniform, 1 layer)", "full"), ("block", "full"), ("yes", "full"),
+                     ("selective", "selective"), ("selective (op, config default)", "op"), ("partial", "selective"),
+                     ("none", "none"), ("no", "none"), ("", "none"), ("off", "none")):
+        assert case_for_row(dict(llama, act_recompute=text)).layout.ac == ac, text
+
+
+def test_stack_switches_from_the_common_spellings_of_what_a_row_names(rows):
+    llama = next(r for r in rows if r["model"] == "LLAMA3_8B")
+    plain = dict(llama, framework="PyTorch", optimizations="")
+    for text in ("Async-TP", "async_tp", "AsyncTP", "--tp-comm-overlap"):
+        assert stack_for(dict(plain, optimizations=text)).tp_overlap, text
+    for text in ("DeepSpeed ZeRO-3", "ZeRO stage 3", "HSDP", "FSDP2"):
+        assert stack_for(dict(plain, optimizations=text)).fsdp, text
+    for text in ("DeepSpeed ZeRO-1", "DDP"):
+        assert not stack_for(dict(plain, optimizations=text)).fsdp, text
