@@ -229,8 +229,18 @@ def stack_for(row: dict) -> Stack:
                  cp_comm="ring" if megatron else "allgather_overlap" if "torchtitan" in text else "allgather")
 
 
+def global_batch(row: dict) -> int | None:
+    """Sequences per optimizer step: the `global_batch` column, else `global_batch_tokens` /
+    `seq_len` when that divides exactly."""
+    gb = _i(row, "global_batch")
+    tokens, seq = _i(row, "global_batch_tokens"), _i(row, "seq_len")
+    if not gb and tokens and seq and tokens % seq == 0:
+        gb = tokens // seq
+    return gb
+
+
 def measured_tokens(row: dict) -> float | None:
-    gpus, seq, gb = _i(row, "num_gpus"), _i(row, "seq_len"), _i(row, "global_batch")
+    gpus, seq, gb = _i(row, "num_gpus"), _i(row, "seq_len"), global_batch(row)
     measured = _f(row, "tokens_per_s_per_gpu")
     step = _f(row, "step_time_s")
     if not measured and step and gpus and seq and gb:
@@ -264,7 +274,7 @@ def case_for_row(row: dict) -> Case | str:
         return f"GPU '{row['gpu_type']}' not in the catalog"
     if reason := unpriced_precision(row):
         return reason
-    gpus, seq, gb = _i(row, "num_gpus"), _i(row, "seq_len"), _i(row, "global_batch")
+    gpus, seq, gb = _i(row, "num_gpus"), _i(row, "seq_len"), global_batch(row)
     tp, pp, mb = _i(row, "tp"), _i(row, "pp"), _i(row, "micro_batch")
     cp, vp = _i(row, "cp", 1) or 1, _i(row, "vp", 1) or 1
     text = (row.get("optimizations", "") + " " + row.get("framework", "")).lower()

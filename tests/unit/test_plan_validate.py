@@ -253,3 +253,10 @@ def test_stack_switches_from_the_common_spellings_of_what_a_row_names(rows):
         assert stack_for(dict(plain, optimizations=text)).fsdp, text
     for text in ("DeepSpeed ZeRO-1", "DDP"):
         assert not stack_for(dict(plain, optimizations=text)).fsdp, text
+
+
+def test_the_global_batch_comes_from_its_tokens_when_only_they_are_given(rows):
+    llama = next(r for r in rows if r["model"] == "LLAMA3_8B")
+    case = case_for_row(llama)
+    tokens = str(case.workload.global_batch * case.workload.seq_len)
+    assert case_for_row(dict(llama, global_batch="", global_batch_tokens=tokens)).workload == case.workload
