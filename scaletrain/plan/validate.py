@@ -243,6 +243,9 @@ def measured_tokens(row: dict) -> float | None:
     gpus, seq, gb = _i(row, "num_gpus"), _i(row, "seq_len"), global_batch(row)
     measured = _f(row, "tokens_per_s_per_gpu")
     step = _f(row, "step_time_s")
+    total = _f(row, "tokens_per_s_total")
+    if not measured and total and gpus:
+        measured = total / gpus  # the whole job's throughput, per GPU
     if not measured and step and gpus and seq and gb:
         measured = gb * seq / step / gpus  # derived from the printed step time
     return measured or None  # a throughput of 0 is no measurement

@@ -260,3 +260,14 @@ def test_the_global_batch_comes_from_its_tokens_when_only_they_are_given(rows):
     case = case_for_row(llama)
     tokens = str(case.workload.global_batch * case.workload.seq_len)
     assert case_for_row(dict(llama, global_batch="", global_batch_tokens=tokens)).workload == case.workload
+
+
+def test_the_measured_throughput_from_a_total_or_a_step_time(rows):
+    from scaletrain.plan.validate import measured_tokens
+
+    llama = next(r for r in rows if r["model"] == "LLAMA3_8B")
+    per_gpu, gpus = float(llama["tokens_per_s_per_gpu"]), int(llama["num_gpus"])
+    assert measured_tokens(dict(llama, tokens_per_s_per_gpu="", tokens_per_s_total=str(per_gpu * gpus))) == pytest.approx(per_gpu)
+    step = int(llama["global_batch"]) * int(llama["seq_len"]) / (per_gpu * gpus)
+    only_step = dict(llama, tokens_per_s_per_gpu="", tokens_per_s_total="", step_time_s=str(step))
+    assert measured_tokens(only_step) == pytest.approx(per_gpu)
