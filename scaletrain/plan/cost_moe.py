@@ -192,7 +192,7 @@ def moe_token_share(layout, stack) -> int:
     """How many ranks share one micro-batch's tokens in an MoE layer: 1 when the MoE FFN runs
     replicated over tp on the gathered sequence (scaletrain, torchtitan), tp under Megatron's
     MoE parallel folding (Stack.moe_folding: each rank routes its sequence-parallel shard)."""
-    return layout.tp if getattr(stack, "moe_folding", False) else 1
+    return layout.tp if stack.moe_folding else 1
 
 
 def ep_groups(layout, stack) -> dict[str, tuple[int, int]]:
@@ -205,7 +205,7 @@ def ep_groups(layout, stack) -> dict[str, tuple[int, int]]:
     without FSDP (Megatron-Core DDP)."""
     tp, ep = layout.tp, layout.ep
     data = layout.dp * layout.cp
-    if getattr(stack, "moe_folding", False):  # expert tensor parallel 1: tp ranks hold whole experts too
+    if stack.moe_folding:  # expert tensor parallel 1: tp ranks hold whole experts too
         ranks = data * tp
         if stack.fsdp:
             return {"ep": (ep, 1), "expert_shard": (max(1, layout.dp_shard * layout.cp * tp // ep), ep),
@@ -226,7 +226,7 @@ def check_ep(m: ModelConfig, layout, stack=None) -> str | None:
         return None
     if m.moe_experts == 0:
         return "expert parallelism (ep > 1) needs an MoE model"
-    folding = getattr(stack, "moe_folding", False)
+    folding = stack is not None and stack.moe_folding
     ranks = layout.dp * layout.cp * (layout.tp if folding else 1)
     if m.moe_experts % layout.ep or ranks % layout.ep:
         what = "tensor x data x context-parallel" if folding else "data x context-parallel"
