@@ -88,8 +88,9 @@ def dense_shard(layout, stack) -> int:
 
 def expert_shard(layout, stack) -> int:
     """Ranks one routed expert parameter is split over: ep x the expert-FSDP ranks
-    (dp_shard * cp / ep; 1 without FSDP)."""
-    shard = dense_shard(layout, stack)
+    (dp_shard * cp / ep, x tp under MoE parallel folding; 1 without FSDP) -- ep_groups'
+    "expert_shard" group."""
+    shard = dense_shard(layout, stack) * (layout.tp if stack.moe_folding and stack.fsdp else 1)
     return layout.ep * max(1, shard // layout.ep)
 
 

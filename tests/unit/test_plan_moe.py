@@ -280,3 +280,12 @@ def test_megatron_moe_parallel_folding_prices_ep_drawn_from_tensor_parallel_rank
     assert estimate(w, tp1, hw, flat).time.total == pytest.approx(estimate(w, tp1, hw, case.stack).time.total)
     # folded MoE activations are split by tp: less memory than replicated MoE at tp 2
     assert estimate_memory(w, case.layout, hw, case.stack).total < estimate_memory(w, case.layout, hw, flat).total
+
+
+def test_folded_expert_shard_matches_its_fsdp_group():
+    """Under folding with FSDP (Megatron-FSDP) an expert is split over ep x its FSDP group of
+    tp x dp_shard x cp / ep ranks: the memory count and the group the planner prices agree."""
+    lay = Layout(dp_shard=8, tp=2, ep=8, micro_batch=1)
+    for stack in (Stack(moe_folding=True), Stack(moe_folding=True, fsdp=False), Stack()):
+        size, _ = cost_moe.ep_groups(lay, stack)["expert_shard"]
+        assert cost_moe.expert_shard(lay, stack) == lay.ep * size
