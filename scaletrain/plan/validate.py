@@ -136,7 +136,6 @@ def model_for(row: dict) -> ModelConfig | None:
     known = flavor_like(cfg)
     if known:
         return dataclasses.replace(cfg, head_dim=known.head_dim, qk_norm=known.qk_norm)
-    name = re.sub(r"[\s_-]+", "", row["model"].lower())
     for family, (head_dim, qk_norm) in FAMILY_HEADS.items():
         if family in name:
             return dataclasses.replace(cfg, head_dim=head_dim, qk_norm=qk_norm)
